@@ -1,9 +1,672 @@
 """Graph tensor names and the artifact manifest: the contract between export and runtime.
 
 The names below are the only definition of the fused graph's I/O; every other module imports them.
+Every ``.onnx`` / ``.engine`` has a ``<stem>.json`` manifest (schema ``SCHEMA_VERSION``) described by
+the frozen dataclasses here; ``Manifest.from_dict`` validates a JSON document field by field.
 """
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reconad.runtime.errors import ReconadError
 
 INPUT_NAME = "images"  # uint8 [N, H, W, 3] RGB
 ANOMALY_MAP_NAME = "anomaly_map"  # float32 [N, 1, H, W]
 IMAGE_SCORE_NAME = "image_score"  # float32 [N]
 OUTPUT_NAMES = (ANOMALY_MAP_NAME, IMAGE_SCORE_NAME)
+
+SCHEMA_VERSION = 1
+METADATA_KEY = "reconad_manifest"  # ONNX metadata_props key holding the manifest JSON
+ARTIFACT_KINDS = ("onnx", "engine")
+PRECISION_MODES = ("fp32", "fp16")
+SCORE_REDUCERS = ("max_avgpool", "mean")
+NORMALIZATION_METHODS = ("minmax", "quantile")
+
+_SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ReconadError(message)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    _require(value in choices, f"manifest field {key} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_sha256(value: str | None, key: str) -> None:
+    _require(
+        value is None or _SHA256_PATTERN.fullmatch(value) is not None,
+        f"manifest field {key} must be 64 lowercase hex digits, got {value!r}",
+    )
+
+
+def _check_iso_date(value: str, key: str) -> None:
+    try:
+        datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise ReconadError(f"manifest field {key} must be an ISO 8601 date, got {value!r}") from None
+
+
+def utc_now_iso() -> str:
+    """The current time as an ISO 8601 UTC string (seconds), the format of every date in a manifest."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InputTensor:
+    """The graph input: always uint8 NHWC RGB; cast and normalisation happen inside the graph.
+
+    Attributes:
+        name: tensor name, ``INPUT_NAME``.
+        shape: ``[N, H, W, 3]``; N is -1 for a dynamic batch axis, else the fixed batch size.
+        dtype: ``"uint8"``.
+        layout: ``"NHWC"``.
+        colour: ``"RGB"`` (OpenCV frames are BGR: the runtime converts them).
+        min_batch: smallest batch the artifact accepts (1 for dynamic batch).
+        max_batch: largest batch the artifact accepts; the runtime splits larger batches.
+    """
+
+    name: str = INPUT_NAME
+    shape: tuple[int, ...]
+    dtype: str = "uint8"
+    layout: str = "NHWC"
+    colour: str = "RGB"
+    min_batch: int = 1
+    max_batch: int
+
+    def __post_init__(self) -> None:
+        _require(self.name == INPUT_NAME, f"manifest input_tensor.name must be {INPUT_NAME!r}, got {self.name!r}")
+        _require(
+            len(self.shape) == 4 and self.shape[3] == 3 and self.shape[1] > 0 and self.shape[2] > 0,
+            f"manifest input_tensor.shape must be [N, H, W, 3], got {list(self.shape)}",
+        )
+        _require(self.dtype == "uint8", f"manifest input_tensor.dtype must be 'uint8', got {self.dtype!r}")
+        _require(self.layout == "NHWC", f"manifest input_tensor.layout must be 'NHWC', got {self.layout!r}")
+        _require(self.colour == "RGB", f"manifest input_tensor.colour must be 'RGB', got {self.colour!r}")
+        _require(
+            1 <= self.min_batch <= self.max_batch,
+            f"manifest input_tensor batch range must satisfy 1 <= min_batch <= max_batch, "
+            f"got {self.min_batch}..{self.max_batch}",
+        )
+        batch = self.shape[0]
+        _require(
+            batch == -1 or batch == self.min_batch == self.max_batch,
+            f"manifest input_tensor.shape has fixed batch {batch} but min_batch/max_batch are "
+            f"{self.min_batch}/{self.max_batch}",
+        )
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return (self.shape[1], self.shape[2])
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return self.shape[0] == -1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OutputTensor:
+    """One graph output.
+
+    Attributes:
+        name: one of ``OUTPUT_NAMES``.
+        shape: ``[N, 1, H, W]`` for ``anomaly_map``, ``[N]`` for ``image_score``; N as in the input.
+        dtype: ``"float32"`` (also for fp16 artifacts: their I/O types are unchanged).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check_choice(self.name, OUTPUT_NAMES, "output_tensors.name")
+        _require(self.dtype == "float32", f"manifest output {self.name} dtype must be 'float32', got {self.dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScoreReducer:
+    """How the graph reduces the anomaly map to the image score (informational: it is in the graph).
+
+    Attributes:
+        method: ``"max_avgpool"`` (max of the k x k average-pooled map) or ``"mean"`` (cifar-32).
+        kernel_size: k of the average pooling; None for ``"mean"``.
+        stride: stride of the average pooling; None for ``"mean"``.
+    """
+
+    method: str
+    kernel_size: int | None = None
+    stride: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self.method, SCORE_REDUCERS, "score_reducer.method")
+        _require(
+            self.method != "max_avgpool" or ((self.kernel_size or 0) >= 1 and (self.stride or 0) >= 1),
+            "manifest score_reducer 'max_avgpool' needs a positive kernel_size and stride",
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """Where a threshold or a score normalisation came from.
+
+    Attributes:
+        method: how it was computed, e.g. ``"max_fpr"`` (a quantile of defect-free scores),
+            ``"f1"`` (best F1 on labelled images) or ``"manual"``.
+        n_images: number of images it was computed from (0 for ``"manual"``).
+        max_fpr: the false-positive rate allowed on defect-free images, when the method uses one.
+        date: ISO 8601 date of the calibration.
+        source: what it was computed on: a folder, a dataset split, or who set it by hand.
+    """
+
+    method: str
+    n_images: int
+    max_fpr: float | None = None
+    date: str
+    source: str
+
+    def __post_init__(self) -> None:
+        _require(self.n_images >= 0, f"manifest calibration n_images must be >= 0, got {self.n_images}")
+        _require(
+            self.max_fpr is None or 0.0 <= self.max_fpr <= 1.0,
+            f"manifest calibration max_fpr must be in [0, 1], got {self.max_fpr}",
+        )
+        _check_iso_date(self.date, "calibration.date")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Threshold:
+    """A decision threshold in raw score units (not normalised): anomalous when ``score >= value``.
+
+    Attributes:
+        value: the threshold on ``image_score`` (image threshold) or on ``anomaly_map`` values
+            (pixel threshold, for defect masks).
+        calibration: how the value was obtained.
+    """
+
+    value: float
+    calibration: Calibration
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.value), f"manifest threshold value must be finite, got {self.value}")
+
+    def is_exceeded_by(self, scores: np.ndarray | float) -> np.ndarray:
+        """The decision rule used everywhere (Inspector, verify, calibration): ``scores >= value``."""
+        return np.asarray(scores) >= self.value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScoreNormalization:
+    """An affine map from raw image scores to 0..1 so operators read a familiar scale.
+
+    ``normalized = clip((score - low) / (high - low), 0, 1)``; the threshold stays in raw units.
+
+    Attributes:
+        method: ``"minmax"`` (low/high = min/max of calibration scores) or ``"quantile"``
+            (low/high = two quantiles of them, robust to outliers).
+        low: raw score mapped to 0.
+        high: raw score mapped to 1; greater than ``low``.
+        calibration: where low and high came from.
+    """
+
+    method: str
+    low: float
+    high: float
+    calibration: Calibration | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self.method, NORMALIZATION_METHODS, "score_normalization.method")
+        _require(
+            math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low,
+            f"manifest score_normalization needs finite low < high, got {self.low} and {self.high}",
+        )
+
+    def apply(self, scores: np.ndarray | float) -> np.ndarray:
+        scores = np.asarray(scores, dtype=np.float64)
+        return np.clip((scores - self.low) / (self.high - self.low), 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Precision:
+    """The precision recipe of the graph or engine.
+
+    Attributes:
+        mode: ``"fp32"`` or ``"fp16"`` (FP16 weights/activations with FP32 islands).
+        fp32_islands: what is kept in FP32 in an fp16 artifact, e.g.
+            ``("LayerNormalization", "softmax logits", "anomaly head")``; empty for fp32.
+        description: one free-form line, e.g. how the engine was typed
+            (``"strongly typed from the fp16 ONNX"``).
+    """
+
+    mode: str
+    fp32_islands: tuple[str, ...] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_choice(self.mode, PRECISION_MODES, "precision.mode")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExporterInfo:
+    """The software that wrote the ONNX graph.
+
+    Attributes:
+        reconad_version: ``reconad.__version__`` at export.
+        torch_version: ``torch.__version__`` at export.
+        onnx_version: ``onnx.__version__`` at export.
+        opset: the ONNX default-domain opset of the graph.
+    """
+
+    reconad_version: str
+    torch_version: str | None = None
+    onnx_version: str | None = None
+    opset: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineInfo:
+    """Where and how a TensorRT engine was built (an engine only runs on the same stack).
+
+    Attributes:
+        tensorrt_version: ``tensorrt.__version__`` of the builder.
+        cuda_version: CUDA runtime version, when known.
+        gpu_name: device name, e.g. ``"Orin"``.
+        compute_capability: ``"major.minor"``, e.g. ``"8.7"``.
+        jetpack: JetPack release on a Jetson, else None.
+        l4t: L4T release on a Jetson (``/etc/nv_tegra_release``), else None.
+        build_details: free-form JSON-able build facts (profile, workspace, layer precisions...).
+    """
+
+    tensorrt_version: str
+    cuda_version: str | None = None
+    gpu_name: str
+    compute_capability: str
+    jetpack: str | None = None
+    l4t: str | None = None
+    build_details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "build_details", _json_normalized(self.build_details, "engine.build_details"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """Everything the runtime needs besides the model file; written as ``<stem>.json`` beside it.
+
+    The same JSON is embedded in ONNX ``metadata_props[METADATA_KEY]``; that embedded copy has
+    ``onnx_sha256 = None`` (a file cannot contain its own hash) and the sidecar JSON wins when both exist.
+
+    Attributes:
+        schema_version: ``SCHEMA_VERSION``; other versions are refused.
+        artifact_kind: ``"onnx"`` or ``"engine"``.
+        artifact_file: file name of the model, relative to the manifest's folder.
+        preset: ``reconad.model`` preset name, or None for a custom config.
+        model_config: the full ``ModelConfig`` as a JSON dict.
+        input_tensor: the graph input.
+        output_tensors: the graph outputs, ``anomaly_map`` then ``image_score``.
+        score_reducer: how the graph computes ``image_score`` from ``anomaly_map``.
+        precision: fp32 / fp16 recipe.
+        exporter: versions of the exporting software.
+        created_at: ISO 8601 UTC time the artifact was written.
+        image_threshold: threshold on ``image_score``; None until calibrated.
+        pixel_threshold: threshold on ``anomaly_map`` values for defect masks; None until calibrated.
+        score_normalization: optional map of raw scores to 0..1 for display.
+        categories: the training categories (one model for all of them).
+        checkpoint_sha256: sha256 of the checkpoint the graph was exported from.
+        onnx_sha256: sha256 of the ONNX file (for an engine: the ONNX it was built from).
+        engine_sha256: sha256 of the engine file; engines only.
+        engine: build facts; engines only.
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    artifact_kind: str
+    artifact_file: str
+    preset: str | None = None
+    model_config: dict[str, Any]
+    input_tensor: InputTensor
+    output_tensors: tuple[OutputTensor, ...]
+    score_reducer: ScoreReducer
+    precision: Precision
+    exporter: ExporterInfo
+    created_at: str
+    image_threshold: Threshold | None = None
+    pixel_threshold: Threshold | None = None
+    score_normalization: ScoreNormalization | None = None
+    categories: tuple[str, ...] = ()
+    checkpoint_sha256: str | None = None
+    onnx_sha256: str | None = None
+    engine_sha256: str | None = None
+    engine: EngineInfo | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.schema_version == SCHEMA_VERSION,
+            f"manifest schema version is {self.schema_version} but this reconad reads version {SCHEMA_VERSION}",
+        )
+        _check_choice(self.artifact_kind, ARTIFACT_KINDS, "artifact_kind")
+        _require(
+            bool(self.artifact_file) and Path(self.artifact_file).name == self.artifact_file,
+            f"manifest artifact_file must be a bare file name, got {self.artifact_file!r}",
+        )
+        object.__setattr__(self, "model_config", _json_normalized(self.model_config, "model_config"))
+        names = tuple(output.name for output in self.output_tensors)
+        _require(
+            names == OUTPUT_NAMES, f"manifest outputs must be {list(OUTPUT_NAMES)} in that order, got {list(names)}"
+        )
+        batch, height, width, _ = self.input_tensor.shape
+        expected_shapes = {ANOMALY_MAP_NAME: (batch, 1, height, width), IMAGE_SCORE_NAME: (batch,)}
+        for output in self.output_tensors:
+            _require(
+                tuple(output.shape) == expected_shapes[output.name],
+                f"manifest output {output.name} shape {list(output.shape)} does not match the input "
+                f"(expected {list(expected_shapes[output.name])})",
+            )
+        _check_iso_date(self.created_at, "created_at")
+        for key in ("checkpoint_sha256", "onnx_sha256", "engine_sha256"):
+            _check_sha256(getattr(self, key), key)
+        is_engine = self.artifact_kind == "engine"
+        _require(
+            is_engine == (self.engine is not None),
+            "manifest field engine must be present for an engine artifact and absent for an ONNX artifact",
+        )
+        _require(is_engine or self.engine_sha256 is None, "manifest of an ONNX artifact must not carry engine_sha256")
+
+    @classmethod
+    def for_onnx(
+        cls,
+        *,
+        onnx_file: str,
+        model_config: Mapping[str, Any],
+        input_hw: tuple[int, int],
+        max_batch: int,
+        score_reducer: ScoreReducer,
+        precision: Precision,
+        exporter: ExporterInfo,
+        dynamic_batch: bool = True,
+        preset: str | None = None,
+        categories: tuple[str, ...] = (),
+        checkpoint_sha256: str | None = None,
+        image_threshold: Threshold | None = None,
+        pixel_threshold: Threshold | None = None,
+        score_normalization: ScoreNormalization | None = None,
+    ) -> Manifest:
+        """The manifest of a freshly exported ONNX graph (``onnx_sha256`` unset: see ``stamp_artifact``).
+
+        Args:
+            onnx_file: file name (or path; only the name is kept) of the ONNX graph.
+            model_config: ``dataclasses.asdict(config)`` of the exported ``ModelConfig``.
+            input_hw: the graph's static (H, W).
+            max_batch: largest batch; with ``dynamic_batch=False`` the fixed batch size.
+            dynamic_batch: whether the batch axis is dynamic (1..max_batch).
+        """
+        height, width = input_hw
+        batch = -1 if dynamic_batch else max_batch
+        return cls(
+            artifact_kind="onnx",
+            artifact_file=Path(onnx_file).name,
+            preset=preset,
+            model_config=dict(model_config),
+            input_tensor=InputTensor(
+                shape=(batch, height, width, 3),
+                min_batch=1 if dynamic_batch else max_batch,
+                max_batch=max_batch,
+            ),
+            output_tensors=(
+                OutputTensor(name=ANOMALY_MAP_NAME, shape=(batch, 1, height, width)),
+                OutputTensor(name=IMAGE_SCORE_NAME, shape=(batch,)),
+            ),
+            score_reducer=score_reducer,
+            precision=precision,
+            exporter=exporter,
+            created_at=utc_now_iso(),
+            image_threshold=image_threshold,
+            pixel_threshold=pixel_threshold,
+            score_normalization=score_normalization,
+            categories=tuple(categories),
+            checkpoint_sha256=checkpoint_sha256,
+        )
+
+    def for_engine(
+        self,
+        *,
+        engine_file: str | os.PathLike,
+        engine: EngineInfo,
+        precision: Precision | None = None,
+        min_batch: int | None = None,
+        max_batch: int | None = None,
+    ) -> Manifest:
+        """The manifest of an engine built from this ONNX manifest's graph, stamped with its sha256.
+
+        Args:
+            engine_file: path of the serialized engine (it must exist: it is hashed).
+            engine: build facts.
+            precision: the engine's recipe; defaults to the ONNX graph's.
+            min_batch: the optimisation profile's smallest batch; defaults to the graph's.
+            max_batch: the optimisation profile's largest batch; defaults to the graph's.
+        """
+        _require(self.artifact_kind == "onnx", "an engine manifest can only be derived from an ONNX manifest")
+        _require(
+            self.onnx_sha256 is not None,
+            "the ONNX manifest has no onnx_sha256; load the sidecar JSON, not the embedded copy",
+        )
+        tensor = self.input_tensor
+        if min_batch is not None or max_batch is not None:
+            low = tensor.min_batch if min_batch is None else min_batch
+            high = tensor.max_batch if max_batch is None else max_batch
+            batch = -1 if low != high or tensor.dynamic_batch else low
+            tensor = dataclasses.replace(tensor, shape=(batch, *tensor.shape[1:]), min_batch=low, max_batch=high)
+        batch, height, width, _ = tensor.shape
+        derived = dataclasses.replace(
+            self,
+            artifact_kind="engine",
+            artifact_file=Path(engine_file).name,
+            input_tensor=tensor,
+            output_tensors=(
+                OutputTensor(name=ANOMALY_MAP_NAME, shape=(batch, 1, height, width)),
+                OutputTensor(name=IMAGE_SCORE_NAME, shape=(batch,)),
+            ),
+            precision=precision or self.precision,
+            engine=engine,
+            created_at=utc_now_iso(),
+        )
+        return derived.stamp_artifact(engine_file)
+
+    def stamp_artifact(self, artifact_path: str | os.PathLike) -> Manifest:
+        """A copy naming ``artifact_path`` and carrying its sha256 (``onnx_sha256`` or ``engine_sha256``)."""
+        digest = sha256_file(artifact_path)
+        key = "onnx_sha256" if self.artifact_kind == "onnx" else "engine_sha256"
+        return dataclasses.replace(self, artifact_file=Path(artifact_path).name, **{key: digest})
+
+    def embedded_copy(self) -> Manifest:
+        """The copy to write into the ONNX file's own ``metadata_props`` (without its own hash)."""
+        return dataclasses.replace(self, onnx_sha256=None) if self.artifact_kind == "onnx" else self
+
+    @property
+    def artifact_sha256(self) -> str | None:
+        """The recorded hash of the model file this manifest describes."""
+        return self.onnx_sha256 if self.artifact_kind == "onnx" else self.engine_sha256
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.input_tensor.input_hw
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (tuples become lists); ``from_dict`` inverts it."""
+        return _to_json_value(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        """Validate and build a manifest; any problem raises a one-sentence ``ReconadError``."""
+        _require(isinstance(data, Mapping), "manifest must be a JSON object")
+        _require("schema_version" in data, "manifest has no schema_version, so it is not a reconad manifest")
+        version = data["schema_version"]
+        _require(
+            version == SCHEMA_VERSION,
+            f"manifest schema version is {version!r} but this reconad reads version {SCHEMA_VERSION}",
+        )
+        return _from_json_value(cls, data, "")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ReconadError(f"manifest is not valid JSON ({error.msg} at line {error.lineno})") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Manifest:
+        """Read and validate a manifest file; errors name the file in one sentence."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+            raise ReconadError(f"Cannot read manifest {path}: {reason}.") from None
+        try:
+            return cls.from_json(text)
+        except ReconadError as error:
+            raise ReconadError(f"Invalid manifest {path}: {error}.") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: a temp file in the same folder, then ``os.replace``."""
+        write_text_atomic(path, self.to_json())
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    """``Manifest.load``: read and validate a manifest JSON file."""
+    return Manifest.load(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as error:
+        raise ReconadError(f"Cannot read {path}: {error.strerror or type(error).__name__}.") from None
+    return digest.hexdigest()
+
+
+def manifest_path_for(artifact_path: str | os.PathLike) -> Path:
+    """``dir/model.fp16.onnx`` -> ``dir/model.fp16.json``."""
+    return Path(artifact_path).with_suffix(".json")
+
+
+def reference_path_for(artifact_path: str | os.PathLike) -> Path:
+    """``dir/model.fp16.onnx`` -> ``dir/model.fp16.reference.npz`` (written by ``to-onnx``)."""
+    path = Path(artifact_path)
+    return path.with_name(f"{path.stem}.reference.npz")
+
+
+def check_artifact_sha256(manifest: Manifest, artifact_path: str | os.PathLike) -> None:
+    """Raise a ``ReconadError`` unless the file's sha256 is the one the manifest records."""
+    expected = manifest.artifact_sha256
+    _require(
+        expected is not None, f"The manifest of {artifact_path} records no sha256 for it; re-export or re-stamp it."
+    )
+    actual = sha256_file(artifact_path)
+    _require(
+        actual == expected,
+        f"{artifact_path} does not match its manifest (sha256 {actual[:12]}… instead of {expected[:12]}…): "
+        "the file is corrupt or belongs to another manifest.",
+    )
+
+
+def _json_normalized(value: Any, key: str) -> Any:
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ReconadError(f"manifest field {key} is not JSON-serialisable ({error})") from None
+
+
+def _to_json_value(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {field.name: _to_json_value(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_to_json_value(item) for item in value]
+    return value
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object"}
+
+
+def _from_json_value(annotation: Any, value: Any, key: str) -> Any:
+    """Convert a JSON value to ``annotation`` (dataclass, tuple[T, ...], X | None, dict, scalars)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [option for option in typing.get_args(annotation) if option is not type(None)]
+        if value is None:
+            return None
+        return _from_json_value(options[0], value, key)
+    if dataclasses.is_dataclass(annotation):
+        return _dataclass_from_json(annotation, value, key)
+    if origin is tuple:
+        _require(isinstance(value, list), f"manifest field {key} must be a list")
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_from_json_value(item_type, item, f"{key}[{index}]") for index, item in enumerate(value))
+    base = origin or annotation
+    if value is None:
+        raise ReconadError(f"manifest field {key} must be {_TYPE_NAMES[base]}, not null")
+    if base is float:
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"manifest field {key} must be a number, got {value!r}",
+        )
+        return float(value)
+    well_typed = isinstance(value, base) and (base is bool or not isinstance(value, bool))
+    _require(well_typed, f"manifest field {key} must be {_TYPE_NAMES[base]}, got {value!r}")
+    return value
+
+
+def _dataclass_from_json(cls: type, value: Any, key: str) -> Any:
+    where = f"{key} " if key else ""
+    _require(isinstance(value, Mapping), f"manifest field {key} must be an object")
+    hints = typing.get_type_hints(cls)
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - set(fields))
+    _require(not unknown, f"manifest {where}has unknown key(s) {', '.join(map(repr, unknown))}")
+    arguments = {}
+    for name, field in fields.items():
+        child_key = f"{key}.{name}" if key else name
+        if name not in value:
+            has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+            _require(has_default, f"manifest key {child_key!r} is missing")
+            continue
+        arguments[name] = _from_json_value(hints[name], value[name], child_key)
+    return cls(**arguments)
