@@ -1,0 +1,204 @@
+"""UniAD's reconstruction transformer, adapted from DETR's models/transformer.py (itself from torch.nn.Transformer).
+
+Changes from DETR: a neighbour mask (a k x k window a token may NOT attend to) held once as a buffer with
+a finite fill; no object queries from outside, but one learned query embedding per decoder layer whose
+first attention reads the encoder output and second the previous layer's output (the official UniAD
+layout); feature jittering in training; batch-first tokens; explicit attention so the export is plain ops.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reconad.model.config import ModelConfig
+
+# Finite: -inf becomes NaN in FP16 arithmetic (inf - inf); -3e4 is representable in FP16 and exp() of it
+# underflows to exactly 0, so masked keys get zero weight in FP32 and FP16 alike.
+MASK_FILL = -30000.0
+
+
+def build_neighbor_mask(feature_hw: tuple[int, int], neighbor_size: tuple[int, int]) -> torch.Tensor:
+    """Additive attention mask [L, L], L = h*w: MASK_FILL where the key lies in the query's window, else 0."""
+    h, w = feature_hw
+    rh, rw = neighbor_size[0] // 2, neighbor_size[1] // 2
+    rows = torch.arange(h).repeat_interleave(w)  # [L] row of each token
+    cols = torch.arange(w).repeat(h)  # [L] column of each token
+    near = ((rows[:, None] - rows[None, :]).abs() <= rh) & ((cols[:, None] - cols[None, :]).abs() <= rw)
+    return torch.zeros(h * w, h * w).masked_fill(near, MASK_FILL)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with nn.MultiheadAttention's parameter names (so its state dicts load).
+
+    Written out as matmul / softmax so the ONNX graph is plain ops and the softmax logits can stay FP32.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0):
+        super().__init__()
+        self.nhead = nhead
+        self.head_dim = d_model // nhead
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """query/key/value [N, L, D], attn_mask additive [L, L] or None -> [N, L, D]."""
+        n, length, d_model = query.shape
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+
+        def heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            # [N, L, D] -> [N, nhead, L, head_dim]
+            return F.linear(x, weight, bias).view(n, -1, self.nhead, self.head_dim).transpose(1, 2)
+
+        q = heads(query, w_q, b_q) * (1.0 / math.sqrt(self.head_dim))
+        k = heads(key, w_k, b_k)
+        v = heads(value, w_v, b_v)
+        logits = q @ k.transpose(-2, -1)  # [N, nhead, L, L]
+        if attn_mask is not None:
+            logits = logits + attn_mask
+        weights = self.dropout(logits.softmax(dim=-1))
+        out = (weights @ v).transpose(1, 2).reshape(n, length, d_model)  # [N, L, D]
+        return self.out_proj(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm self-attention + feed-forward; the position embedding is added to queries and keys."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.self_attn = Attention(d_model, nhead, dropout)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q = k = src + pos
+        src = self.norm1(src + self.dropout1(self.self_attn(q, k, src, mask)))
+        return self.norm2(src + self.dropout2(self.ffn(src)))
+
+
+class DecoderLayer(nn.Module):
+    """Learned queries attend to the encoder output (attention 1), then to the previous layer's output
+    (attention 2), then a feed-forward; post-norm, position embedding on queries and keys."""
+
+    def __init__(self, num_tokens: int, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.query_embed = nn.Embedding(num_tokens, d_model)
+        self.self_attn = Attention(d_model, nhead, dropout)
+        self.multihead_attn = Attention(d_model, nhead, dropout)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        previous: torch.Tensor,
+        memory: torch.Tensor,
+        pos: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        previous_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        query = self.query_embed.weight.unsqueeze(0).expand(memory.shape[0], -1, -1)  # [N, L, D]
+        out = self.self_attn(query + pos, memory + pos, memory, memory_mask)
+        query = self.norm1(query + self.dropout1(out))
+        out = self.multihead_attn(query + pos, previous + pos, previous, previous_mask)
+        query = self.norm2(query + self.dropout2(out))
+        return self.norm3(query + self.dropout3(self.ffn(query)))
+
+
+class PositionEmbedding(nn.Module):
+    """Learned row/column embedding (the official factorised form): token (i, j) gets [col_j, row_i]."""
+
+    def __init__(self, feature_hw: tuple[int, int], d_model: int):
+        super().__init__()
+        self.feature_hw = feature_hw
+        self.row_embed = nn.Embedding(feature_hw[0], d_model // 2)
+        self.col_embed = nn.Embedding(feature_hw[1], d_model // 2)
+        nn.init.uniform_(self.row_embed.weight)
+        nn.init.uniform_(self.col_embed.weight)
+
+    def forward(self) -> torch.Tensor:
+        h, w = self.feature_hw
+        cols = self.col_embed.weight.unsqueeze(0).expand(h, -1, -1)  # [h, w, D/2]
+        rows = self.row_embed.weight.unsqueeze(1).expand(-1, w, -1)  # [h, w, D/2]
+        return torch.cat([cols, rows], dim=-1).flatten(0, 1)  # [L, D]
+
+
+class Reconstructor(nn.Module):
+    """Features [N, C, h, w] -> reconstruction [N, C, h, w] through a masked encoder-decoder."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c, d = config.channels, config.d_model
+        self.feature_hw = config.feature_hw
+        self.jitter_scale = config.jitter_scale
+        self.jitter_prob = config.jitter_prob
+        self.neighbor_mask = config.neighbor_mask
+        self.input_proj = nn.Linear(c, d)
+        self.pos_embed = PositionEmbedding(config.feature_hw, d)
+        encoder_layer = EncoderLayer(d, config.nhead, config.dim_feedforward, config.dropout)
+        self.encoder = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(config.num_encoder_layers))
+        self.decoder = nn.ModuleList(
+            DecoderLayer(config.num_tokens, d, config.nhead, config.dim_feedforward, config.dropout)
+            for _ in range(config.num_decoder_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(d)
+        self.output_proj = nn.Linear(d, c)
+        # A buffer, not a parameter: one copy, folded into the exported graph as a single initializer.
+        self.register_buffer("attn_mask", build_neighbor_mask(config.feature_hw, config.neighbor_size), persistent=False)
+        for module in self.modules():  # the official initialisation: xavier-uniform Linear, zero bias
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def add_jitter(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feature jitter: Gaussian noise scaled by each token's norm / C (training only)."""
+        if torch.rand(()) > self.jitter_prob:
+            return tokens
+        scale = tokens.norm(dim=-1, keepdim=True) / tokens.shape[-1] * self.jitter_scale  # [N, L, 1]
+        return tokens + torch.randn_like(tokens) * scale
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = features.shape
+        tokens = features.flatten(2).transpose(1, 2)  # [N, L, C]
+        if self.training and self.jitter_scale > 0:
+            tokens = self.add_jitter(tokens)
+        x = self.input_proj(tokens)  # [N, L, D]
+        pos = self.pos_embed().unsqueeze(0)  # [1, L, D]
+        enc_mask, dec1_mask, dec2_mask = (self.attn_mask if use else None for use in self.neighbor_mask)
+        for layer in self.encoder:
+            x = layer(x, pos, enc_mask)
+        memory, out = x, x
+        for layer in self.decoder:
+            out = layer(out, memory, pos, dec1_mask, dec2_mask)
+        out = self.output_proj(self.decoder_norm(out))  # [N, L, C]
+        return out.transpose(1, 2).reshape(n, c, h, w)
