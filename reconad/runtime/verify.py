@@ -1,0 +1,288 @@
+"""Torch-free parity check of an artifact (any backend) against ``<stem>.reference.npz`` from ``to-onnx``.
+
+Tolerances per precision, all relative to ``scale = max(1, range of the reference anomaly_map)`` for
+fp32 and ``scale = range of the reference anomaly_map`` (1 when it is 0) for fp16 (see ``TOLERANCES``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reconad.runtime.errors import ReconadError
+from reconad.runtime.inspector import Inspector
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, Manifest, reference_path_for
+
+REFERENCE_KEYS = ("images", ANOMALY_MAP_NAME, IMAGE_SCORE_NAME)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Limits for one precision, as fractions of the reference map scale (see the module docstring).
+
+    Attributes:
+        map_max_abs: limit on the largest absolute anomaly_map error, or None for no limit.
+        map_p99_abs: limit on the 99th percentile of absolute anomaly_map errors, or None.
+        score_max_abs: limit on the largest absolute image_score error.
+        max_decision_flips: how many images may change side of the threshold.
+    """
+
+    map_max_abs: float | None
+    map_p99_abs: float | None
+    score_max_abs: float
+    max_decision_flips: int = 0
+
+
+TOLERANCES = {
+    # The fp32 graph must reproduce PyTorch up to float reassociation: DESIGN.md's 1e-4 on the map.
+    "fp32": Tolerance(map_max_abs=1e-4, map_p99_abs=None, score_max_abs=1e-4),
+    # FP16 storage rounds to ~1e-3 relative; the head is FP32, so 1% of the map's range at p99 is
+    # generous for noise yet catches an overflowing or mis-typed island. Scores are pooled map
+    # values, so the same 1% bounds them; no decision may flip.
+    "fp16": Tolerance(map_max_abs=None, map_p99_abs=1e-2, score_max_abs=1e-2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputError:
+    """Absolute error statistics of one output over finite (artifact, reference) pairs."""
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    p99_abs: float
+    nan_count: int
+    inf_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyReport:
+    """The result of ``verify_artifact``; ``passed`` is False when any tolerance is exceeded."""
+
+    artifact: str
+    reference: str
+    backend: str
+    precision: str
+    n_images: int
+    map_scale: float
+    tolerance: Tolerance
+    anomaly_map: OutputError
+    image_score: OutputError
+    threshold: float
+    threshold_source: str  # "manifest" or "reference median (proxy: the manifest has no threshold)"
+    decision_flips: int
+    failures: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "passed": self.passed}
+
+
+def proxy_threshold(reference_scores: np.ndarray) -> float:
+    """A stand-in threshold when the manifest has none: the reference scores' median, moved to the
+    midpoint between the two middle scores so that no reference score sits exactly on it."""
+    ordered = np.sort(np.asarray(reference_scores, dtype=np.float64))
+    if len(ordered) == 1:
+        return float(ordered[0])
+    middle = len(ordered) // 2
+    return float((ordered[middle - 1] + ordered[middle]) / 2.0)
+
+
+def output_error(name: str, actual: np.ndarray, expected: np.ndarray) -> OutputError:
+    """Error statistics of ``actual`` vs ``expected`` (same shape); NaN/Inf are counted in ``actual``."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    finite = np.isfinite(actual)
+    errors = np.abs(actual[finite] - expected[finite])
+    if errors.size == 0:
+        errors = np.array([np.inf])
+    return OutputError(
+        name=name,
+        max_abs=float(errors.max()),
+        mean_abs=float(errors.mean()),
+        p99_abs=float(np.percentile(errors, 99)),
+        nan_count=int(np.isnan(actual).sum()),
+        inf_count=int(np.isinf(actual).sum()),
+    )
+
+
+def compare_outputs(
+    outputs: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    *,
+    precision: str,
+    threshold: float | None,
+    artifact: str = "",
+    reference_name: str = "",
+    backend: str = "",
+) -> VerifyReport:
+    """Compare artifact outputs with reference outputs under the tolerances of ``precision``."""
+    if precision not in TOLERANCES:
+        raise ReconadError(f"No tolerances for precision {precision!r}; expected one of {list(TOLERANCES)}.")
+    for name in (ANOMALY_MAP_NAME, IMAGE_SCORE_NAME):
+        if np.shape(outputs[name]) != np.shape(reference[name]):
+            raise ReconadError(
+                f"The artifact's {name} has shape {list(np.shape(outputs[name]))} "
+                f"but the reference has {list(np.shape(reference[name]))}."
+            )
+    tolerance = TOLERANCES[precision]
+    reference_map = np.asarray(reference[ANOMALY_MAP_NAME], dtype=np.float64)
+    map_range = float(reference_map.max() - reference_map.min())
+    map_scale = max(1.0, map_range) if precision == "fp32" else (map_range or 1.0)
+    map_error = output_error(ANOMALY_MAP_NAME, outputs[ANOMALY_MAP_NAME], reference_map)
+    score_error = output_error(IMAGE_SCORE_NAME, outputs[IMAGE_SCORE_NAME], reference[IMAGE_SCORE_NAME])
+
+    if threshold is None:
+        threshold, source = proxy_threshold(reference[IMAGE_SCORE_NAME]), "reference median (no manifest threshold)"
+    else:
+        source = "manifest"
+    expected_decisions = np.asarray(reference[IMAGE_SCORE_NAME]) >= threshold
+    actual_decisions = np.asarray(outputs[IMAGE_SCORE_NAME]) >= threshold  # NaN compares False
+    flips = int((expected_decisions != actual_decisions).sum())
+
+    failures = []
+    for error in (map_error, score_error):
+        if error.nan_count or error.inf_count:
+            failures.append(f"{error.name} has {error.nan_count} NaN and {error.inf_count} Inf values")
+    checks = (
+        ("anomaly_map max abs error", map_error.max_abs, tolerance.map_max_abs),
+        ("anomaly_map p99 abs error", map_error.p99_abs, tolerance.map_p99_abs),
+        ("image_score max abs error", score_error.max_abs, tolerance.score_max_abs),
+    )
+    for label, value, limit in checks:
+        if limit is not None and not value <= limit * map_scale:
+            failures.append(f"{label} {value:.3g} exceeds {limit * map_scale:.3g}")
+    if flips > tolerance.max_decision_flips:
+        failures.append(f"{flips} decision flip(s) at threshold {threshold:.6g}")
+    return VerifyReport(
+        artifact=artifact,
+        reference=reference_name,
+        backend=backend,
+        precision=precision,
+        n_images=int(len(reference[IMAGE_SCORE_NAME])),
+        map_scale=map_scale,
+        tolerance=tolerance,
+        anomaly_map=map_error,
+        image_score=score_error,
+        threshold=float(threshold),
+        threshold_source=source,
+        decision_flips=flips,
+        failures=tuple(failures),
+    )
+
+
+def load_reference(path: str | os.PathLike, input_hw: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Read and validate a ``.reference.npz``: images uint8 [K, H, W, 3], anomaly_map [K, 1, H, W], image_score [K]."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            data = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as error:
+        raise ReconadError(f"Cannot read reference {path}: {type(error).__name__}: {error}.") from None
+    missing = [key for key in REFERENCE_KEYS if key not in data]
+    if missing:
+        raise ReconadError(f"Reference {path} lacks {', '.join(missing)}; re-run recon-export to-onnx.")
+    images, anomaly_map, scores = (data[key] for key in REFERENCE_KEYS)
+    count = len(images)
+    height, width = input_hw
+    expected = {
+        "images": (count, height, width, 3),
+        ANOMALY_MAP_NAME: (count, 1, height, width),
+        IMAGE_SCORE_NAME: (count,),
+    }
+    for key, shape in expected.items():
+        if data[key].shape != shape or count == 0:
+            raise ReconadError(
+                f"Reference {path} {key} has shape {list(data[key].shape)}; the artifact needs {list(shape)} with K >= 1."
+            )
+    if images.dtype != np.uint8:
+        raise ReconadError(f"Reference {path} images are {images.dtype}, not uint8.")
+    if not (np.isfinite(anomaly_map).all() and np.isfinite(scores).all()):
+        raise ReconadError(f"Reference {path} contains NaN or Inf outputs, so it cannot serve as a reference.")
+    return data
+
+
+def verify_artifact(
+    artifact: str | os.PathLike,
+    backend: str = "auto",
+    reference: str | os.PathLike | None = None,
+    *,
+    num_threads: int | None = None,
+) -> VerifyReport:
+    """Run ``artifact`` on ``backend`` over the reference images and compare with the reference outputs.
+
+    Args:
+        artifact: ``.onnx`` or ``.engine`` with its manifest.
+        backend: see ``reconad.runtime.backends.BACKEND_CHOICES``.
+        reference: the ``.reference.npz``; defaults to ``<artifact stem>.reference.npz``, and for an
+            engine to that of the ONNX file it was built from when the engine's own is missing.
+    """
+    artifact = Path(artifact)
+    with Inspector.open(artifact, backend, num_threads=num_threads) as inspector:
+        manifest = inspector.manifest
+        reference_path = Path(reference) if reference is not None else _default_reference(artifact, manifest)
+        data = load_reference(reference_path, manifest.input_hw)
+        outputs = inspector.infer(data["images"])
+        threshold = manifest.image_threshold.value if manifest.image_threshold is not None else None
+        return compare_outputs(
+            outputs,
+            data,
+            precision=manifest.precision.mode,
+            threshold=threshold,
+            artifact=str(artifact),
+            reference_name=str(reference_path),
+            backend=inspector.backend.name,
+        )
+
+
+def _default_reference(artifact: Path, manifest: Manifest) -> Path:
+    own = reference_path_for(artifact)
+    if own.is_file() or manifest.artifact_kind != "engine":
+        return own
+    for candidate in sorted(artifact.parent.glob("*.json")):  # the manifest of the engine's source ONNX
+        try:
+            source = Manifest.load(candidate)
+        except ReconadError:
+            continue
+        if source.artifact_kind == "onnx" and source.onnx_sha256 == manifest.onnx_sha256:
+            source_reference = reference_path_for(artifact.parent / source.artifact_file)
+            if source_reference.is_file():
+                return source_reference
+    raise ReconadError(f"No reference for {artifact}: pass --reference with the .reference.npz of its ONNX graph.")
+
+
+def render_report(report: VerifyReport) -> str:
+    """A plain-text table of the report, one line per output, then decisions and the verdict."""
+    scale = report.map_scale
+    tolerance = report.tolerance
+
+    def limit(value: float | None) -> str:
+        return "-" if value is None else f"{value * scale:.3g}"
+
+    header = f"{'output':<12} {'max abs':>10} {'mean abs':>10} {'p99 abs':>10} {'max tol':>9} {'p99 tol':>9} {'NaN':>5} {'Inf':>5}"
+    rows = [
+        f"{report.artifact} ({report.precision}, backend {report.backend}, {report.n_images} reference images)",
+        f"reference {report.reference}; tolerances x map scale {scale:.4g}",
+        header,
+        "-" * len(header),
+    ]
+    limits = {ANOMALY_MAP_NAME: (tolerance.map_max_abs, tolerance.map_p99_abs), IMAGE_SCORE_NAME: (tolerance.score_max_abs, None)}
+    for error in (report.anomaly_map, report.image_score):
+        max_limit, p99_limit = limits[error.name]
+        rows.append(
+            f"{error.name:<12} {error.max_abs:>10.3g} {error.mean_abs:>10.3g} {error.p99_abs:>10.3g} "
+            f"{limit(max_limit):>9} {limit(p99_limit):>9} {error.nan_count:>5} {error.inf_count:>5}"
+        )
+    rows.append(
+        f"decision flips: {report.decision_flips} (allowed {tolerance.max_decision_flips}) "
+        f"at threshold {report.threshold:.6g} from {report.threshold_source}"
+    )
+    rows.append("PASS" if report.passed else "FAIL: " + "; ".join(report.failures))
+    return "\n".join(rows)

@@ -1,0 +1,84 @@
+"""recon-inspect run on an image folder: verdicts.jsonl, overlays for anomalies, exit codes."""
+
+import json
+
+import cv2
+import numpy as np
+from typer.testing import CliRunner
+
+from reconad.runtime.cli import app
+from reconad.runtime.manifest import Calibration, Threshold
+from tests.runtime.onnx_graphs import write_artifact
+
+runner = CliRunner()
+
+
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "good").mkdir(parents=True)
+    (folder / "bad").mkdir()
+    cv2.imwrite(str(folder / "good" / "dark.png"), np.full((20, 30, 3), 20, np.uint8))
+    cv2.imwrite(str(folder / "bad" / "bright.jpg"), np.full((40, 40, 3), 240, np.uint8))
+    cv2.imwrite(str(folder / "bad" / "gray16.png"), np.full((24, 24), 60000, np.uint16))
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def artifact_with_threshold(tmp_path, value=0.5):
+    calibration = Calibration(method="manual", n_images=0, date="2026-01-01", source="test")
+    return write_artifact(tmp_path / "model", image_threshold=Threshold(value=value, calibration=calibration))
+
+
+def read_verdicts(out):
+    return {record["file"]: record for record in map(json.loads, (out / "verdicts.jsonl").read_text().splitlines())}
+
+
+def test_run_writes_verdicts_and_overlays(tmp_path):
+    folder, artifact, out = image_folder(tmp_path), artifact_with_threshold(tmp_path), tmp_path / "out"
+    result = runner.invoke(app, ["run", str(folder), "--model", str(artifact), "--out", str(out), "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert "3 images inspected on ort-cpu: 2 anomalous, 1 unreadable, 2 overlays" in result.stdout
+    verdicts = read_verdicts(out)
+    assert set(verdicts) == {"good/dark.png", "bad/bright.jpg", "bad/gray16.png", "broken.png"}
+    dark, bright = verdicts["good/dark.png"], verdicts["bad/bright.jpg"]
+    assert dark["is_anomalous"] is False and dark["overlay"] is None and dark["threshold"] == 0.5
+    assert abs(dark["image_score"] - 20 / 255) < 1e-6
+    assert bright["is_anomalous"] is True and abs(bright["image_score"] - 240 / 255) < 0.02
+    assert verdicts["bad/gray16.png"]["is_anomalous"] is True
+    assert "Cannot read image" in verdicts["broken.png"]["error"]
+    overlay = cv2.imread(str(out / bright["overlay"]))
+    assert bright["overlay"] == "overlays/bad/bright.jpg.png" and overlay.shape == (40, 40, 3)
+    assert (out / "overlays" / "bad" / "gray16.png").is_file()
+
+
+def test_run_without_threshold_warns_and_roi(tmp_path):
+    folder, out = image_folder(tmp_path), tmp_path / "out"
+    artifact = write_artifact(tmp_path / "model")
+    arguments = ["run", str(folder), "--model", str(artifact), "--out", str(out), "--roi", "0,0,20,20", "--overlays", "all"]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "No image threshold" in result.stderr
+    verdicts = read_verdicts(out)
+    assert verdicts["good/dark.png"]["is_anomalous"] is None
+    assert verdicts["good/dark.png"]["overlay"] == "overlays/good/dark.png"
+    assert (out / "overlays" / "good" / "dark.png").is_file()
+
+
+def test_run_bad_input_exits_2_with_one_line(tmp_path):
+    folder, artifact = image_folder(tmp_path), artifact_with_threshold(tmp_path)
+    out = str(tmp_path / "out")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ([str(tmp_path / "nowhere"), "--model", str(artifact)], "does not exist or is not a folder"),
+        ([str(empty), "--model", str(artifact)], "No image files under"),
+        ([str(folder), "--model", str(tmp_path / "absent.onnx")], "does not exist"),
+        (["csi://0", "--model", str(artifact)], "this build inspects image folders only"),
+        ([str(folder), "--model", str(artifact), "--roi", "1,2,3"], "ROI must be four integers"),
+        ([str(folder), "--model", str(artifact), "--overlays", "some"], "Overlay mode must be one of"),
+    ]
+    for arguments, message in cases:
+        result = runner.invoke(app, ["run", *arguments, "--out", out])
+        assert result.exit_code == 2, (arguments, result.output)
+        assert message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
