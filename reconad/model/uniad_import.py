@@ -7,25 +7,14 @@ row/column position embedding, ``learned_embed`` queries). The result is preset 
 
 from __future__ import annotations
 
+import collections
 import re
 from pathlib import Path
-from typing import Any
-
 import torch
 
 from reconad.model.config import PRESETS, ModelConfig
 from reconad.model.detector import AnomalyDetector, build_detector
 from reconad.runtime.errors import ReconadError
-
-
-class _OpaqueConfig(dict):
-    """Stand-in for the easydict.EasyDict config the official trainer pickles beside the weights.
-
-    Allowing only this inert dict keeps ``weights_only`` loading: nothing from the file is executed.
-    """
-
-    def __setstate__(self, state: Any) -> None:
-        pass
 
 
 # Official reconstruction key (after "module.reconstruction.") -> ours (after "reconstructor."),
@@ -59,7 +48,9 @@ def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ReconadError(f"{path} does not exist.")
     try:
-        with torch.serialization.safe_globals([(_OpaqueConfig, "easydict.EasyDict")]):
+        # The official trainer pickles its easydict.EasyDict net config beside the weights; read it as a
+        # plain OrderedDict so loading stays weights_only: nothing from the file is executed.
+        with torch.serialization.safe_globals([(collections.OrderedDict, "easydict.EasyDict")]):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ReconadError(
