@@ -172,7 +172,8 @@ class OrtBackend:
             raise ReconadError(f"ONNX Runtime cannot load {self.model_path}: {_ort_reason(error)}.") from None
         if providers[0] not in self._session.get_providers():
             raise ReconadError(
-                f"ONNX Runtime could not start {providers[0]} for backend {self.name} (check the CUDA/TensorRT libraries)."
+                f"ONNX Runtime could not start {providers[0]} for backend {self.name} "
+                "(check the CUDA/TensorRT libraries)."
             )
         self.inputs = tuple(
             TensorInfo(arg.name, _ort_shape(arg.shape), _ORT_DTYPES.get(arg.type, arg.type))

@@ -38,7 +38,9 @@ def run(
 
     try:
         if "://" in source:
-            raise ReconadError(f"Source {source} is a stream; this build inspects image folders only (cameras: issue 6).")
+            raise ReconadError(
+                f"Source {source} is a stream; this build inspects image folders only (cameras: issue 6)."
+            )
         summary = inspect_folder(
             source,
             model,

@@ -60,7 +60,9 @@ def check_manifest_kind(manifest: Manifest, artifact: Path) -> None:
     """Refuse a manifest of an engine for an ONNX file and vice versa."""
     kind = {".onnx": "onnx", ".engine": "engine"}.get(artifact.suffix.lower())
     if kind is not None and manifest.artifact_kind != kind:
-        raise ReconadError(f"{artifact} is an {kind} file but its manifest describes an {manifest.artifact_kind} artifact.")
+        raise ReconadError(
+            f"{artifact} is an {kind} file but its manifest describes an {manifest.artifact_kind} artifact."
+        )
 
 
 def embedded_manifest(backend: Backend, artifact: Path) -> Manifest:
@@ -94,7 +96,8 @@ def check_backend_io(backend: Backend, manifest: Manifest, artifact: Path) -> No
             raise ReconadError(f"{artifact} tensor {spec.name} is {tensor.dtype} but its manifest says {spec.dtype}.")
         if not _shapes_compatible(tensor, spec.shape):
             raise ReconadError(
-                f"{artifact} tensor {spec.name} has shape {list(tensor.shape)} but its manifest says {list(spec.shape)}."
+                f"{artifact} tensor {spec.name} has shape {list(tensor.shape)} "
+                f"but its manifest says {list(spec.shape)}."
             )
 
 

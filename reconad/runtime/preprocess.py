@@ -87,7 +87,8 @@ def crop_roi(image: np.ndarray, roi: Roi | None, name: str = "frame") -> np.ndar
     image_height, image_width = image.shape[:2]
     if width <= 0 or height <= 0 or x < 0 or y < 0 or x + width > image_width or y + height > image_height:
         raise ReconadError(
-            f"ROI (x={x}, y={y}, w={width}, h={height}) does not fit inside {name} of {image_width}x{image_height} pixels."
+            f"ROI (x={x}, y={y}, w={width}, h={height}) does not fit inside {name} "
+            f"of {image_width}x{image_height} pixels."
         )
     return image[y : y + height, x : x + width]
 

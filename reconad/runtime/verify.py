@@ -200,7 +200,8 @@ def load_reference(path: str | os.PathLike, input_hw: tuple[int, int]) -> dict[s
     for key, shape in expected.items():
         if data[key].shape != shape or count == 0:
             raise ReconadError(
-                f"Reference {path} {key} has shape {list(data[key].shape)}; the artifact needs {list(shape)} with K >= 1."
+                f"Reference {path} {key} has shape {list(data[key].shape)}; "
+                f"the artifact needs {list(shape)} with K >= 1."
             )
     if images.dtype != np.uint8:
         raise ReconadError(f"Reference {path} images are {images.dtype}, not uint8.")
@@ -266,14 +267,20 @@ def render_report(report: VerifyReport) -> str:
     def limit(value: float | None) -> str:
         return "-" if value is None else f"{value * scale:.3g}"
 
-    header = f"{'output':<12} {'max abs':>10} {'mean abs':>10} {'p99 abs':>10} {'max tol':>9} {'p99 tol':>9} {'NaN':>5} {'Inf':>5}"
+    header = (
+        f"{'output':<12} {'max abs':>10} {'mean abs':>10} {'p99 abs':>10} "
+        f"{'max tol':>9} {'p99 tol':>9} {'NaN':>5} {'Inf':>5}"
+    )
     rows = [
         f"{report.artifact} ({report.precision}, backend {report.backend}, {report.n_images} reference images)",
         f"reference {report.reference}; tolerances x map scale {scale:.4g}",
         header,
         "-" * len(header),
     ]
-    limits = {ANOMALY_MAP_NAME: (tolerance.map_max_abs, tolerance.map_p99_abs), IMAGE_SCORE_NAME: (tolerance.score_max_abs, None)}
+    limits = {
+        ANOMALY_MAP_NAME: (tolerance.map_max_abs, tolerance.map_p99_abs),
+        IMAGE_SCORE_NAME: (tolerance.score_max_abs, None),
+    }
     for error in (report.anomaly_map, report.image_score):
         max_limit, p99_limit = limits[error.name]
         rows.append(
