@@ -1,0 +1,298 @@
+"""Where the inspection loop's verdicts go: a JSONL event log, heatmap overlays of anomalies, a webhook.
+
+Each sink runs on its own thread behind a drop-oldest queue (``reconad.runtime.loop``), so a slow disk
+or network never stalls inference. A sink raises on failure; its worker counts, reports and moves on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from reconad.runtime.errors import ReconadError
+from reconad.runtime.folder import OVERLAY_DIR, verdict_record
+from reconad.runtime.inspector import Verdict
+from reconad.runtime.overlay import overlay_heatmap, write_png
+from reconad.runtime.preprocess import Roi, to_rgb_uint8
+
+
+@dataclasses.dataclass(frozen=True)
+class InspectionResult:
+    """One inspected frame, as every sink receives it.
+
+    Attributes:
+        index: the frame's sequence number in this run (0-based, over captured frames).
+        name: the frame's name: a file path relative to the folder, or ``"<uri>#<n>"``.
+        captured_at: ISO 8601 UTC time (milliseconds) the frame was read.
+        verdict: the Inspector's verdict; its ``anomaly_map`` is only kept when an overlay is planned.
+        latency_ms: capture to decision.
+        overlay: path, relative to the output folder, of the overlay planned for this frame, or None.
+        frame: the original frame (only when an overlay is planned), in ``colour`` order.
+        colour: ``"RGB"`` or ``"BGR"``.
+        roi: the (x, y, width, height) region of ``frame`` the model saw, or None.
+    """
+
+    index: int
+    name: str
+    captured_at: str
+    verdict: Verdict
+    latency_ms: float
+    overlay: str | None = None
+    frame: np.ndarray | None = None
+    colour: str = "RGB"
+    roi: Roi | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The JSON event: ``frame``, ``time``, ``latency_ms`` and the folder run's verdict fields."""
+        record = {"frame": self.index, "time": self.captured_at, "latency_ms": round(self.latency_ms, 3)}
+        record.update(verdict_record(self.name, self.verdict, self.overlay))
+        return record
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameFault:
+    """A frame that was read but skipped (unreadable, corrupt, blank); only the JSONL log records it.
+
+    Attributes:
+        name: the frame's name, as in ``InspectionResult``.
+        captured_at: ISO 8601 UTC time it was read.
+        error: why it was skipped, one sentence.
+    """
+
+    name: str
+    captured_at: str
+    error: str
+
+    def record(self) -> dict[str, Any]:
+        """The JSON event: ``{"time", "file", "error"}``, as the folder run writes for unreadable images."""
+        return {"time": self.captured_at, "file": self.name, "error": self.error}
+
+
+class Sink(Protocol):
+    """A consumer of results, driven by one worker thread.
+
+    Attributes:
+        name: short name for stats and warnings (``"jsonl"``, ``"overlays"``, ``"webhook"``).
+        queue_size: how many results may wait for it before the oldest is dropped.
+    """
+
+    name: str
+    queue_size: int
+
+    def accepts(self, result: InspectionResult | FrameFault) -> bool:
+        """Whether this result is for this sink (called on the loop's threads: must be cheap)."""
+        ...
+
+    def write(self, result: InspectionResult | FrameFault) -> bool:
+        """Handle one result; False when deliberately skipped (rate limit, quota). Raises on failure."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release; called once, after the last ``write``."""
+        ...
+
+
+class JsonlSink:
+    """One JSON line per inspected (or skipped) frame, appended to ``path`` and handed to the OS at once.
+
+    Each line is one ``os.write`` on an ``O_APPEND`` descriptor: nothing waits in a Python buffer, so
+    a killed process loses no finished verdict, and a failed write (disk full) loses only that line.
+    """
+
+    name = "jsonl"
+
+    def __init__(self, path: str | os.PathLike, queue_size: int = 256, run_id: str | None = None) -> None:
+        self.path = Path(path)
+        self.queue_size = queue_size
+        self.run_id = run_id
+        try:
+            self._descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise ReconadError(f"Cannot open {self.path} for writing: {error.strerror}.") from None
+        self._torn = False  # a failed write may have left half a line: start the next one on a new line
+
+    def accepts(self, result: InspectionResult | FrameFault) -> bool:
+        return True
+
+    def write(self, result: InspectionResult | FrameFault) -> bool:
+        record = result.record()
+        if self.run_id is not None:
+            record = {"run": self.run_id, **record}
+        line = ("\n" if self._torn else "") + json.dumps(record) + "\n"
+        data = line.encode("utf-8")
+        self._torn = True
+        while data:
+            written = os.write(self._descriptor, data)
+            data = data[written:]
+        self._torn = False
+        return True
+
+    def close(self) -> None:
+        if self._descriptor is None:
+            return
+        try:
+            os.fsync(self._descriptor)
+        except OSError:
+            pass  # fsync fails on pipes and full disks; every line already reached the OS
+        finally:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+
+class OverlaySink:
+    """PNG heatmap overlays in ``out_dir/overlays/<frame index>.png``, rate-limited and within a quota.
+
+    ``mode`` is ``"anomalies"``, ``"all"`` or ``"none"``, as ``--overlays`` of the folder run.
+    ``plan`` runs on the inference thread: it picks which frames get an overlay (at most one per
+    ``min_interval_s``, none once the folder holds ``quota_mb``) and names the file, so the JSONL line
+    can point to it. ``write`` renders and saves it unless the quota filled up meanwhile (so the folder
+    exceeds the quota by at most one file) or the disk has under ``min_free_mb`` free; a JSONL line may
+    then name an overlay that was not written.
+    """
+
+    name = "overlays"
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        mode: str = "anomalies",
+        name_by_file: bool = False,
+        min_interval_s: float = 1.0,
+        quota_mb: float = 500.0,
+        min_free_mb: float = 200.0,
+        queue_size: int = 4,
+        low: float | None = None,
+        high: float | None = None,
+        pixel_threshold: float | None = None,
+        warn: Callable[[str], None] = print,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.mode = mode
+        self.name_by_file = name_by_file
+        self.folder = self.out_dir / OVERLAY_DIR
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.min_interval_s = min_interval_s
+        self.quota_bytes = int(quota_mb * 1e6)
+        self.min_free_bytes = int(min_free_mb * 1e6)
+        self.queue_size = queue_size
+        self.low, self.high, self.pixel_threshold = low, high, pixel_threshold
+        self._lock = threading.Lock()
+        self._used_bytes = sum(path.stat().st_size for path in self.folder.rglob("*") if path.is_file())
+        self._last_planned: float | None = None
+        self._warn = warn
+        self._warned: set[str] = set()
+
+    def _warn_once(self, reason: str, message: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            self._warn(message)
+
+    def plan(self, index: int, name: str, is_anomalous: bool | None) -> str | None:
+        """The overlay path (relative to ``out_dir``) for this frame, or None when none will be written.
+
+        ``overlays/<index>.png`` for camera frames; ``overlays/<name>.png`` with ``name_by_file``, as the
+        folder run names them (the image's suffix is kept, a.jpg -> a.jpg.png, so names cannot collide).
+        """
+        if self.mode == "none" or (self.mode == "anomalies" and not is_anomalous):
+            return None
+        now = time.monotonic()
+        with self._lock:
+            if self._last_planned is not None and now - self._last_planned < self.min_interval_s:
+                return None
+            if self._used_bytes >= self.quota_bytes:
+                self._warn_once("quota", f"{self.folder} holds {self._used_bytes / 1e6:.0f} MB, the overlay quota: no more overlays.")
+                return None
+            self._last_planned = now
+        if self.name_by_file:
+            return f"{OVERLAY_DIR}/{name}" + ("" if name.lower().endswith(".png") else ".png")
+        return f"{OVERLAY_DIR}/{index:08d}.png"
+
+    def accepts(self, result: InspectionResult | FrameFault) -> bool:
+        return isinstance(result, InspectionResult) and result.overlay is not None
+
+    def write(self, result: InspectionResult) -> bool:
+        with self._lock:
+            full = self._used_bytes >= self.quota_bytes  # checked again: overlays planned before it filled up
+        if full:
+            return False
+        if shutil.disk_usage(self.folder).free < self.min_free_bytes:
+            self._warn_once("disk", f"under {self.min_free_bytes / 1e6:.0f} MB free on the disk of {self.folder}: overlays paused.")
+            return False
+        verdict = result.verdict
+        image = overlay_heatmap(
+            to_rgb_uint8(result.frame, colour=result.colour),
+            verdict.anomaly_map,
+            low=self.low,
+            high=self.high,
+            roi=result.roi,
+            pixel_threshold=self.pixel_threshold,
+            label=f"#{result.index} score {verdict.image_score:.4g}",
+        )
+        path = self.out_dir / result.overlay
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_png(path, image)
+        with self._lock:
+            self._used_bytes += path.stat().st_size
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class WebhookSink:
+    """POSTs the JSON event of each anomalous frame to ``url`` (``"event": "anomaly"``), with a timeout.
+
+    Any status other than 2xx, a refused connection or a timeout raises; the worker counts it. Only
+    http(s) URLs are accepted.
+    """
+
+    name = "webhook"
+
+    def __init__(self, url: str, *, timeout_s: float = 2.0, queue_size: int = 16) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ReconadError(f"The webhook must be an http:// or https:// URL, got {url!r}.")
+        self.url = url
+        self.timeout_s = timeout_s
+        self.queue_size = queue_size
+
+    def accepts(self, result: InspectionResult | FrameFault) -> bool:
+        return isinstance(result, InspectionResult) and bool(result.verdict.is_anomalous)
+
+    def write(self, result: InspectionResult) -> bool:
+        body = json.dumps({"event": "anomaly", **result.record()}).encode("utf-8")
+        request = urllib.request.Request(
+            self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                response.read()
+        except urllib.error.HTTPError as error:
+            raise ReconadError(f"webhook {self.url} answered HTTP {error.code}") from None
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise ReconadError(f"webhook {self.url} unreachable: {reason}") from None
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a sink failure, naming a full disk plainly."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return "disk full (No space left on device)"
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
