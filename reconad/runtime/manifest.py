@@ -172,6 +172,8 @@ class Calibration:
         max_fpr: the false-positive rate allowed on defect-free images, when the method uses one.
         date: ISO 8601 date of the calibration.
         source: what it was computed on: a folder, a dataset split, or who set it by hand.
+        margin: for ``"max_fpr"``, the fraction of the good-score spread added above the quantile
+            (``reconad.runtime.calibration.threshold_at_fpr``).
     """
 
     method: str
@@ -179,6 +181,7 @@ class Calibration:
     max_fpr: float | None = None
     date: str
     source: str
+    margin: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.n_images >= 0, f"manifest calibration n_images must be >= 0, got {self.n_images}")
@@ -218,7 +221,9 @@ class ScoreNormalization:
 
     Attributes:
         method: ``"minmax"`` (low/high = min/max of calibration scores) or ``"quantile"``
-            (low/high = two quantiles of them, robust to outliers).
+            (low/high = two quantiles of them, robust to outliers). ``recon-inspect calibrate`` takes
+            ``low`` = the min (minmax) or the ``max_fpr`` quantile (quantile) of the good scores and
+            ``high = 2 * threshold - low``, so the image threshold reads 0.5.
         low: raw score mapped to 0.
         high: raw score mapped to 1; greater than ``low``.
         calibration: where low and high came from.
