@@ -8,57 +8,163 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 
 
-def _not_built(command: str) -> None:
-    typer.echo(f"recon-inspect {command} is not built yet.", err=True)
-    raise typer.Exit(2)
+def _fail(error: Exception) -> None:
+    """Print a library error as one line and exit with its code."""
+    typer.echo(str(error), err=True)
+    raise typer.Exit(getattr(error, "exit_code", 2)) from None
+
+
+def _given(**options: object) -> dict[str, object]:
+    """The options the user set: None means "the dataclass default" (defaults live in the configs)."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 @app.command("calibrate")
-def calibrate() -> None:
+def calibrate(
+    artifact: Annotated[Path, typer.Argument(help="The .onnx or .engine artifact; its <stem>.json manifest is updated.")],
+    good_dir: Annotated[Path, typer.Argument(help="A folder of defect-free images from the line (recursive).")],
+    max_fpr: Annotated[
+        Optional[float], typer.Option(help="False-positive rate allowed on good images [default: 0.01].")
+    ] = None,
+    pixel_max_fpr: Annotated[
+        Optional[float], typer.Option(help="The same for anomaly-map pixels [default: --max-fpr].")
+    ] = None,
+    margin: Annotated[
+        Optional[float], typer.Option(help="Fraction of (quantile - median) added above the quantile [default: 0.05].")
+    ] = None,
+    normalize: Annotated[
+        Optional[str], typer.Option(help="0..1 score scale with the threshold at 0.5: quantile, minmax or none.")
+    ] = None,
+    roi: Annotated[Optional[str], typer.Option(help="Crop X,Y,W,H (pixels), the same as for run.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per inference call.")] = None,
+    backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
+) -> None:
     """Write thresholds computed from defect-free images into the manifest."""
-    _not_built("calibrate")
+    import numpy as np
+
+    from reconad.runtime.calibration import CalibrationConfig, calibrate_artifact
+    from reconad.runtime.errors import ReconadError
+    from reconad.runtime.folder import parse_roi
+
+    try:
+        config = CalibrationConfig(
+            **_given(
+                max_fpr=max_fpr,
+                pixel_max_fpr=pixel_max_fpr,
+                margin=margin,
+                normalize=normalize,
+                roi=parse_roi(roi) if roi else None,
+                batch_size=batch_size,
+            )
+        )
+        result = calibrate_artifact(
+            artifact, good_dir, config, backend=backend, report=lambda line: typer.echo(line, err=True)
+        )
+    except ReconadError as error:
+        _fail(error)
+    manifest = result.manifest
+    scores = result.scores
+    typer.echo(
+        f"{result.n_images} good images ({result.n_unreadable} unreadable): scores min {scores.min():.6g}, "
+        f"median {float(np.median(scores)):.6g}, max {scores.max():.6g}"
+    )
+    typer.echo(
+        f"image threshold {manifest.image_threshold.value:.6g} (max_fpr {config.max_fpr:g}, "
+        f"{result.false_positive_rate:.2%} of the good images at or above it); "
+        f"pixel threshold {manifest.pixel_threshold.value:.6g}"
+    )
+    if manifest.score_normalization is not None:
+        normalization = manifest.score_normalization
+        typer.echo(f"score normalisation {normalization.method}: {normalization.low:.6g} -> 0, threshold -> 0.5")
+    typer.echo(f"wrote {result.manifest_path}")
 
 
 @app.command("run")
 def run(
-    source: Annotated[str, typer.Argument(help="An image folder (camera, video and stream sources: issue 6).")],
+    source: Annotated[
+        str, typer.Argument(help="csi://N, v4l2:///dev/videoN, rtsp://..., a video file, or an image folder/file.")
+    ],
     model: Annotated[Path, typer.Option(help="The .onnx or .engine artifact, with its manifest.")],
-    out: Annotated[Path, typer.Option(help="Output folder for verdicts.jsonl and overlays/.")],
+    out: Annotated[
+        Optional[Path], typer.Option(help="Folder for verdicts.jsonl, overlays/ and summary.json; none if unset.")
+    ] = None,
+    max_frames: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many verdicts.")] = None,
+    loop: Annotated[bool, typer.Option("--loop", help="Files and folders: start again at the end.")] = False,
+    roi: Annotated[Optional[str], typer.Option(help="Crop X,Y,W,H (pixels) of every frame before inference.")] = None,
     backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
     threshold: Annotated[
         Optional[float], typer.Option(help="Image threshold in raw score units; overrides the manifest's.")
     ] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per inference call.")] = None,
-    roi: Annotated[Optional[str], typer.Option(help="Crop X,Y,W,H (pixels) of every image before inference.")] = None,
-    overlays: Annotated[str, typer.Option(help="Heatmap overlays for: anomalies, all or none.")] = "anomalies",
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Frames per inference call [default: 1].")] = None,
+    overlays: Annotated[Optional[str], typer.Option(help="Heatmap overlays for: anomalies, all or none.")] = None,
+    overlay_interval_s: Annotated[
+        Optional[float], typer.Option(help="At most one overlay per this many seconds [default: 1 live, 0 files].")
+    ] = None,
+    overlay_quota_mb: Annotated[
+        Optional[float], typer.Option(help="Stop saving overlays once overlays/ holds this much [default: 500].")
+    ] = None,
+    webhook: Annotated[Optional[str], typer.Option(help="http(s) URL receiving a JSON POST per anomaly.")] = None,
+    webhook_timeout_s: Annotated[Optional[float], typer.Option(help="Webhook timeout [default: 2].")] = None,
+    width: Annotated[Optional[int], typer.Option(min=1, help="Capture width (files: rescale); with --height.")] = None,
+    height: Annotated[Optional[int], typer.Option(min=1, help="Capture height.")] = None,
+    fps: Annotated[Optional[float], typer.Option(help="Camera frame rate to request.")] = None,
+    flip: Annotated[
+        Optional[str],
+        typer.Option(help="none, counterclockwise, rotate-180, clockwise, horizontal, vertical, upper-right-diagonal, upper-left-diagonal."),
+    ] = None,
+    codec: Annotated[Optional[str], typer.Option(help="v4l2 cameras: raw or mjpeg [default: raw].")] = None,
+    queue_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Frames waiting for inference before a camera drops the oldest.")
+    ] = None,
+    stats_interval_s: Annotated[Optional[float], typer.Option(help="Status line period; 0 for none [default: 5].")] = None,
+    inference_timeout_s: Annotated[
+        Optional[float], typer.Option(help="A call slower than this is a hung backend: exit 3 [default: 60].")
+    ] = None,
+    num_threads: Annotated[Optional[int], typer.Option(min=1, help="ONNX Runtime threads [default: all cores].")] = None,
 ) -> None:
-    """Inspect frames from a camera, video file or image folder."""
+    """Inspect frames from a camera, stream, video file or image folder until it ends or Ctrl+C.
+
+    Exit codes: 0 at the end of the stream, --max-frames, SIGINT or SIGTERM; 2 for bad input; 3 when
+    inference fails or hangs.
+    """
     from reconad.runtime.errors import ReconadError
-    from reconad.runtime.folder import inspect_folder, parse_roi
+    from reconad.runtime.folder import parse_roi
+    from reconad.runtime.loop import InspectConfig, inspect_stream
+    from reconad.runtime.sources import SourceConfig
+
+    def report(line: str) -> None:
+        typer.echo(line, err=True)
 
     try:
-        if "://" in source:
-            raise ReconadError(
-                f"Source {source} is a stream; this build inspects image folders only (cameras: issue 6)."
+        config = InspectConfig(
+            **_given(
+                out=out,
+                max_frames=max_frames,
+                roi=parse_roi(roi) if roi else None,
+                batch_size=batch_size,
+                overlays=overlays,
+                overlay_interval_s=overlay_interval_s,
+                overlay_quota_mb=overlay_quota_mb,
+                webhook=webhook,
+                webhook_timeout_s=webhook_timeout_s,
+                queue_size=queue_size,
+                stats_interval_s=stats_interval_s,
+                inference_timeout_s=inference_timeout_s,
             )
-        summary = inspect_folder(
-            source,
-            model,
-            out,
-            backend=backend,
-            threshold=threshold,
-            batch_size=batch_size,
-            roi=parse_roi(roi) if roi else None,
-            overlays=overlays,
+        )
+        source_config = SourceConfig(**_given(width=width, height=height, fps=fps, flip=flip, codec=codec, loop=loop))
+        result = inspect_stream(
+            source, model, config, source_config, backend=backend, threshold=threshold, num_threads=num_threads, report=report
         )
     except ReconadError as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(error.exit_code) from None
-    if summary.threshold is None:
-        typer.echo(
-            "No image threshold: is_anomalous is null; run recon-inspect calibrate or pass --threshold.", err=True
-        )
-    typer.echo(
-        f"{summary.n_images} images inspected on {summary.backend}: {summary.n_anomalous} anomalous, "
-        f"{summary.n_unreadable} unreadable, {summary.n_overlays} overlays; verdicts in {summary.verdicts_path}"
-    )
+        _fail(error)
+    typer.echo(result.headline())
+    for line in result.stats.summary_lines():
+        typer.echo(line)
+    if out is not None:
+        typer.echo(f"stopped: {result.stop_reason}; verdicts in {out / 'verdicts.jsonl'}")
+    else:
+        typer.echo(f"stopped: {result.stop_reason}")
+    if result.failure is not None:
+        typer.echo(result.failure, err=True)
+        raise typer.Exit(result.exit_code)

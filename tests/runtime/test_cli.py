@@ -37,7 +37,7 @@ def test_run_writes_verdicts_and_overlays(tmp_path):
     folder, artifact, out = image_folder(tmp_path), artifact_with_threshold(tmp_path), tmp_path / "out"
     result = runner.invoke(app, ["run", str(folder), "--model", str(artifact), "--out", str(out), "--batch-size", "2"])
     assert result.exit_code == 0, result.output
-    assert "3 images inspected on ort-cpu: 2 anomalous, 1 unreadable, 2 overlays" in result.stdout
+    assert "3 frames inspected on ort-cpu: 2 anomalous, 1 unreadable, 0 blank, 0 dropped, 2 overlays" in result.stdout
     verdicts = read_verdicts(out)
     assert set(verdicts) == {"good/dark.png", "bad/bright.jpg", "bad/gray16.png", "broken.png"}
     dark, bright = verdicts["good/dark.png"], verdicts["bad/bright.jpg"]
@@ -73,7 +73,7 @@ def test_run_bad_input_exits_2_with_one_line(tmp_path):
         ([str(tmp_path / "nowhere"), "--model", str(artifact)], "does not exist or is not a folder"),
         ([str(empty), "--model", str(artifact)], "No image files under"),
         ([str(folder), "--model", str(tmp_path / "absent.onnx")], "does not exist"),
-        (["csi://0", "--model", str(artifact)], "this build inspects image folders only"),
+        (["csi://x", "--model", str(artifact)], "A CSI camera URI is csi://N"),
         ([str(folder), "--model", str(artifact), "--roi", "1,2,3"], "ROI must be four integers"),
         ([str(folder), "--model", str(artifact), "--overlays", "some"], "Overlay mode must be one of"),
     ]

@@ -1,0 +1,190 @@
+"""Sinks: the JSONL log (incl. a full disk), overlays (naming, rate limit, quota) and the webhook (local server)."""
+
+import errno
+import http.server
+import json
+import os
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from reconad.runtime.errors import ReconadError
+from reconad.runtime.inspector import Verdict
+from reconad.runtime.loop import InspectConfig, build_sinks, run_inspection
+from reconad.runtime.sinks import FrameFault, InspectionResult, JsonlSink, OverlaySink, WebhookSink, describe_error
+from tests.runtime.fakes import FakeInspector, ScriptedSource, gray_frame
+
+
+def result(index=0, score=0.9, anomalous=True, overlay=None, name=None):
+    anomaly_map = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
+    verdict = Verdict(image_score=score, is_anomalous=anomalous, threshold=0.5, anomaly_map=anomaly_map)
+    return InspectionResult(
+        index=index,
+        name=name or f"cam#{index}",
+        captured_at="2026-01-01T00:00:00.000+00:00",
+        verdict=verdict,
+        latency_ms=3.25,
+        overlay=overlay,
+        frame=gray_frame(100, (32, 48)),
+        colour="BGR",
+        roi=(8, 0, 32, 32),
+    )
+
+
+def test_jsonl_lines_are_written_at_once_and_appended(tmp_path):
+    path = tmp_path / "verdicts.jsonl"
+    sink = JsonlSink(path, run_id="run-1")
+    sink.write(result(0, 0.2, False))
+    assert json.loads(path.read_text()) == {  # on disk before close
+        "run": "run-1",
+        "frame": 0,
+        "time": "2026-01-01T00:00:00.000+00:00",
+        "latency_ms": 3.25,
+        "file": "cam#0",
+        "image_score": 0.2,
+        "is_anomalous": False,
+        "threshold": 0.5,
+        "normalized_score": None,
+        "overlay": None,
+    }
+    sink.write(FrameFault(name="cam#1", captured_at="2026-01-01T00:00:01.000+00:00", error="cam#1 is blank."))
+    sink.close()
+    sink.close()
+    again = JsonlSink(path)
+    again.write(result(2))
+    again.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[1] == {"run": "run-1", "time": "2026-01-01T00:00:01.000+00:00", "file": "cam#1", "error": "cam#1 is blank."}
+    assert lines[2]["frame"] == 2 and "run" not in lines[2]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux /dev/full")
+def test_jsonl_on_a_full_disk_raises_enospc_and_the_loop_goes_on(tmp_path):
+    sink = JsonlSink("/dev/full")
+    with pytest.raises(OSError) as caught:
+        sink.write(result())
+    assert caught.value.errno == errno.ENOSPC and describe_error(caught.value) == "disk full (No space left on device)"
+    sink.close()
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "verdicts.jsonl").symlink_to("/dev/full")
+    config = InspectConfig(out=out, overlays="none", stats_interval_s=0, queue_size=100)
+    messages = []
+    loop_result = run_inspection(
+        ScriptedSource([gray_frame(n) for n in range(30)]),
+        FakeInspector(),
+        config,
+        build_sinks(config, None),
+        report=messages.append,
+        handle_signals=False,
+    )
+    assert loop_result.exit_code == 0 and loop_result.stats.counters["inspected"] == 30
+    assert loop_result.stats.sinks["jsonl"].errors == 30
+    assert [line for line in messages if "disk full" in line] == [
+        "warning: sink jsonl failed: disk full (No space left on device); the loop goes on."
+    ]
+    assert "jsonl: 30 errors" in loop_result.stats.status_line()
+
+
+def test_overlay_plan_names_rate_limit_and_modes(tmp_path):
+    by_index = OverlaySink(tmp_path, min_interval_s=3600)
+    assert by_index.plan(7, "cam#7", False) is None
+    assert by_index.plan(7, "cam#7", True) == "overlays/00000007.png"
+    assert by_index.plan(8, "cam#8", True) is None  # within the interval
+    by_file = OverlaySink(tmp_path, name_by_file=True, min_interval_s=0, mode="all")
+    assert by_file.plan(0, "a/b.jpg", False) == "overlays/a/b.jpg.png"
+    assert by_file.plan(1, "c.png", True) == "overlays/c.png"
+    assert OverlaySink(tmp_path, mode="none").plan(0, "x", True) is None
+
+
+def test_overlay_write_renders_the_roi_and_respects_the_quota(tmp_path):
+    warnings = []
+    sink = OverlaySink(tmp_path, min_interval_s=0, quota_mb=1e-6, warn=warnings.append)
+    item = result(3, overlay=sink.plan(3, "cam#3", True))
+    assert sink.accepts(item) and not sink.accepts(result(4)) and not sink.accepts(FrameFault("x", "t", "e"))
+    assert sink.write(item) is True
+    image = cv2.imread(str(tmp_path / item.overlay))
+    assert image.shape == (32, 48, 3)
+    original = gray_frame(100, (32, 48))
+    np.testing.assert_array_equal(image[20:, :8], original[20:, :8])  # outside the ROI: untouched (BGR in, BGR out)
+    assert not np.array_equal(image[20:, 8:40], original[20:, 8:40])  # inside: heatmap blended
+    assert sink.plan(4, "cam#4", True) is None  # the folder now holds more than the quota
+    assert sink.write(result(5, overlay="overlays/00000005.png")) is False  # planned earlier: still refused
+    assert len(warnings) == 1 and "overlay quota" in warnings[0]
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    bodies: list = []
+    status = 200
+    delay_s = 0.0
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(type(self).delay_s)
+        type(self).bodies.append((self.headers["Content-Type"], json.loads(body)))
+        self.send_response(type(self).status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    handler = type("Handler", (Recorder,), {"bodies": [], "status": 200, "delay_s": 0.0})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd, handler, f"http://127.0.0.1:{httpd.server_address[1]}/hook"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_webhook_posts_anomalies_as_json(server):
+    _, handler, url = server
+    sink = WebhookSink(url, timeout_s=2)
+    assert sink.accepts(result(anomalous=True)) and not sink.accepts(result(anomalous=False))
+    assert not sink.accepts(FrameFault("x", "t", "e"))
+    assert sink.write(result(5, 0.93)) is True
+    content_type, body = handler.bodies[0]
+    assert content_type == "application/json"
+    assert body["event"] == "anomaly" and body["frame"] == 5 and body["image_score"] == 0.93 and body["is_anomalous"]
+
+
+def test_webhook_failures_are_one_line_errors(server):
+    _, handler, url = server
+    handler.status = 500
+    with pytest.raises(ReconadError, match="answered HTTP 500"):
+        WebhookSink(url).write(result())
+    handler.status, handler.delay_s = 200, 1.0
+    started = time.monotonic()
+    with pytest.raises(ReconadError, match="unreachable"):
+        WebhookSink(url, timeout_s=0.2).write(result())
+    assert time.monotonic() - started < 0.9
+    with pytest.raises(ReconadError, match="unreachable"):
+        WebhookSink("http://127.0.0.1:9/none", timeout_s=1).write(result())
+    with pytest.raises(ReconadError, match="must be an http"):
+        WebhookSink("ftp://example.com/hook")
+
+
+def test_a_slow_webhook_never_blocks_inference(server):
+    _, handler, url = server
+    handler.delay_s = 0.1
+    config = InspectConfig(webhook=url, webhook_timeout_s=2, stats_interval_s=0, queue_size=100)
+    loop_result = run_inspection(
+        ScriptedSource([gray_frame(200) for _ in range(40)]),  # every frame anomalous
+        FakeInspector(),
+        config,
+        build_sinks(config, None),
+        report=lambda line: None,
+        handle_signals=False,
+    )
+    stats = loop_result.stats
+    counters, webhook = stats.counters, stats.sinks["webhook"]
+    assert counters["inspected"] == counters["anomalous"] == 40
+    assert counters["inspected"] / stats.mean_fps < 40 * 0.1 / 4  # the last verdict came long before the posts
+    assert webhook.dropped > 10 and webhook.written == len(handler.bodies) < 30
