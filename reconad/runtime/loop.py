@@ -30,7 +30,14 @@ from reconad.runtime.inspector import Verdict
 from reconad.runtime.manifest import Manifest, write_text_atomic
 from reconad.runtime.preprocess import Roi, prepare_image
 from reconad.runtime.sinks import FrameFault, InspectionResult, JsonlSink, OverlaySink, Sink, WebhookSink, describe_error
-from reconad.runtime.sources import FrameReadError, FrameSource, SourceConfig, SourceLostError, open_source
+from reconad.runtime.sources import (
+    FrameReadError,
+    FrameSource,
+    ImageFolderSource,
+    SourceConfig,
+    SourceLostError,
+    open_source,
+)
 from reconad.runtime.stats import LoopStats, StatsSnapshot
 
 SUMMARY_FILE = "summary.json"
@@ -603,12 +610,15 @@ def build_sinks(
     manifest: Manifest | None,
     *,
     live: bool = True,
+    name_by_file: bool = False,
     run_id: str | None = None,
     warn: Callable[[str], None] = report_stderr,
 ) -> list[Sink]:
     """The sinks ``config`` asks for: JSONL log and overlays in ``config.out``, and the webhook.
 
-    ``live``: the source is a camera or stream, so overlays are rate-limited by default.
+    Args:
+        live: the source is a camera or stream, so overlays are rate-limited by default.
+        name_by_file: the source is an image folder: overlays are named after its files, not frame numbers.
     """
     sinks: list[Sink] = []
     if config.out is not None:
@@ -625,7 +635,7 @@ def build_sinks(
                 OverlaySink(
                     out,
                     mode=config.overlays,
-                    name_by_file=not live,
+                    name_by_file=name_by_file,
                     min_interval_s=config.overlay_interval_s if config.overlay_interval_s is not None else float(live),
                     quota_mb=config.overlay_quota_mb,
                     min_free_mb=config.overlay_min_free_mb,
@@ -667,7 +677,8 @@ def inspect_stream(
     with Inspector.open(artifact, backend, threshold=threshold, num_threads=num_threads) as inspector:
         if inspector.threshold is None:
             report("No image threshold: is_anomalous is null; run recon-inspect calibrate or pass --threshold.")
-        sinks = build_sinks(config, inspector.manifest, live=source.live, run_id=run_id, warn=report)
+        by_file = isinstance(source, ImageFolderSource)
+        sinks = build_sinks(config, inspector.manifest, live=source.live, name_by_file=by_file, run_id=run_id, warn=report)
         batch_size = min(config.batch_size, inspector.backend.max_batch)
         result = run_inspection(source, inspector, dataclasses.replace(config, batch_size=batch_size), sinks, report=report)
         result = dataclasses.replace(result, backend=inspector.backend.name)

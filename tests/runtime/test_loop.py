@@ -74,7 +74,7 @@ def test_folder_end_to_end_in_order_with_jsonl(tmp_path):
     write_image_folder(folder, [30, 200, 60, 220, 90])
     out = tmp_path / "out"
     config = InspectConfig(out=out, batch_size=2, **QUIET)
-    sinks = build_sinks(config, None, live=False)
+    sinks = build_sinks(config, None, live=False, name_by_file=True)
     inspector = FakeInspector()
     result = run_inspection(ImageFolderSource(folder), inspector, config, sinks, handle_signals=False)
     assert result.stop_reason == "end of stream" and result.exit_code == 0 and result.failure is None
@@ -300,3 +300,24 @@ def test_soak_2000_frames_keeps_memory_and_open_files_flat(tmp_path):
     descriptors = [count for _, _, count in samples]
     assert max(rss) - min(rss) < 8 * 1024, probe.samples  # flat within 8 MiB
     assert max(descriptors) - min(descriptors) <= 2, probe.samples  # at most a file being written meanwhile
+
+
+def test_cli_run_on_a_video_file_with_the_onnx_contract_graph(tmp_path):
+    from typer.testing import CliRunner
+
+    from reconad.runtime.cli import app
+    from tests.runtime.fakes import write_video
+
+    video = write_video(tmp_path / "line.avi", [gray_frame(level, (48, 64)) for level in (30, 220, 40, 230, 50, 60)])
+    artifact, out = _contract_artifact(tmp_path), tmp_path / "out"
+    arguments = ["run", str(video), "--model", str(artifact), "--out", str(out), "--roi", "8,8,32,32", "--max-frames", "5"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "5 frames inspected on ort-cpu: 2 anomalous, 0 unreadable" in result.stdout
+    assert "stopped: max frames" in result.stdout
+    records = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
+    assert [record["is_anomalous"] for record in records] == [False, True, False, True, False]
+    assert records[1]["overlay"] == "overlays/00000001.png" and (out / records[1]["overlay"]).is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "max frames" and summary["backend"] == "ort-cpu"
+    assert summary["counters"]["inspected"] == 5 and summary["latency_ms"]["capture_to_decision"]["p99"] > 0
