@@ -18,6 +18,7 @@ from reconad.runtime.loop import (
     InspectConfig,
     build_sinks,
     check_frame,
+    prepare_frame,
     run_inspection,
 )
 from reconad.runtime.manifest import Calibration, Threshold
@@ -67,6 +68,18 @@ def test_check_frame():
     assert check_frame(np.zeros((0, 8, 3), np.uint8), blank_range=2) == "corrupt"
     assert check_frame(np.zeros((8, 8, 2), np.uint8), blank_range=2) == "corrupt"
     assert check_frame(None, blank_range=2) == "corrupt"
+
+
+def test_prepare_frame_equals_prepare_image():
+    from reconad.runtime.preprocess import prepare_image
+
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (30, 50, 3), dtype=np.uint8), rng.integers(0, 65536, (30, 50), dtype=np.uint16)]
+    for frame in frames:
+        for roi in (None, (5, 3, 40, 20)):
+            for colour in ("RGB", "BGR"):
+                expected = prepare_image(frame, (16, 16), colour=colour, roi=roi)
+                np.testing.assert_array_equal(prepare_frame(frame, (16, 16), colour, roi), expected)
 
 
 def test_folder_end_to_end_in_order_with_jsonl(tmp_path):
@@ -166,7 +179,7 @@ def test_a_slow_sink_never_stalls_inference():
     fast = Collector("fast", queue_size=1000)
     source = ScriptedSource([gray_frame(n) for n in range(100)], interval_s=0.001)
     started = time.monotonic()
-    result = run(source, sinks=[slow, fast], drain_timeout_s=5)
+    result = run(source, sinks=[slow, fast], drain_timeout_s=5, queue_size=200)  # no capture drops here
     elapsed = time.monotonic() - started
     counters, sinks = result.stats.counters, result.stats.sinks
     assert counters["inspected"] == 100 and counters["dropped"] == 0
