@@ -23,9 +23,70 @@ def to_onnx() -> None:
 
 
 @app.command("build-engine")
-def build_engine() -> None:
-    """Build a TensorRT engine from an exported ONNX graph."""
-    _not_built("build-engine")
+def build_engine_command(
+    model: Annotated[Path, typer.Argument(help="The exported .onnx (fp16 or fp32; its sibling is used when needed).")],
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="The .engine to write, or a folder for <run>-<H>x<W>-<precision>-trt<version>-<device>.engine."),
+    ] = None,
+    profile: Annotated[
+        Optional[Path], typer.Option(help="Build profile TOML, e.g. engines/profiles/orin-nano.toml.")
+    ] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp16 or fp32 (default: the profile's, else fp16).")] = None,
+    workspace_mib: Annotated[Optional[int], typer.Option(help="TensorRT scratch-memory cap in MiB.")] = None,
+    min_batch: Annotated[Optional[int], typer.Option(help="Smallest batch of the optimisation profile.")] = None,
+    opt_batch: Annotated[Optional[int], typer.Option(help="Batch TensorRT tunes its kernels for.")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="Largest batch of the optimisation profile.")] = None,
+    timing_cache: Annotated[
+        Optional[Path], typer.Option(help="Timing cache file, read if present and saved after the build.")
+    ] = None,
+    dla_core: Annotated[Optional[int], typer.Option(help="Run on this DLA core (Jetson Orin), GPU fallback on.")] = None,
+    version_compatible: Annotated[
+        Optional[bool],
+        typer.Option("--version-compatible/--no-version-compatible", help="Also run on later TensorRT (8.6+)."),
+    ] = None,
+    hardware_compatible: Annotated[
+        Optional[bool],
+        typer.Option("--hardware-compatible/--no-hardware-compatible", help="Run on any Ampere+ dGPU (8.6+)."),
+    ] = None,
+    builder_optimization_level: Annotated[
+        Optional[int], typer.Option(help="0..5; higher builds longer for faster engines (8.6+).")
+    ] = None,
+    network_typing: Annotated[
+        Optional[str], typer.Option(help="auto (weak on 8.x, strong on 10+), strong, or weak (before 10.12).")
+    ] = None,
+) -> None:
+    """Build a TensorRT engine from an exported ONNX graph, on the target; no torch needed.
+
+    Precedence: built-in defaults < --profile < these flags. Exit 2 for bad input or no TensorRT,
+    1 when the built engine is not the precision asked for.
+    """
+    from reconad.export import engine
+    from reconad.runtime.errors import ReconadError
+
+    try:
+        loaded = engine.load_build_profile(profile) if profile is not None else None
+        config = engine.resolve_build_config(
+            loaded,
+            precision=precision,
+            workspace_mib=workspace_mib,
+            min_batch=min_batch,
+            opt_batch=opt_batch,
+            max_batch=max_batch,
+            timing_cache=timing_cache,
+            dla_core=dla_core,
+            version_compatible=version_compatible,
+            hardware_compatible=hardware_compatible,
+            builder_optimization_level=builder_optimization_level,
+            network_typing=network_typing,
+        )
+        result = engine.build_engine(
+            onnx_path=model, engine_path=out, config=config, profile_name=loaded.name if loaded else None
+        )
+    except ReconadError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(error.exit_code) from None
+    typer.echo(str(result.engine_path))
 
 
 @app.command("verify")

@@ -1,0 +1,151 @@
+"""A miniature fused graph for the engine tests: its ONNX model, the layers TensorRT 8.6's parser would
+make of it (named layers per node, unnamed constants, ``(Unnamed Layer* N) [Normalization]`` for
+LayerNormalization), and hand-written engine-inspector JSON in the 8.x/10.x format."""
+
+import json
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from reconad.export.engine_precision import NetworkLayer
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, INPUT_NAME
+
+# (name, op, inputs, outputs, attributes) of a miniature fused graph: normalisation, a conv, one
+# attention with LayerNorm, a reconstruction, and the anomaly head.
+NODES = [
+    ("to_nchw", "Transpose", [INPUT_NAME], ["x_u8"], {"perm": [0, 3, 1, 2]}),
+    ("cast", "Cast", ["x_u8"], ["x_f"], {"to": TensorProto.FLOAT}),
+    ("sub_mean", "Sub", ["x_f", "mean"], ["x_c"], {}),
+    ("div_std", "Div", ["x_c", "std"], ["x_n"], {}),
+    ("conv", "Conv", ["x_n", "conv_w"], ["feat"], {}),
+    ("flatten", "Reshape", ["feat", "token_shape"], ["feat_t"], {}),
+    ("to_tokens", "Transpose", ["feat_t"], ["tokens"], {"perm": [0, 2, 1]}),
+    ("norm", "LayerNormalization", ["tokens", "ln_scale", "ln_bias"], ["normed"], {"axis": -1}),
+    ("keys_t", "Transpose", ["normed"], ["keys"], {"perm": [0, 2, 1]}),
+    ("qk", "MatMul", ["normed", "keys"], ["logits"], {}),
+    ("scale", "Mul", ["logits", "half"], ["scaled"], {}),
+    ("mask", "Add", ["scaled", "neighbour_mask"], ["masked"], {}),
+    ("softmax", "Softmax", ["masked"], ["attention"], {"axis": -1}),
+    ("context", "MatMul", ["attention", "normed"], ["context_out"], {}),
+    ("reconstruct", "MatMul", ["context_out", "rec_w"], ["reconstruction"], {}),
+    ("difference", "Sub", ["tokens", "reconstruction"], ["diff"], {}),
+    ("square", "Mul", ["diff", "diff"], ["squared"], {}),
+    ("channel_sum", "ReduceSum", ["squared", "sum_axes"], ["summed"], {"keepdims": 0}),
+    ("root", "Sqrt", ["summed"], ["distance"], {}),
+    ("to_map", "Reshape", ["distance", "map_shape"], [ANOMALY_MAP_NAME], {}),
+    ("pool", "AveragePool", [ANOMALY_MAP_NAME], ["pooled"], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+    ("score", "ReduceMax", ["pooled"], [IMAGE_SCORE_NAME], {"axes": [1, 2, 3], "keepdims": 0}),
+]
+ISLANDS = {
+    "cast", "sub_mean", "div_std",  # input normalisation
+    "norm",  # LayerNormalization
+    "qk", "scale", "mask", "softmax",  # softmax logits
+    "difference", "square", "channel_sum", "root", "to_map", "pool", "score",  # anomaly head
+}  # fmt: skip
+
+
+def build_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    weights = {
+        "mean": np.full((1, 3, 1, 1), 120.0, np.float32),
+        "std": np.full((1, 3, 1, 1), 60.0, np.float32),
+        "conv_w": rng.standard_normal((4, 3, 1, 1)).astype(np.float32),
+        "token_shape": np.array([0, 4, 64], np.int64),
+        "ln_scale": np.ones(4, np.float32),
+        "ln_bias": np.zeros(4, np.float32),
+        "half": np.array(0.5, np.float32),
+        "neighbour_mask": np.zeros((64, 64), np.float32),
+        "rec_w": rng.standard_normal((4, 4)).astype(np.float32),
+        "sum_axes": np.array([2], np.int64),
+        "map_shape": np.array([-1, 1, 8, 8], np.int64),
+    }
+    nodes = [helper.make_node(op, inputs, outputs, name=name, **attrs) for name, op, inputs, outputs, attrs in NODES]
+    graph = helper.make_graph(
+        nodes,
+        "mini",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["N", 8, 8, 3])],
+        [
+            helper.make_tensor_value_info(ANOMALY_MAP_NAME, TensorProto.FLOAT, ["N", 1, 8, 8]),
+            helper.make_tensor_value_info(IMAGE_SCORE_NAME, TensorProto.FLOAT, ["N"]),
+        ],
+        initializer=[numpy_helper.from_array(value, name) for name, value in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def parsed_network(strongly_typed_fp16: bool = False) -> list[NetworkLayer]:
+    """Layers as TensorRT 8.6's parser adds them: constants first, then the node's own layer(s).
+
+    With ``strongly_typed_fp16`` the float layers outside the islands are HALF, as when the fp16
+    graph is parsed strongly typed.
+    """
+    layers: list[NetworkLayer] = []
+    node = None
+
+    def add(name, type_name, outputs, dtypes, metadata=""):
+        if strongly_typed_fp16 and node not in ISLANDS:
+            dtypes = ["HALF" if dtype == "FLOAT" else dtype for dtype in dtypes]
+        layers.append(NetworkLayer(len(layers), name, type_name, tuple(outputs), tuple(dtypes), metadata))
+
+    def unnamed(type_name):
+        return f"(Unnamed Layer* {len(layers)}) [{type_name}]"
+
+    for name, op, _, outputs, _ in NODES:
+        node = name
+        if op in ("Sub", "Div", "Mul", "Add") and name not in ("difference", "square"):
+            constant = unnamed("Constant")
+            add(constant, "CONSTANT", [f"{constant}_output"], ["FLOAT"])
+        if name == "norm":  # 8.6's LayerNormalization importer does not name its layer
+            for _ in range(2):
+                constant = unnamed("Constant")
+                add(constant, "CONSTANT", [f"{constant}_output"], ["FLOAT"])
+            add(unnamed("Normalization"), "NORMALIZATION", outputs, ["FLOAT"])
+            continue
+        if name == "channel_sum":  # shape arithmetic inside an island node: nothing to constrain
+            shape = unnamed("Shape")
+            add(shape, "SHAPE", [f"{shape}_output"], ["INT32"])
+        if name == "to_nchw":
+            add(name, "SHUFFLE", outputs, ["UINT8"])
+            continue
+        metadata = f"[ONNX Layer: {name}]" if name == "pool" else ""  # 8.6+ parsers attach metadata
+        add(name if name != "pool" else unnamed("Pooling"), op.upper(), outputs, ["FLOAT"], metadata)
+    return layers
+
+
+def tensor(name, text, key="Format/Datatype"):
+    return {"Name": name, "Location": "Device", "Dimensions": [1, 4, 8, 8], key: text}
+
+
+FP16 = "Channel major FP16 format where channel % 8 == 0"
+FP32 = "Row major linear FP32"
+
+
+def engine_json(softmax_format=FP32, conv_format=FP16, weights="Half", extra_layers=()):
+    """An 8.6-style weakly typed FP16 engine of the mini graph (islands fused among themselves)."""
+    layers = [
+        {"Name": "Reformatting CopyNode for Input Tensor 0 to to_nchw", "LayerType": "Reformat",
+         "Inputs": [tensor("images", "Row major linear UInt8 format")], "Outputs": [tensor("r0", "Row major linear UInt8 format")]},
+        {"Name": "PWN(PWN(cast, sub_mean), div_std)", "LayerType": "PointWiseV2",
+         "Inputs": [tensor("x_u8", "Row major linear UInt8 format")], "Outputs": [tensor("x_n", FP32)]},
+        {"Name": "conv", "LayerType": "CaskConvolution", "Inputs": [tensor("x_n", FP16)],
+         "Outputs": [tensor("feat", conv_format)], "Weights": {"Type": weights, "Count": 12}},
+        {"Name": "(Unnamed Layer* 11) [Normalization]", "LayerType": "Normalization",
+         "Inputs": [tensor("tokens", FP32)], "Outputs": [tensor("normed", FP32)]},
+        {"Name": "qk", "LayerType": "CaskGemmMatrixMultiply", "Inputs": [tensor("normed", FP32)],
+         "Outputs": [tensor("logits", FP32)]},
+        {"Name": "PWN(scale, mask)", "LayerType": "PointWiseV2", "Outputs": [tensor("masked", FP32)]},
+        {"Name": "softmax", "LayerType": "CudaSoftMax", "Outputs": [tensor("attention", softmax_format)]},
+        {"Name": "context + reconstruct", "LayerType": "CaskGemmMatrixMultiply",
+         "Outputs": [tensor("reconstruction", conv_format)], "Weights": {"Type": weights, "Count": 16}},
+        {"Name": "PWN(difference, square)", "LayerType": "PointWiseV2", "Outputs": [tensor("squared", FP32)]},
+        {"Name": "channel_sum", "LayerType": "Reduce", "Outputs": [tensor("summed", FP32)]},
+        {"Name": "root + to_map", "LayerType": "PointWiseV2", "Outputs": [tensor("anomaly_map", FP32)]},
+        {"Name": "(Unnamed Layer* 27) [Pooling]", "LayerType": "CudaPooling", "Metadata": "[ONNX Layer: pool]",
+         "Outputs": [tensor("pooled", FP32)]},
+        {"Name": "score", "LayerType": "Reduce", "Outputs": [tensor("image_score", FP32)]},
+        *extra_layers,
+    ]  # fmt: skip
+    return json.dumps({"Layers": layers, "Bindings": ["images", "anomaly_map", "image_score"]})
