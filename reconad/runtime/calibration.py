@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -139,32 +139,34 @@ def score_images(
 
 def calibrate_artifact(
     artifact: str | os.PathLike,
-    good_dir: str | os.PathLike,
+    good_dirs: str | os.PathLike | Sequence[str | os.PathLike],
     config: CalibrationConfig = CalibrationConfig(),
     *,
     backend: str = "auto",
     report: Callable[[str], None] = print,
 ) -> CalibrationResult:
-    """Score the defect-free images under ``good_dir`` and write thresholds into ``artifact``'s manifest.
+    """Score the defect-free images under ``good_dirs`` and write thresholds into ``artifact``'s manifest.
 
     The sidecar ``<stem>.json`` is replaced atomically (created from the ONNX file's embedded copy when
     absent); the model file is not touched, so its hash still matches.
 
     Args:
         artifact: ``.onnx`` or ``.engine`` with its manifest.
-        good_dir: a folder of defect-free images from the line (recursively).
+        good_dirs: one or more folders of defect-free images from the line (recursively); for a
+            multi-class model, goods of every product.
         backend: see ``reconad.runtime.backends.BACKEND_CHOICES``.
         report: receives warnings.
     """
-    good_dir = Path(good_dir)
-    paths = list_images(good_dir)
+    folders = [Path(good_dirs)] if isinstance(good_dirs, (str, os.PathLike)) else [Path(d) for d in good_dirs]
+    paths = [path for folder in folders for path in list_images(folder)]
+    where = ", ".join(str(folder) for folder in folders)
     if len(paths) < 2:
-        raise ReconadError(f"Calibration needs at least 2 defect-free images; {good_dir} has {len(paths)}.")
+        raise ReconadError(f"Calibration needs at least 2 defect-free images; {where} has {len(paths)}.")
     with Inspector.open(artifact, backend) as inspector:
         manifest = inspector.manifest
         scores, pixels, unreadable = score_images(inspector, paths, config, report)
     if scores.size < 2:
-        raise ReconadError(f"Only {scores.size} of the {len(paths)} images in {good_dir} could be read.")
+        raise ReconadError(f"Only {scores.size} of the {len(paths)} images in {where} could be read.")
     if scores.size * config.max_fpr < 1:
         report(
             f"note: {scores.size} images cannot resolve max_fpr={config.max_fpr:g}; the threshold is set above "
@@ -178,7 +180,7 @@ def calibrate_artifact(
             n_images=int(scores.size),
             max_fpr=max_fpr,
             date=utc_now_iso(),
-            source=str(good_dir.resolve()),
+            source=", ".join(str(folder.resolve()) for folder in folders),
             margin=config.margin,
         )
 

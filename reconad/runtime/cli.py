@@ -22,7 +22,9 @@ def _given(**options: object) -> dict[str, object]:
 @app.command("calibrate")
 def calibrate(
     artifact: Annotated[Path, typer.Argument(help="The .onnx or .engine artifact; its <stem>.json manifest is updated.")],
-    good_dir: Annotated[Path, typer.Argument(help="A folder of defect-free images from the line (recursive).")],
+    good_dirs: Annotated[
+        list[Path], typer.Argument(help="Folder(s) of defect-free images from the line (recursive); goods of every product.")
+    ],
     max_fpr: Annotated[
         Optional[float], typer.Option(help="False-positive rate allowed on good images [default: 0.01].")
     ] = None,
@@ -58,7 +60,7 @@ def calibrate(
             )
         )
         result = calibrate_artifact(
-            artifact, good_dir, config, backend=backend, report=lambda line: typer.echo(line, err=True)
+            artifact, good_dirs, config, backend=backend, report=lambda line: typer.echo(line, err=True)
         )
     except ReconadError as error:
         _fail(error)

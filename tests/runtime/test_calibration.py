@@ -97,23 +97,26 @@ def test_calibrate_creates_the_sidecar_from_the_embedded_manifest(tmp_path):
     assert any("cannot resolve max_fpr=0.01" in note for note in notes)
 
 
-def test_calibration_on_the_sample_data(tmp_path, sample_data_root):
+def test_calibration_on_the_sample_data_of_every_category(tmp_path, sample_data_root):
     artifact = write_artifact(tmp_path / "model", input_hw=(64, 64))
-    good = sample_data_root / "weave" / "train" / "good"
-    result = calibrate_artifact(artifact, good, CalibrationConfig(max_fpr=0.2), backend="ort-cpu")
-    assert result.n_images == len(list_images(good)) == 6
+    goods = sorted(sample_data_root.glob("*/train/good"))
+    assert len(goods) == 2
+    result = calibrate_artifact(artifact, goods, CalibrationConfig(max_fpr=0.2), backend="ort-cpu")
+    assert result.n_images == 12
     assert result.false_positive_rate <= 0.2
     assert result.scores.min() <= result.manifest.image_threshold.value
+    assert result.manifest.image_threshold.calibration.source == ", ".join(str(g.resolve()) for g in goods)
 
 
 def test_calibrate_cli(tmp_path):
     artifact = write_artifact(tmp_path / "model")
     good = write_good_images(tmp_path / "good", 30)
     (good / "broken.png").write_bytes(b"junk")
-    arguments = ["calibrate", str(artifact), str(good), "--max-fpr", "0.05", "--normalize", "minmax", "--roi", "0,0,16,16"]
-    result = runner.invoke(app, arguments)
+    other = write_good_images(tmp_path / "other", 5, seed=1)
+    arguments = ["calibrate", str(artifact), str(good), str(other), "--max-fpr", "0.05", "--normalize", "minmax"]
+    result = runner.invoke(app, [*arguments, "--roi", "0,0,16,16"])
     assert result.exit_code == 0, result.output
-    assert "30 good images (1 unreadable)" in result.stdout
+    assert "35 good images (1 unreadable)" in result.stdout
     assert "image threshold" in result.stdout and "score normalisation minmax" in result.stdout
     assert "skipped" in result.stderr and "broken.png" in result.stderr
     manifest = json.loads(manifest_path_for(artifact).read_text())

@@ -1,0 +1,161 @@
+"""Inspection-loop throughput against bare backend throughput on the same artifact, and capture-to-decision latency.
+
+Bare: ``backend.infer`` on one prepared batch, back to back. Loop: ``run_inspection`` over an in-memory
+camera (camera-size BGR frames; crop, resize and colour conversion happen on the capture thread) with the
+JSONL sink, not paced, so it runs flat out and drops nothing. Rounds alternate bare and loop; medians are
+reported. Latency: a live camera paced at 80 % of the bare rate (at most --camera-fps), so frames do not
+queue. Writes benchmarks/results/bench_loop.json and bench_loop.md.
+
+    .venv/bin/python benchmarks/bench_loop.py --model demo/model-256x256-fp32.onnx
+    .venv/bin/python benchmarks/bench_loop.py        # the tiny contract graph of tests/runtime/onnx_graphs.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from reconad.runtime.inspector import Inspector
+from reconad.runtime.loop import InspectConfig, build_sinks, run_inspection
+from reconad.runtime.preprocess import prepare_image
+from reconad.runtime.sources import FrameSource, RawFrame
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class MemoryCamera(FrameSource):
+    """``count`` frames cycled from ``frames``; ``interval_s`` paces it like a camera (a live source)."""
+
+    colour = "BGR"
+
+    def __init__(self, frames: list[np.ndarray], count: int, interval_s: float = 0.0) -> None:
+        self.uri = "memory://camera"
+        self.live = interval_s > 0
+        self.frames, self.count, self.interval_s = frames, count, interval_s
+        self._read = 0
+        self._next_s = 0.0
+
+    def open(self) -> None:
+        self._read = 0
+        self._next_s = time.perf_counter()
+
+    def read(self) -> RawFrame | None:
+        if self._read >= self.count:
+            return None
+        if self.interval_s:
+            self._next_s += self.interval_s
+            time.sleep(max(0.0, self._next_s - time.perf_counter()))
+        frame = self.frames[self._read % len(self.frames)]
+        self._read += 1
+        return RawFrame(frame, f"{self.uri}#{self._read}")
+
+    def close(self) -> None:
+        pass
+
+
+def camera_frames(height: int, width: int, count: int = 8) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def bare_fps(inspector: Inspector, batch: np.ndarray, frames: int) -> float:
+    calls = max(1, frames // len(batch))
+    started = time.perf_counter()
+    for _ in range(calls):
+        inspector.backend.infer(batch)
+    return calls * len(batch) / (time.perf_counter() - started)
+
+
+def loop_run(inspector: Inspector, frames: list[np.ndarray], count: int, batch_size: int, out: Path, interval_s=0.0):
+    config = InspectConfig(out=out, batch_size=batch_size, overlays="none", stats_interval_s=0)
+    sinks = build_sinks(config, inspector.manifest, live=interval_s > 0)
+    result = run_inspection(MemoryCamera(frames, count, interval_s), inspector, config, sinks, handle_signals=False)
+    if result.failure or result.stats.counters["inspected"] != count:
+        raise SystemExit(f"loop run failed: {result.failure or result.stats.counters}")
+    return result.stats
+
+
+def contract_artifact(folder: Path, input_hw: tuple[int, int]) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.runtime.onnx_graphs import write_artifact
+
+    return write_artifact(folder, name="contract.onnx", input_hw=input_hw, max_batch=8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="an .onnx or .engine artifact; default: the tiny contract graph")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--frames", type=int, default=300, help="frames per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--camera", default="720x1280", help="camera frame size HxW")
+    parser.add_argument("--camera-fps", type=float, default=30.0, help="upper bound of the paced latency run")
+    parser.add_argument("--num-threads", type=int, default=None, help="ONNX Runtime threads")
+    args = parser.parse_args()
+
+    height, width = (int(value) for value in args.camera.split("x"))
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        model = args.model or contract_artifact(scratch / "model", (256, 256))
+        with Inspector.open(model, args.backend, num_threads=args.num_threads) as inspector:
+            frames = camera_frames(height, width)
+            prepared = np.stack([prepare_image(frame, inspector.input_hw, colour="BGR") for frame in frames])
+            batch = np.ascontiguousarray(prepared[np.arange(args.batch_size) % len(prepared)])  # [B, H, W, 3]
+            inspector.backend.infer(batch)  # warm-up
+            bare, loop, latency_p50, latency_p99 = [], [], [], []
+            for round_index in range(args.rounds):
+                bare.append(bare_fps(inspector, batch, args.frames))
+                stats = loop_run(inspector, frames, args.frames, args.batch_size, scratch / f"loop{round_index}")
+                loop.append(stats.mean_fps)
+                print(f"round {round_index + 1}: bare {bare[-1]:.1f} fps, loop {loop[-1]:.1f} fps", flush=True)
+            paced_fps = min(args.camera_fps, 0.8 * statistics.median(bare))
+            paced_frames = max(50, min(args.frames, int(paced_fps * 20)))  # at most ~20 s
+            paced = loop_run(inspector, frames, paced_frames, args.batch_size, scratch / "paced", 1.0 / paced_fps)
+            latency_p50 = paced.latency_ms["capture_to_decision"]["p50"]
+            latency_p99 = paced.latency_ms["capture_to_decision"]["p99"]
+            backend = inspector.backend.name
+            input_hw = inspector.input_hw
+    bare_median, loop_median = statistics.median(bare), statistics.median(loop)
+    record = {
+        "model": str(args.model) if args.model else "tiny contract graph (tests/runtime/onnx_graphs.py)",
+        "input_hw": list(input_hw),
+        "camera_hw": [height, width],
+        "backend": backend,
+        "batch_size": args.batch_size,
+        "frames_per_measurement": args.frames,
+        "rounds": args.rounds,
+        "bare_fps": [round(value, 2) for value in bare],
+        "loop_fps": [round(value, 2) for value in loop],
+        "bare_fps_median": round(bare_median, 2),
+        "loop_fps_median": round(loop_median, 2),
+        "loop_to_bare": round(loop_median / bare_median, 3),
+        "paced_fps": round(paced_fps, 2),
+        "paced_frames": paced_frames,
+        "capture_to_decision_ms": {"p50": latency_p50, "p99": latency_p99},
+        "paced_latency_ms": paced.latency_ms,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_loop.json").write_text(json.dumps(record, indent=2) + "\n")
+    table = [
+        "| model | backend | input | camera | batch | bare fps | loop fps | loop/bare | paced fps | capture→decision p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {Path(record['model']).name if args.model else 'contract graph'} | {backend} | {input_hw[0]}x{input_hw[1]} "
+        f"| {height}x{width} | {args.batch_size} | {bare_median:.1f} | {loop_median:.1f} | {record['loop_to_bare']:.3f} "
+        f"| {paced_fps:.1f} | {latency_p50:.1f} / {latency_p99:.1f} |",
+    ]
+    (RESULTS / "bench_loop.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Make an MJPG .avi from image folders, e.g. the sample data's test images, for `recon-inspect run VIDEO`.
+
+Images are taken in sorted order from each folder (recursively), interleaved across folders so every
+product shows up early, and resized to one frame size. Torch-free (OpenCV and the runtime's image reader).
+
+    .venv/bin/python scripts/make_video.py demo/data/*/test --out demo/line.avi --fps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import cv2
+
+from reconad.runtime.errors import ReconadError
+from reconad.runtime.preprocess import list_images, read_image, resize_image
+
+
+def write_video(folders: list[Path], out: Path, fps: float, size: int) -> int:
+    """Write the video; returns the number of frames."""
+    per_folder = [list_images(folder) for folder in folders]
+    paths = [path for group in itertools.zip_longest(*per_folder) for path in group if path is not None]
+    if not paths:
+        raise ReconadError(f"No images under {', '.join(map(str, folders))}.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"MJPG"), fps, (size, size))
+    if not writer.isOpened():
+        raise ReconadError(f"OpenCV cannot write {out} (MJPG).")
+    try:
+        for path in paths:
+            writer.write(resize_image(read_image(path), (size, size))[:, :, ::-1])  # RGB -> OpenCV's BGR
+    finally:
+        writer.release()
+    return len(paths)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fps", type=float, default=5.0)
+    parser.add_argument("--size", type=int, default=256, help="frame width and height in pixels")
+    args = parser.parse_args()
+    try:
+        count = write_video(args.folders, args.out, args.fps, args.size)
+    except ReconadError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(error.exit_code) from None
+    print(f"wrote {args.out}: {count} frames of {args.size}x{args.size} at {args.fps:g} fps")
+
+
+if __name__ == "__main__":
+    main()
