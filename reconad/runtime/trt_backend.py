@@ -123,8 +123,10 @@ class TrtBackend:
         engine_path: the ``.engine`` file.
         max_batch: largest batch per engine call (at most the optimisation profile's maximum, which
             is the default); ``infer`` splits larger batches.
-        cuda_graph: replay the engine as a CUDA graph, captured per batch size after one plain run;
-            when capture fails (some engines cannot be captured) it runs without, and says so in the log.
+        cuda_graph: replay the engine as a CUDA graph, captured after one plain run and captured
+            again whenever the batch size changes (a graph is only valid for the shapes it was
+            captured with), so it pays off at a steady batch size; when capture fails (some engines
+            cannot be captured) it runs without, and says so in the log.
         manifest: the engine's manifest; default the ``<stem>.json`` beside it, if any.
         device: CUDA device index.
         cuda_binding: ``"cuda-python"`` or ``"pycuda"``; default whichever is installed.
@@ -147,7 +149,7 @@ class TrtBackend:
         self._cuda: CudaDriver | None = None
         self._bindings: list[_Binding] = []
         self._stream: Stream | None = None
-        self._graphs: dict[int, GraphExec] = {}
+        self._graph: GraphExec | None = None  # captured for the current batch size
         self._context: Any = None
         self._engine: Any = None
         self._runtime: Any = None
@@ -232,6 +234,9 @@ class TrtBackend:
     def _set_batch(self, batch: int) -> None:
         """Set the input shape for ``batch`` images and read every tensor's resulting shape."""
         shape = (batch, *self.input_hw, 3)
+        if self._graph is not None:
+            self._graph.free()
+            self._graph = None
         if not self._context.set_input_shape(self.input_name, shape):
             raise ReconadError(f"TensorRT refused input shape {list(shape)} for {self.engine_path}.")
         self._batch = batch
@@ -303,12 +308,11 @@ class TrtBackend:
         if not (self.cuda_graph and self._cuda.supports_graphs):
             self._enqueue()
             return
-        graph = self._graphs.get(self._batch)
-        if graph is None:
-            graph = self._capture()
-            if graph is None:
+        if self._graph is None:
+            self._graph = self._capture()
+            if self._graph is None:
                 return  # capture failed: the warm-up run already produced this batch's outputs
-        self._cuda.launch_graph(graph, self._stream)
+        self._cuda.launch_graph(self._graph, self._stream)
 
     def _capture(self) -> GraphExec | None:
         """Capture ``execute_async_v3`` for the current batch size after one plain (warm-up) run.
@@ -334,7 +338,6 @@ class TrtBackend:
             _LOG.warning("TensorRT could not be captured in a CUDA graph for %s; running without.", self.engine_path)
             self.cuda_graph = False
             return None
-        self._graphs[self._batch] = graph
         return graph
 
     def close(self) -> None:
@@ -345,12 +348,12 @@ class TrtBackend:
         if self._cuda is None:
             return
         cuda, self._cuda = self._cuda, None
-        resources: list[Any] = [*self._graphs.values()]
+        resources: list[Any] = [self._graph] if self._graph is not None else []
         for binding in self._bindings:
             resources += [buffer for buffer in (binding.device, binding.host) if buffer is not None]
         if self._stream is not None:
             resources.append(self._stream)
-        self._graphs, self._bindings, self._stream = {}, [], None
+        self._graph, self._bindings, self._stream = None, [], None
         failure: ReconadError | None = None
         with cuda.activate():
             for resource in resources:
