@@ -32,7 +32,7 @@ def build_engine_command(
     profile: Annotated[
         Optional[Path], typer.Option(help="Build profile TOML, e.g. engines/profiles/orin-nano.toml.")
     ] = None,
-    precision: Annotated[Optional[str], typer.Option(help="fp16 or fp32 (default: the profile's, else fp16).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp16 or fp32 (default: the profile's, else built in).")] = None,
     workspace_mib: Annotated[Optional[int], typer.Option(help="TensorRT scratch-memory cap in MiB.")] = None,
     min_batch: Annotated[Optional[int], typer.Option(help="Smallest batch of the optimisation profile.")] = None,
     opt_batch: Annotated[Optional[int], typer.Option(help="Batch TensorRT tunes its kernels for.")] = None,
