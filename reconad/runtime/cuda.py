@@ -381,16 +381,24 @@ class PyCudaDriver(CudaDriver):
     def synchronize(self, stream: Stream) -> None:
         self._guard("finish the stream's work", stream.native.synchronize)
 
+    # pycuda's stream-capture API is recent and untested here: any failure becomes a ReconadError, on
+    # which the backend falls back to plain runs.
+    def _graph_call(self, what: str, function: Callable[..., Any], *arguments: Any) -> Any:
+        try:
+            return function(*arguments)
+        except (self._driver.Error, AttributeError, TypeError) as error:
+            raise ReconadError(f"pycuda could not {what}: {str(error).strip().rstrip('.')}.") from None
+
     def begin_capture(self, stream: Stream) -> None:
-        self._guard("begin a CUDA graph capture", stream.native.begin_capture)
+        self._graph_call("begin a CUDA graph capture", stream.native.begin_capture)
 
     def end_capture(self, stream: Stream) -> GraphExec:
-        graph = self._guard("end the CUDA graph capture", stream.native.end_capture)
-        native = self._guard("instantiate the CUDA graph", graph.instantiate)
+        graph = self._graph_call("end the CUDA graph capture", stream.native.end_capture)
+        native = self._graph_call("instantiate the CUDA graph", graph.instantiate)
         return GraphExec(native, lambda: None)
 
     def launch_graph(self, graph: GraphExec, stream: Stream) -> None:
-        self._guard("launch the CUDA graph", graph.native.launch, stream.native)
+        self._graph_call("launch the CUDA graph", graph.native.launch, stream.native)
 
     def close(self) -> None:
         context, self._context = getattr(self, "_context", None), None
