@@ -174,6 +174,12 @@ def _is_opaque(layer: Mapping[str, Any]) -> bool:
     return str(layer.get("LayerType", "")).lower() == "myelin" or str(layer.get("Name", "")).startswith("{ForeignNode[")
 
 
+def _is_reformat(layer: Mapping[str, Any]) -> bool:
+    """Format/type conversions TensorRT inserts, named after the layer they serve (``Reformatting CopyNode
+    for Input Tensor 0 to softmax``): not computations of that layer, so not checked as one."""
+    return str(layer.get("LayerType", "")) == "Reformat" or str(layer.get("Name", "")).startswith("Reformatting")
+
+
 def _contains_name(text: str, name: str) -> bool:
     start = text.find(name)
     while start != -1:
@@ -292,6 +298,8 @@ def analyze_layer_precisions(
                 fp16_weights += 1
         if _is_opaque(layer):
             opaque.append(name)
+        if _is_reformat(layer):
+            continue
         island_hits = _covered_names(layer, fp32_names)
         if not island_hits:
             continue

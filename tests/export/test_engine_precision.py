@@ -110,6 +110,18 @@ def test_an_island_running_in_fp16_fails():
     assert any("FP32-island layers run in FP16" in problem for problem in report.problems("fp16"))
 
 
+def test_reformat_layers_named_after_an_island_are_not_checked_as_the_island():
+    reformat = {
+        "Name": "Reformatting CopyNode for Input Tensor 0 to context",
+        "LayerType": "Reformat",
+        "Outputs": [tensor("attention_half", "Row major linear FP16 format")],
+    }
+    named_after_island = dict(reformat, Name="Reformatting CopyNode for Output Tensor 0 to softmax")
+    fp32, other = island_names()
+    report = analyze_layer_precisions(engine_json(extra_layers=[reformat, named_after_island]), fp32, other)
+    assert report.island_violations == () and report.tensor_counts["fp16"] == 4
+
+
 def test_fp16_in_an_fp32_engine_fails():
     report = analyze_layer_precisions(engine_json(), set(), set())
     assert "although fp32 was requested" in report.problems("fp32")[0]
