@@ -15,3 +15,16 @@ def sample_data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample-data") / "data"
     write_sample_data(root, seed=0, config=TINY_SAMPLE_DATA)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A ModelConfig.tiny() detector with random weights (seed 0), saved as ``<tmp>/tiny-run/model.ckpt``."""
+    import torch
+
+    from reconad.model import ModelConfig, build_detector, save_checkpoint
+
+    torch.manual_seed(0)
+    detector = build_detector(ModelConfig.tiny()).eval()
+    path = tmp_path_factory.mktemp("checkpoints") / "tiny-run" / "model.ckpt"
+    return save_checkpoint(detector, path, categories=["weave", "pill"])

@@ -4,7 +4,7 @@ Thin Typer commands delegating to plain functions; torch is imported only inside
 """
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -17,9 +17,51 @@ def _not_built(command: str) -> None:
 
 
 @app.command("to-onnx")
-def to_onnx() -> None:
-    """Export a checkpoint to the fused ONNX graph."""
-    _not_built("to-onnx")
+def to_onnx(
+    checkpoint: Annotated[Path, typer.Argument(help="A reconad checkpoint (model.ckpt).")],
+    out: Annotated[Path, typer.Option(help="Folder for <stem>-<H>x<W>-<precision>.onnx, .json and .reference.npz.")],
+    precision: Annotated[
+        Literal["fp32", "fp16", "both"],
+        typer.Option(help="fp32, the mixed-precision fp16 graph (FP32 islands), or both."),
+    ] = "fp32",
+    max_batch: Annotated[int, typer.Option(min=1, help="The batch axis accepts 1..N (1: a static batch of 1).")] = 8,
+    opset: Annotated[int, typer.Option(min=17, help="ONNX opset (17 or later: LayerNormalization is one op).")] = 17,
+    reference_images: Annotated[
+        Optional[Path],
+        typer.Option(help="Folder of images for <stem>.reference.npz (up to 16); default 4 synthetic images."),
+    ] = None,
+) -> None:
+    """Export a checkpoint to the fused ONNX graph, checked against PyTorch with ONNX Runtime before writing.
+
+    Exit 1 when a graph is over tolerance (nothing is written), 2 for bad input.
+    """
+    import logging
+
+    from reconad.runtime.errors import ReconadError
+
+    progress = logging.StreamHandler()  # the parity numbers, on stderr
+    progress.setFormatter(logging.Formatter("%(message)s"))
+    export_logger = logging.getLogger("reconad.export")
+    export_logger.addHandler(progress)
+    export_logger.setLevel(logging.INFO)
+    try:
+        from reconad.export.onnx import export_onnx
+
+        paths = export_onnx(
+            checkpoint=checkpoint,
+            out_dir=out,
+            precision=precision,
+            max_batch=max_batch,
+            opset=opset,
+            reference_images=reference_images,
+        )
+    except ReconadError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(error.exit_code) from None
+    finally:
+        export_logger.removeHandler(progress)
+    for path in paths:
+        typer.echo(f"wrote {path}")
 
 
 @app.command("build-engine")

@@ -1,0 +1,486 @@
+"""Checkpoint -> the fused ONNX graph (DESIGN.md "The fused graph"), its fp16 twin, manifests and references.
+
+The only export module that imports torch (inside functions). Like timm's ``onnx_export``: export,
+``onnx.checker``, then ONNX Runtime parity with PyTorch before any file is written. The exporter is
+torch.onnx's dynamo path (torch.export), see ``trace_to_onnx`` for why and for its traps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+import reconad
+from reconad.export.fp16 import convert_to_fp16, emulate_fp16_storage
+from reconad.export.islands import ISLAND_NAMES, find_fp32_island_groups
+from reconad.runtime.errors import ReconadError
+from reconad.runtime.manifest import (
+    ANOMALY_MAP_NAME,
+    IMAGE_SCORE_NAME,
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    ExporterInfo,
+    Manifest,
+    Precision,
+    ScoreReducer,
+    manifest_path_for,
+    reference_path_for,
+    sha256_file,
+)
+from reconad.runtime.verify import VerifyReport, compare_outputs
+
+logger = logging.getLogger(__name__)
+
+PRECISION_CHOICES = ("fp32", "fp16", "both")
+MIN_OPSET = 17  # LayerNormalization is one op from 17 on
+EXPORTER_OPSET = 18  # torch.onnx's dynamo exporter writes opset 18 at least; lower targets are converted
+MAX_REFERENCE_IMAGES = 16  # from --reference-images DIR: evenly spaced over the sorted files
+SYNTHETIC_REFERENCE_COUNT = 4
+# Checkpoint file names that say nothing about the model: the run folder names the artifacts instead.
+GENERIC_CHECKPOINT_STEMS = ("model", "checkpoint", "last", "best", "final")
+# Folding a constant subgraph may not blow a weight up beyond this (e.g. Expand to a large shape).
+FOLD_MAX_GROWTH_BYTES = 1 << 20
+FP16_RECIPE = (
+    "FP16 weights and activations; FP32 islands (input normalisation, LayerNormalization, softmax logits, "
+    "anomaly head) behind explicit Casts; uint8 in, float32 out"
+)
+
+
+class ParityError(ReconadError):
+    """The exported graph does not reproduce PyTorch within tolerance (nothing was written)."""
+
+    exit_code = 1
+
+
+def artifact_stem(checkpoint: str | os.PathLike, provenance: dict[str, Any]) -> str:
+    """The name shared by a checkpoint's artifacts: provenance ``run_name``, else the checkpoint's file
+    stem, or its folder's name when the stem is generic (``runs/weave/model.ckpt`` -> ``weave``)."""
+    checkpoint = Path(checkpoint).resolve()
+    name = provenance.get("run_name") if isinstance(provenance.get("run_name"), str) else None
+    if not name:
+        name = checkpoint.stem
+        if name.lower() in GENERIC_CHECKPOINT_STEMS and checkpoint.parent.name:
+            name = checkpoint.parent.name
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "model"
+
+
+def artifact_name(stem: str, input_hw: tuple[int, int], precision: str) -> str:
+    """``<stem>-<H>x<W>-<precision>.onnx``, e.g. ``weave-512x512-fp16.onnx``."""
+    return f"{stem}-{input_hw[0]}x{input_hw[1]}-{precision}.onnx"
+
+
+def synthetic_reference_images(input_hw: tuple[int, int], count: int = SYNTHETIC_REFERENCE_COUNT) -> np.ndarray:
+    """Deterministic uint8 [K, H, W, 3] RGB images: a smooth surface, the same with a dark blot, a
+    striped texture and uniform noise, repeated with other seeds beyond four."""
+    height, width = input_hw
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy, xx = yy / max(height - 1, 1), xx / max(width - 1, 1)  # [H, W] in 0..1
+    images = np.empty((count, height, width, 3), dtype=np.uint8)
+    for index in range(count):
+        rng = np.random.default_rng(index)
+        tint = rng.uniform(0.6, 1.0, size=3).astype(np.float32)
+        surface = (0.35 + 0.4 * xx + 0.2 * yy)[..., None] * tint * 255  # [H, W, 3]
+        kind = index % 4
+        if kind == 1:
+            cy, cx, radius = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.08, 0.15)
+            blot = ((yy - cy) ** 2 + (xx - cx) ** 2 < radius**2)[..., None]
+            surface = np.where(blot, surface * 0.25, surface)
+        elif kind == 2:
+            surface = surface * (0.75 + 0.25 * np.sin(2 * np.pi * 8 * (xx + 0.5 * yy)))[..., None]
+        elif kind == 3:
+            surface = rng.uniform(0, 255, size=(height, width, 3))
+        noise = rng.normal(0, 4, size=(height, width, 3))
+        images[index] = np.clip(surface + noise, 0, 255).astype(np.uint8)
+    return images
+
+
+def load_reference_images(folder: str | os.PathLike, input_hw: tuple[int, int]) -> np.ndarray:
+    """Up to ``MAX_REFERENCE_IMAGES`` image files of ``folder`` (evenly spaced, sorted), prepared
+    exactly as the runtime prepares frames: uint8 [K, H, W, 3] RGB."""
+    from reconad.runtime.preprocess import list_images, prepare_batch
+
+    paths = list_images(folder)
+    if not paths:
+        raise ReconadError(f"Reference image folder {folder} holds no image files.")
+    if len(paths) > MAX_REFERENCE_IMAGES:
+        picks = np.linspace(0, len(paths) - 1, MAX_REFERENCE_IMAGES).round().astype(int)
+        paths = [paths[i] for i in sorted(set(picks))]
+    return prepare_batch(paths, input_hw)
+
+
+def trace_to_onnx(detector: Any, max_batch: int, opset: int) -> onnx.ModelProto:
+    """The detector as an fp32 ONNX graph with a dynamic batch axis (1..max_batch), folded and checked.
+
+    torch.onnx's dynamo exporter (torch.export), because the TorchScript exporter is deprecated and
+    writes the static SAME padding as dynamic Pad/Shape arithmetic. Its traps, handled here:
+    an example batch of 1 is specialised into the graph, so the example has 2 images and the batch is
+    a ``torch.export.Dim``; ``adaptive_avg_pool2d(x, 1)`` (EfficientNet's squeeze-excitation) is
+    decomposed into mean + ``as_strided``, which becomes an index Gather, so it is translated as
+    GlobalAveragePool instead; it writes opset 18 at least and its own down-conversion fails on Pad,
+    so the graph is converted after optimisation (when Pad is fused into Conv and Split of weights folded).
+    """
+    import torch
+    from onnxscript import opset18
+
+    def global_average_pool(x: Any, output_size: Sequence[int]) -> Any:
+        if list(output_size) != [1, 1]:
+            raise NotImplementedError(f"adaptive_avg_pool2d to {output_size} is not in the fused graph")
+        return opset18.GlobalAveragePool(x)
+
+    height, width = detector.config.input_hw
+    example_batch = 2 if max_batch > 1 else 1
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randint(0, 256, (example_batch, height, width, 3), dtype=torch.uint8, generator=generator)
+    dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1, max=max_batch)}} if max_batch > 1 else None
+    with warnings.catch_warnings(), _quiet_loggers("torch.onnx", "torch.export", "onnxscript", "onnx_ir"):
+        warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))
+        program = torch.onnx.export(
+            detector.eval(),
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=dynamic_shapes,
+            opset_version=max(opset, EXPORTER_OPSET),
+            dynamo=True,
+            optimize=True,  # onnxscript's optimiser: constant folding, Pad and BatchNorm fused into Conv
+            external_data=False,
+            verbose=False,
+            custom_translation_table={torch.ops.aten.adaptive_avg_pool2d.default: global_average_pool},
+        )
+    model = fold_constants(program.model_proto)
+    if opset < EXPORTER_OPSET:
+        model = onnx.version_converter.convert_version(model, opset)
+    model = deduplicate_initializers(model)
+    name_nodes(model)
+    model.producer_name, model.producer_version = "reconad", reconad.__version__
+    model.doc_string = f"reconad fused graph ({detector.config.preset}): uint8 images -> anomaly_map, image_score"
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace nodes whose inputs are all constant by initializers (the exporter's optimiser leaves
+    Split and Transpose of weights in place), then drop unused initializers."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    known = {initializer.name: numpy_helper.to_array(initializer) for initializer in graph.initializer}
+    outputs = {output.name for output in graph.output}
+    kept, folded = [], []
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        foldable = (
+            node.domain in ("", "ai.onnx")
+            and (inputs or node.op_type == "Constant")
+            and all(name in known for name in inputs)
+            and not set(node.output) & outputs
+        )
+        if foldable:
+            values = _evaluate_node(ReferenceEvaluator, model, node, {name: known[name] for name in inputs})
+            largest_input = max((known[name].nbytes for name in inputs), default=0)
+            if all(v.nbytes <= max(2 * largest_input, FOLD_MAX_GROWTH_BYTES) for v in values):
+                for name, value in zip(node.output, values):
+                    known[name] = value
+                    folded.append(numpy_helper.from_array(value, name))
+                continue
+        kept.append(node)
+    used = {name for node in kept for name in node.input} | outputs
+    initializers = [init for init in (*graph.initializer, *folded) if init.name in used]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return model
+
+
+def _evaluate_node(evaluator: Any, model: onnx.ModelProto, node: onnx.NodeProto, feeds: dict) -> list[np.ndarray]:
+    inputs = [
+        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
+        for name, value in feeds.items()
+    ]
+    outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None) for name in node.output]
+    single = helper.make_model(
+        helper.make_graph([node], "fold", inputs, outputs), opset_imports=list(model.opset_import)
+    )
+    return [np.asarray(value) for value in evaluator(single).run(None, feeds)]
+
+
+def deduplicate_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Keep one copy of byte-identical initializers (one neighbour mask, however the exporter copied it)."""
+    graph = model.graph
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    for initializer in graph.initializer:
+        array = numpy_helper.to_array(initializer)
+        key = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        if key in first:
+            rename[initializer.name] = first[key]
+        else:
+            first[key] = initializer.name
+    if rename:
+        for node in graph.node:
+            node.input[:] = [rename.get(name, name) for name in node.input]
+        unique = [init for init in graph.initializer if init.name not in rename]
+        del graph.initializer[:]
+        graph.initializer.extend(unique)
+    return model
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name: precision constraints and engine layer reports refer to them."""
+    seen = set()
+    for position, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.name or node.op_type}_{position}"
+        seen.add(node.name)
+
+
+def run_onnx(model: onnx.ModelProto, images: np.ndarray, max_batch: int) -> dict[str, np.ndarray]:
+    """ONNX Runtime (CPU, spinning off) over ``images`` in chunks of at most ``max_batch``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    chunks = [session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i : i + max_batch]}) for i in range(0, len(images), max_batch)]
+    return {name: np.concatenate([chunk[k] for chunk in chunks]) for k, name in enumerate(OUTPUT_NAMES)}
+
+
+def run_torch(detector: Any, images: np.ndarray, max_batch: int) -> dict[str, np.ndarray]:
+    """The PyTorch reference outputs for ``images``, in chunks of at most ``max_batch``."""
+    import torch
+
+    maps, scores = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), max_batch):
+            anomaly_map, image_score = detector(torch.from_numpy(images[start : start + max_batch]))
+            maps.append(anomaly_map.numpy())
+            scores.append(image_score.numpy())
+    return {ANOMALY_MAP_NAME: np.concatenate(maps), IMAGE_SCORE_NAME: np.concatenate(scores)}
+
+
+def check_parity(
+    model: onnx.ModelProto,
+    images: np.ndarray,
+    reference: dict[str, np.ndarray],
+    precision: str,
+    max_batch: int,
+    label: str | None = None,
+    check_batch_axis: bool = True,
+) -> VerifyReport:
+    """Run ``model`` on ONNX Runtime and compare with ``reference`` under ``recon-export verify``'s
+    tolerances for ``precision``; with ``check_batch_axis`` the first image also runs alone, so a batch
+    axis baked to one size fails here.
+
+    Raises:
+        ParityError: over tolerance.
+    """
+    label = label or f"{precision} ONNX graph"
+    outputs = run_onnx(model, images, max_batch)
+    report = compare_outputs(outputs, {"images": images, **reference}, precision=precision, threshold=None, artifact=label)
+    failures = list(report.failures)
+    if check_batch_axis and len(images) > 1:
+        single = run_onnx(model, images[:1], 1)
+        batch_gap = float(np.abs(single[ANOMALY_MAP_NAME] - outputs[ANOMALY_MAP_NAME][:1]).max())
+        if not batch_gap <= 1e-4 * report.map_scale:
+            failures.append(f"batch 1 and batch {min(len(images), max_batch)} differ by {batch_gap:.3g} on the map")
+    if failures:
+        raise ParityError(f"The {label} does not match PyTorch ({'; '.join(failures)}), so nothing was written.")
+    logger.info(
+        "%s vs PyTorch: map max abs %.3g, p99 abs %.3g (map range %.3g), score max abs %.3g, %d decision flips",
+        label,
+        report.anomaly_map.max_abs,
+        report.anomaly_map.p99_abs,
+        float(np.ptp(reference[ANOMALY_MAP_NAME])),
+        report.image_score.max_abs,
+        report.decision_flips,
+    )
+    return report
+
+
+def build_manifest(
+    detector: Any, onnx_file: str, precision: str, max_batch: int, opset: int, checkpoint_sha256: str, islands: tuple[str, ...]
+) -> Manifest:
+    import torch
+
+    from reconad.model import PRESETS
+
+    config = detector.config
+    if config.score_reducer == "mean":
+        reducer = ScoreReducer(method="mean")
+    else:
+        reducer = ScoreReducer(method=config.score_reducer, kernel_size=config.score_pool_size, stride=1)
+    recipe = (
+        Precision(mode="fp16", fp32_islands=islands, description=FP16_RECIPE)
+        if precision == "fp16"
+        else Precision(mode="fp32", description="float32 throughout; uint8 in, float32 out")
+    )
+    categories = detector.provenance.get("categories", ())
+    return Manifest.for_onnx(
+        onnx_file=onnx_file,
+        model_config=config.to_dict(),
+        input_hw=config.input_hw,
+        max_batch=max_batch,
+        dynamic_batch=max_batch > 1,
+        score_reducer=reducer,
+        precision=recipe,
+        exporter=ExporterInfo(
+            reconad_version=reconad.__version__,
+            torch_version=torch.__version__,
+            onnx_version=onnx.__version__,
+            opset=opset,
+        ),
+        preset=config.preset if PRESETS.get(config.preset) == config else None,
+        categories=tuple(str(c) for c in categories) if isinstance(categories, (list, tuple)) else (),
+        checkpoint_sha256=checkpoint_sha256,
+    )
+
+
+def embed_manifest(model: onnx.ModelProto, manifest: Manifest) -> bytes:
+    """The serialized model with the manifest (without its own hash) in ``metadata_props``."""
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {METADATA_KEY: manifest.embedded_copy().to_json()})
+    return model.SerializeToString()
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def write_files_atomically(contents: dict[Path, bytes]) -> list[Path]:
+    """Write every file to a temp file beside it first, then rename them all into place; on any error
+    the temp files are removed, so an interrupted export leaves no partial file."""
+    temps: dict[Path, str] = {}
+    try:
+        for path in {path.parent for path in contents}:
+            path.mkdir(parents=True, exist_ok=True)
+        for path, data in contents.items():
+            descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps[path] = temp
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for path, temp in temps.items():
+            os.replace(temp, path)
+    except OSError as error:
+        raise ReconadError(f"Cannot write {error.filename or 'the artifacts'}: {error.strerror or type(error).__name__}.") from None
+    finally:
+        for temp in temps.values():
+            Path(temp).unlink(missing_ok=True)
+    return list(contents)
+
+
+def export_onnx(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    precision: str = "fp32",
+    max_batch: int = 8,
+    opset: int = MIN_OPSET,
+    reference_images: str | os.PathLike | None = None,
+) -> list[Path]:
+    """Export a checkpoint to the fused ONNX graph(s) with manifests and reference outputs.
+
+    Writes, for each precision P asked (``"both"`` = fp32 and fp16), ``<stem>-<H>x<W>-P.onnx`` (the
+    manifest also in its ``metadata_props``), ``<stem>-<H>x<W>-P.json`` and
+    ``<stem>-<H>x<W>-P.reference.npz`` (``images`` uint8 [K, H, W, 3] and the PyTorch ``anomaly_map``
+    [K, 1, H, W] and ``image_score`` [K] for them; the same content for both precisions). ``stem``
+    comes from ``artifact_stem``. Nothing is written unless the fp32 graph matches PyTorch and the
+    fp16 graph passes the fp16 tolerances of ``recon-export verify``, both as ONNX Runtime runs it and
+    with FP16 storage emulated (``emulate_fp16_storage``).
+
+    Args:
+        checkpoint: a ``reconad.model`` checkpoint.
+        out_dir: created if missing.
+        precision: ``"fp32"``, ``"fp16"`` or ``"both"``.
+        max_batch: the batch axis accepts 1..max_batch (1 gives a static batch of 1).
+        opset: ONNX opset, at least 17.
+        reference_images: a folder of images for the reference set; default 4 synthetic images.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        ReconadError: bad arguments or checkpoint; ``ParityError`` (exit code 1) when a graph is over tolerance.
+    """
+    if precision not in PRECISION_CHOICES:
+        raise ReconadError(f"Precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}.")
+    if max_batch < 1:
+        raise ReconadError(f"max_batch must be at least 1, got {max_batch}.")
+    if opset < MIN_OPSET:
+        raise ReconadError(f"Opset {opset} is too old: the graph needs opset {MIN_OPSET} or later (LayerNormalization).")
+    from reconad.model import load_detector
+
+    detector = load_detector(checkpoint)
+    config = detector.config
+    images = (
+        synthetic_reference_images(config.input_hw)
+        if reference_images is None
+        else load_reference_images(reference_images, config.input_hw)
+    )
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReconadError(f"Output folder {out_dir} is a file.")
+    stem = artifact_stem(checkpoint, detector.provenance)
+
+    logger.info("exporting %s (%s, %dx%d) with opset %d", checkpoint, config.preset, *config.input_hw, opset)
+    fp32_model = trace_to_onnx(detector, max_batch, opset)
+    reference = run_torch(detector, images, max_batch)
+    graphs = {"fp32": fp32_model}
+    check_parity(fp32_model, images, reference, "fp32", max_batch)
+    islands: tuple[str, ...] = ()
+    if precision in ("fp16", "both"):
+        groups = find_fp32_island_groups(fp32_model)
+        islands = tuple(name for name in ISLAND_NAMES if groups[name])
+        graphs["fp16"] = convert_to_fp16(fp32_model)
+        check_parity(graphs["fp16"], images, reference, "fp16", max_batch)
+        # ONNX Runtime's CPU run skips most FP16 rounding (see emulate_fp16_storage); this one does not.
+        emulated = emulate_fp16_storage(graphs["fp16"])
+        check_parity(emulated, images, reference, "fp16", max_batch, label="fp16 graph with FP16 storage emulated", check_batch_axis=False)
+    wanted = ("fp32", "fp16") if precision == "both" else (precision,)
+
+    checkpoint_sha256 = sha256_file(checkpoint)
+    reference_npz = npz_bytes(images=images, **reference)
+    contents: dict[Path, bytes] = {}
+    for mode in wanted:
+        onnx_path = out_dir / artifact_name(stem, config.input_hw, mode)
+        manifest = build_manifest(detector, onnx_path.name, mode, max_batch, opset, checkpoint_sha256, islands)
+        model_bytes = embed_manifest(graphs[mode], manifest)
+        manifest = dataclasses.replace(manifest, onnx_sha256=hashlib.sha256(model_bytes).hexdigest())
+        contents[onnx_path] = model_bytes
+        contents[reference_path_for(onnx_path)] = reference_npz
+        contents[manifest_path_for(onnx_path)] = manifest.to_json().encode("utf-8")
+    return write_files_atomically(contents)
+
+
+class _quiet_loggers:
+    """Raise the given loggers to ERROR for a block (the exporter logs progress and optional-op notes)."""
+
+    def __init__(self, *names: str):
+        self.loggers = [logging.getLogger(name) for name in names]
+        self.levels: list[int] = []
+
+    def __enter__(self) -> None:
+        self.levels = [log.level for log in self.loggers]
+        for log in self.loggers:
+            log.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        for log, level in zip(self.loggers, self.levels):
+            log.setLevel(level)

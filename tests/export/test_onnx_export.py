@@ -1,0 +1,240 @@
+"""to-onnx's export: the graph contract, a batch axis that really works, parity, manifests, atomic writes."""
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from reconad.export import onnx as export_module
+from reconad.export.onnx import (
+    ParityError,
+    artifact_stem,
+    export_onnx,
+    load_reference_images,
+    synthetic_reference_images,
+    write_files_atomically,
+)
+from reconad.model import PRESETS, build_detector, load_detector, save_checkpoint
+from reconad.runtime.errors import ReconadError
+from reconad.runtime.manifest import (
+    ANOMALY_MAP_NAME,
+    IMAGE_SCORE_NAME,
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    Manifest,
+    check_artifact_sha256,
+    manifest_path_for,
+    reference_path_for,
+)
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def test_export_writes_self_describing_artifacts(tiny_export, tiny_checkpoint):
+    names = sorted(path.name for path in tiny_export.paths)
+    assert names == sorted(
+        f"tiny-run-64x64-{p}{suffix}" for p in ("fp32", "fp16") for suffix in (".onnx", ".json", ".reference.npz")
+    )
+    assert sorted(p.name for p in tiny_export.out_dir.iterdir()) == names  # no temp files left behind
+    for precision, path in (("fp32", tiny_export.fp32), ("fp16", tiny_export.fp16)):
+        manifest = Manifest.load(manifest_path_for(path))
+        check_artifact_sha256(manifest, path)
+        assert manifest.artifact_file == path.name and manifest.precision.mode == precision
+        assert manifest.input_tensor.shape == (-1, 64, 64, 3) and manifest.input_tensor.max_batch == 4
+        assert manifest.categories == ("weave", "pill") and manifest.exporter.opset == 17
+        assert manifest.model_config == load_detector(tiny_checkpoint).config.to_dict()
+        model = onnx.load(path)
+        embedded = Manifest.from_json({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
+        assert embedded == manifest.embedded_copy()
+        assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    assert Manifest.load(manifest_path_for(tiny_export.fp16)).precision.fp32_islands == (
+        "input normalisation", "LayerNormalization", "softmax logits", "anomaly head"
+    )
+
+
+def test_reference_holds_pytorch_outputs_of_synthetic_images(tiny_export, tiny_checkpoint):
+    data = np.load(reference_path_for(tiny_export.fp32))
+    assert sorted(data.files) == sorted(["images", ANOMALY_MAP_NAME, IMAGE_SCORE_NAME])
+    images = data["images"]
+    assert images.dtype == np.uint8 and images.shape == (4, 64, 64, 3)
+    np.testing.assert_array_equal(images, synthetic_reference_images((64, 64)))
+    with torch.inference_mode():
+        anomaly_map, image_score = load_detector(tiny_checkpoint)(torch.from_numpy(images))
+    np.testing.assert_allclose(data[ANOMALY_MAP_NAME], anomaly_map.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(data[IMAGE_SCORE_NAME], image_score.numpy(), rtol=0, atol=1e-6)
+    fp16_data = np.load(reference_path_for(tiny_export.fp16))
+    for key in data.files:
+        np.testing.assert_array_equal(fp16_data[key], data[key])
+
+
+def test_graph_contract(tiny_export):
+    model = tiny_export.load("fp32")
+    onnx.checker.check_model(model, full_check=True)
+    assert [(o.domain, o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")] == [("", 17)]
+    (graph_input,) = model.graph.input
+    assert graph_input.name == INPUT_NAME
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = graph_input.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [64, 64, 3]
+    assert tuple(o.name for o in model.graph.output) == OUTPUT_NAMES
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
+    ops = Counter(node.op_type for node in model.graph.node)
+    # LayerNormalization is one op (opset 17), not ReduceMean/Sub/Pow/Sqrt: 2 in the encoder layer,
+    # 3 in the decoder layer, the decoder norm.
+    assert ops["LayerNormalization"] == 6 and ops["ReduceMean"] == 0
+    assert ops["Softmax"] == 3
+    # Folded: no Split / Transpose of weights left, no Constant nodes, no as_strided Gathers.
+    initializers = {init.name for init in model.graph.initializer}
+    for node in model.graph.node:
+        assert node.op_type != "Constant"
+        assert not (node.input and all(name in initializers for name in node.input if name)), node.name
+    assert ops["Gather"] == 0 and ops["GlobalAveragePool"] > 0
+    assert len({node.name for node in model.graph.node}) == len(model.graph.node)
+
+
+def test_one_shared_neighbour_mask_initializer(tiny_export):
+    for precision in ("fp32", "fp16"):
+        model = tiny_export.load(precision)
+        tokens = 8 * 8
+        masks = [init for init in model.graph.initializer if list(init.dims) == [tokens, tokens]]
+        assert len(masks) == 1, [m.name for m in masks]
+        (mask,) = masks
+        assert mask.data_type == onnx.TensorProto.FLOAT
+        values = onnx.numpy_helper.to_array(mask)
+        assert np.isfinite(values).all() and values.min() == -30000.0  # finite fill, never -inf
+        readers = [node for node in model.graph.node if mask.name in node.input]
+        assert len(readers) == 3 and {node.op_type for node in readers} == {"Add"}
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_batch_axis_really_is_dynamic(tiny_export, tiny_checkpoint, batch):
+    detector = load_detector(tiny_checkpoint)
+    images = np.random.default_rng(batch).integers(0, 256, (batch, 64, 64, 3), dtype=np.uint8)
+    anomaly_map, image_score = session(tiny_export.fp32).run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+    with torch.inference_mode():
+        expected_map, expected_score = detector(torch.from_numpy(images))
+    assert anomaly_map.shape == (batch, 1, 64, 64) and image_score.shape == (batch,)
+    assert np.abs(anomaly_map - expected_map.numpy()).max() <= 1e-4
+    assert np.abs(image_score - expected_score.numpy()).max() <= 1e-4
+
+
+@pytest.fixture
+def fast_export(tiny_export, monkeypatch):
+    """export_onnx with the (slow) torch.onnx trace replaced by the session's exported graph."""
+    monkeypatch.setattr(export_module, "trace_to_onnx", lambda detector, max_batch, opset: tiny_export.load("fp32"))
+
+
+def test_parity_failure_writes_nothing(fast_export, tiny_checkpoint, tmp_path, monkeypatch):
+    real_run_torch = export_module.run_torch
+
+    def drifting_run_torch(*args, **kwargs):
+        outputs = real_run_torch(*args, **kwargs)
+        return {**outputs, ANOMALY_MAP_NAME: outputs[ANOMALY_MAP_NAME] + 1e-2}
+
+    monkeypatch.setattr(export_module, "run_torch", drifting_run_torch)
+    with pytest.raises(ParityError, match="fp32 ONNX graph does not match PyTorch") as caught:
+        export_onnx(tiny_checkpoint, tmp_path / "out", precision="both", max_batch=4)
+    assert caught.value.exit_code == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_interrupted_export_leaves_no_partial_file(fast_export, tiny_checkpoint, tmp_path, monkeypatch):
+    out_dir = tmp_path / "out"
+    real_fsync, calls = os.fsync, []
+
+    def interrupted_fsync(descriptor):
+        calls.append(descriptor)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(export_module.os, "fsync", interrupted_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(tiny_checkpoint, out_dir, precision="fp32", max_batch=4)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_write_files_atomically_keeps_old_files_on_failure(tmp_path, monkeypatch):
+    old = tmp_path / "a.onnx"
+    old.write_bytes(b"old")
+    real_replace = os.replace
+
+    def failing_replace(source, target):
+        if str(target).endswith("b.json"):
+            raise OSError(28, "No space left on device", str(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(export_module.os, "replace", failing_replace)
+    with pytest.raises(ReconadError, match="No space left on device"):
+        write_files_atomically({tmp_path / "b.json": b"{}", old: b"new"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"] and old.read_bytes() == b"old"
+
+
+def test_reference_images_from_a_folder(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(20):
+        image = np.full((40 + index, 50, 3), index * 10, dtype=np.uint8)
+        cv2.imwrite(str(folder / f"{index:02d}.png"), image)
+    images = load_reference_images(folder, (32, 32))
+    assert images.dtype == np.uint8 and images.shape == (16, 32, 32, 3)
+    assert images[0].max() == 0 and images[-1].min() == 190  # first and last file, evenly spaced between
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReconadError, match="holds no image files"):
+        load_reference_images(tmp_path / "empty", (32, 32))
+
+
+def test_synthetic_reference_images_are_deterministic_and_distinct():
+    first, second = synthetic_reference_images((48, 40)), synthetic_reference_images((48, 40))
+    assert first.shape == (4, 48, 40, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, second)
+    assert len({image.tobytes() for image in first}) == 4
+
+
+def test_artifact_stem(tmp_path):
+    assert artifact_stem(tmp_path / "weave" / "model.ckpt", {}) == "weave"
+    assert artifact_stem(tmp_path / "runs" / "bottle-v2.ckpt", {}) == "bottle-v2"
+    assert artifact_stem(tmp_path / "x" / "best.ckpt", {"run_name": "line 3/cam 1"}) == "line_3_cam_1"
+
+
+def test_bad_arguments_fail_before_any_work(tiny_checkpoint, tmp_path):
+    cases = [
+        ({"precision": "int8"}, "Precision must be one of"),
+        ({"max_batch": 0}, "max_batch must be at least 1"),
+        ({"opset": 16}, "Opset 16 is too old"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ReconadError, match=message):
+            export_onnx(tiny_checkpoint, tmp_path, **kwargs)
+    with pytest.raises(ReconadError, match="does not exist"):
+        export_onnx(tmp_path / "absent.ckpt", tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ReconadError, match="is a file"):
+        export_onnx(tiny_checkpoint, tmp_path / "file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_exports_with_parity(preset, tmp_path):
+    """Random weights; export_onnx itself fails unless fp32 matches PyTorch and fp16 passes verify's tolerances."""
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(build_detector(PRESETS[preset]).eval(), tmp_path / preset / "model.ckpt")
+    paths = export_onnx(checkpoint, tmp_path / "out", precision="both", max_batch=2)
+    height, width = PRESETS[preset].input_hw
+    fp32 = tmp_path / "out" / f"{preset}-{height}x{width}-fp32.onnx"
+    assert fp32 in paths and (tmp_path / "out" / f"{preset}-{height}x{width}-fp16.onnx") in paths
+    reference = np.load(reference_path_for(fp32))
+    anomaly_map, _ = session(fp32).run(list(OUTPUT_NAMES), {INPUT_NAME: reference["images"][:2]})
+    assert np.abs(anomaly_map - reference[ANOMALY_MAP_NAME][:2]).max() <= 1e-4
