@@ -118,6 +118,9 @@ def run(
     queue_size: Annotated[
         Optional[int], typer.Option(min=1, help="Frames waiting for inference before a camera drops the oldest.")
     ] = None,
+    preprocess_threads: Annotated[
+        Optional[int], typer.Option(min=1, help="Threads cropping and resizing frames [default: 2].")
+    ] = None,
     stats_interval_s: Annotated[Optional[float], typer.Option(help="Status line period; 0 for none [default: 5].")] = None,
     inference_timeout_s: Annotated[
         Optional[float], typer.Option(help="A call slower than this is a hung backend: exit 3 [default: 60].")
@@ -150,6 +153,7 @@ def run(
                 webhook=webhook,
                 webhook_timeout_s=webhook_timeout_s,
                 queue_size=queue_size,
+                preprocess_threads=preprocess_threads,
                 stats_interval_s=stats_interval_s,
                 inference_timeout_s=inference_timeout_s,
             )

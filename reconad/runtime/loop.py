@@ -10,6 +10,7 @@ thread ends the run with a non-zero exit code.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -53,6 +54,7 @@ class InspectConfig:
     roi: Roi | None = None  # (x, y, width, height) of every frame the model sees
     batch_size: int = 1  # frames per inference call: more raises throughput and latency
     queue_size: int = 4  # frames waiting for inference; a live source drops the oldest beyond this
+    preprocess_threads: int = 2  # crop/resize workers: one core cannot resize 720p+ as fast as a GPU infers
     skip_blank: bool | None = None  # skip flat frames; None: for live sources only (a folder may hold flat images)
     blank_range: int = 2  # a frame whose gray levels span at most this is blank (lens cap, dead sensor)
     reconnect_initial_s: float = 0.5  # first wait before reopening a lost camera; doubles per failure
@@ -72,8 +74,8 @@ class InspectConfig:
     def __post_init__(self) -> None:
         if self.max_frames is not None and self.max_frames < 1:
             raise ReconadError(f"max_frames must be at least 1, got {self.max_frames}.")
-        if self.batch_size < 1 or self.queue_size < 1:
-            raise ReconadError("batch_size and queue_size must be at least 1.")
+        if self.batch_size < 1 or self.queue_size < 1 or self.preprocess_threads < 1:
+            raise ReconadError("batch_size, queue_size and preprocess_threads must be at least 1.")
         if self.overlays not in OVERLAY_MODES:
             raise ReconadError(f"Overlay mode must be one of {list(OVERLAY_MODES)}, got {self.overlays!r}.")
 
@@ -121,11 +123,13 @@ class FrameInspector(Protocol):
 class DropOldestQueue:
     """A bounded FIFO: a full queue drops its oldest item to take a new one (``put``) or waits (``put_wait``).
 
-    ``close`` ends it: getters receive what is left, then None.
+    ``close`` ends it: getters receive what is left, then None. ``on_drop`` is called with every item
+    that ``put`` or ``clear`` throws away.
     """
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, on_drop: Callable[[Any], None] | None = None) -> None:
         self.maxsize = maxsize
+        self._on_drop = on_drop
         self._items: collections.deque[Any] = collections.deque()
         self._condition = threading.Condition()
         self._closed = False
@@ -135,7 +139,9 @@ class DropOldestQueue:
         with self._condition:
             dropped = 0
             if len(self._items) >= self.maxsize:
-                self._items.popleft()
+                oldest = self._items.popleft()
+                if self._on_drop is not None:
+                    self._on_drop(oldest)
                 dropped = 1
             self._items.append(item)
             self._condition.notify_all()
@@ -174,6 +180,9 @@ class DropOldestQueue:
         """Drop every waiting item; returns how many."""
         with self._condition:
             count = len(self._items)
+            if self._on_drop is not None:
+                for item in self._items:
+                    self._on_drop(item)
             self._items.clear()
             self._condition.notify_all()
             return count
@@ -208,8 +217,7 @@ class _Captured:
     name: str
     captured_at: str  # ISO wall time
     captured_s: float  # perf_counter when read
-    queued_s: float  # perf_counter when queued
-    image: np.ndarray  # uint8 [H, W, 3] RGB at the model's size
+    image: concurrent.futures.Future  # -> uint8 [H, W, 3] RGB at the model's size, from a preprocess worker
     frame: np.ndarray  # the original frame in the source's colour order
 
 
@@ -319,7 +327,8 @@ class InspectionLoop:
         self.stats = LoopStats()
         self.stop = threading.Event()  # stop capturing; what is queued is still inspected
         self.abort = threading.Event()  # a second signal: stop without draining
-        self.frames = DropOldestQueue(config.queue_size)
+        self.frames = DropOldestQueue(config.queue_size, on_drop=lambda item: item.image.cancel())  # no work for drops
+        self.preprocess = concurrent.futures.ThreadPoolExecutor(config.preprocess_threads, "preprocess")
         self.sinks = tuple(sinks)
         self.workers: list[SinkWorker] = []
         self.overlay_sink = next((sink for sink in sinks if isinstance(sink, OverlaySink)), None)
@@ -400,22 +409,21 @@ class InspectionLoop:
             if problem is not None:
                 self._skip(problem, raw.name, f"{raw.name} is {problem}.", captured_at)
                 continue
-            try:
-                image = prepare_frame(raw.image, self.inspector.input_hw, source.colour, config.roi)
-            except ReconadError as error:
-                if index == 0:
-                    raise  # the first good frame does not fit the settings (e.g. the ROI): a configuration error
-                self._skip("corrupt", raw.name, str(error), captured_at)
-                continue
-            queued_s = time.perf_counter()
-            self.stats.add_latency("preprocess", (queued_s - read_s) * 1e3)
-            item = _Captured(index, raw.name, captured_at, read_s, queued_s, image, raw.image)
+            image = self.preprocess.submit(self._prepare, raw.image, source.colour)
+            item = _Captured(index, raw.name, captured_at, read_s, image, raw.image)
             index += 1
             self.stats.count("captured")
             if source.live:
                 self.stats.count("dropped", self.frames.put(item))
             elif not self.frames.put_wait(item, self.stop):
                 return
+
+    def _prepare(self, image: np.ndarray, colour: str) -> np.ndarray:
+        """On a preprocess worker: crop, resize and convert one frame (OpenCV releases the GIL meanwhile)."""
+        started = time.perf_counter()
+        prepared = prepare_frame(image, self.inspector.input_hw, colour, self.config.roi)
+        self.stats.add_latency("preprocess", (time.perf_counter() - started) * 1e3)
+        return prepared
 
     def _skip(self, kind: str, name: str, message: str, captured_at: str | None = None) -> None:
         """Count a skipped frame (``kind``: corrupt or blank), warn, and log it in the JSONL."""
@@ -465,11 +473,16 @@ class InspectionLoop:
                 continue
             if max_frames is not None:
                 batch = batch[: max_frames - inspected]
+            batch, images = self._prepared(batch)
+            if batch is None:
+                return
+            if not batch:
+                continue
             started = time.perf_counter()
             for item in batch:
-                self.stats.add_latency("queue", (started - item.queued_s) * 1e3)
+                self.stats.add_latency("queue", (started - item.captured_s) * 1e3)
             self._busy_since = started
-            verdicts = self.inspector.inspect(np.stack([item.image for item in batch]))  # [B, H, W, 3] in
+            verdicts = self.inspector.inspect(np.stack(images))  # [B, H, W, 3] in
             decided = time.perf_counter()
             self._busy_since = None
             if len(verdicts) != len(batch):
@@ -482,6 +495,26 @@ class InspectionLoop:
                 self._set_reason("max frames")
                 self.stop.set()
                 return
+
+    def _prepared(self, batch: list[_Captured]) -> tuple[list[_Captured] | None, list[np.ndarray]]:
+        """The items whose preprocessing worked, with their images; (None, []) after a configuration error.
+
+        A frame that cannot be prepared is skipped as corrupt, unless it is the first one: then the
+        settings (e.g. a ROI outside the frame) are wrong for this source and the run fails.
+        """
+        kept, images = [], []
+        for item in batch:
+            try:
+                images.append(item.image.result())
+            except Exception as error:  # OpenCV raises its own error type on malformed frames
+                message = str(error) if isinstance(error, ReconadError) else f"{item.name}: {describe_error(error)}"
+                if item.index == 0:
+                    self._fail(message, getattr(error, "exit_code", 2))
+                    return None, []
+                self._skip("corrupt", item.name, message, item.captured_at)
+                continue
+            kept.append(item)
+        return kept, images
 
     def _dispatch(self, item: _Captured, verdict: Verdict, decided_s: float) -> None:
         latency_ms = (decided_s - item.captured_s) * 1e3
@@ -543,6 +576,7 @@ class InspectionLoop:
             self.frames.close()  # the inference thread drains what is queued, then ends
             while inference.is_alive() and not self._watch_inference():
                 inference.join(timeout=0.1)
+            self.preprocess.shutdown(wait=False, cancel_futures=True)
             for worker in self.workers:
                 worker.queue.close()
             deadline = time.monotonic() + config.drain_timeout_s

@@ -68,7 +68,8 @@ class StatsSnapshot:
         mean_fps: inspected frames per second from the start of the loop to the last verdict.
         counters: see ``COUNTER_NAMES``.
         latency_ms: per stage, p50/p99/max over the recent window: ``capture`` (source read),
-            ``preprocess`` (crop/resize), ``queue`` (waiting for inference), ``inference`` (per batch),
+            ``preprocess`` (crop/resize, on a worker), ``queue`` (frame read to inference start, so
+            preprocessing included), ``inference`` (per batch),
             ``capture_to_decision`` (frame read to verdict), ``sink:<name>`` (per write).
         sinks: per sink counters.
         source_state: ``"ok"``, ``"reconnecting"`` or ``"ended"``.

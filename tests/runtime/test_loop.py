@@ -112,7 +112,7 @@ def test_max_frames_on_a_looping_folder_and_roi(tmp_path):
     write_image_folder(folder, [10, 250])  # ROI below picks a region of each
     collector = Collector(queue_size=100)
     source = open_source(str(folder), SourceConfig(loop=True))
-    result = run(source, sinks=[collector], max_frames=7, roi=(2, 2, 20, 16))
+    result = run(source, sinks=[collector], max_frames=7, roi=(2, 2, 20, 16), preprocess_threads=3)
     assert result.stop_reason == "max frames"
     assert result.stats.counters["inspected"] == 7 and len(collector.items) == 7
     assert [item.verdict.is_anomalous for item in collector.items] == [False, True] * 3 + [False]
@@ -163,15 +163,27 @@ def test_a_lost_camera_is_reopened_with_backoff_while_the_loop_goes_on():
     assert any("reopened after 3 attempt(s)" in line for line in messages)
 
 
-def test_a_live_source_faster_than_inference_drops_the_oldest_frames():
+def test_a_live_source_faster_than_inference_drops_the_oldest_frames(monkeypatch):
+    import reconad.runtime.loop as loop_module
+
+    prepared = []
+    original = loop_module.prepare_frame
+
+    def slow_prepare(*args):
+        time.sleep(0.005)
+        prepared.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(loop_module, "prepare_frame", slow_prepare)
     collector = Collector(queue_size=1000)
     source = ScriptedSource([gray_frame(n) for n in range(60)], interval_s=0.001)
-    result = run(source, FakeInspector(delay_s=0.02), sinks=[collector], queue_size=2)
+    result = run(source, FakeInspector(delay_s=0.02), sinks=[collector], queue_size=2, preprocess_threads=1)
     counters = result.stats.counters
     assert counters["dropped"] > 10
     assert counters["inspected"] + counters["dropped"] == counters["captured"] == 60
     indices = [item.index for item in collector.items]
     assert indices == sorted(indices) and indices[-1] == 59  # newest frames win
+    assert len(prepared) < 60 - 10  # dropped frames were not preprocessed
 
 
 def test_a_slow_sink_never_stalls_inference():
