@@ -164,6 +164,9 @@ def run(
         )
     except ReconadError as error:
         _fail(error)
+    except KeyboardInterrupt:  # before the loop took over SIGINT (e.g. while the model loads)
+        typer.echo("Interrupted before the loop started.", err=True)
+        raise typer.Exit(130) from None
     typer.echo(result.headline())
     for line in result.stats.summary_lines():
         typer.echo(line)

@@ -164,7 +164,8 @@ def _adjust(image: np.ndarray, config: SourceConfig, rescale: bool) -> np.ndarra
     """Apply the flip and, for files (``rescale``), the requested size."""
     image = apply_flip(image, config.flip)
     if rescale and config.width is not None and image.shape[:2] != (config.height, config.width):
-        image = import_cv2().resize(image, (config.width, config.height), interpolation=import_cv2().INTER_AREA)
+        cv2 = import_cv2()
+        image = cv2.resize(image, (config.width, config.height), interpolation=cv2.INTER_AREA)
     return image
 
 

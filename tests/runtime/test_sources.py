@@ -171,7 +171,8 @@ def test_image_folder_rescale_and_flip(tmp_path):
     folder = tmp_path / "frames"
     image = np.zeros((20, 40, 3), np.uint8)
     image[:, :20] = 200  # left half bright
-    cv2.imwrite(str(folder.mkdir() or folder / "x.png"), image)
+    folder.mkdir()
+    cv2.imwrite(str(folder / "x.png"), image)
     with open_source(str(folder), SourceConfig(width=10, height=8, flip="horizontal")) as source:
         frame = source.read().image
     assert frame.shape == (8, 10, 3)
