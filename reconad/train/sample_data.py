@@ -97,7 +97,7 @@ def _render_wood(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
 def _render_washer(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A shaded metal ring on a dark, slightly mottled background."""
     y, x = _coords(size)
-    cy, cx = size / 2 + rng.uniform(-5, 5, 2)
+    cy, cx = size / 2 + rng.uniform(-3, 3, 2)
     dy, dx = y - cy, x - cx
     radius = np.hypot(dx, dy)
     outer, inner = 0.36 * size, 0.16 * size
@@ -107,7 +107,7 @@ def _render_washer(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.
     radial = (radius - inner) / (outer - inner)
     shade = 0.7 + 0.2 * np.cos(angle - light_angle) + 0.1 * np.sin(np.pi * np.clip(radial, 0, 1))
     metal = np.array([196, 200, 206], np.float32) * shade[..., None]
-    background = (35 + 25 * _smooth_noise(rng, size, 6))[..., None] * np.array([1.0, 1.0, 1.05], np.float32)
+    background = (30 + 10 * _smooth_noise(rng, size, 6))[..., None] * np.array([1.0, 1.0, 1.05], np.float32)
     image = alpha[..., None] * metal + (1 - alpha[..., None]) * background
     return image, alpha > 0.5
 
@@ -141,11 +141,18 @@ _RENDERERS = {
 }
 
 
-def _pick_centre(rng: np.random.Generator, region: np.ndarray, margin: int) -> tuple[int, int]:
-    """A random (x, y) inside ``region`` at least ``margin`` pixels from the border of the image."""
-    inner = np.zeros_like(region)
-    inner[margin:-margin, margin:-margin] = region[margin:-margin, margin:-margin]
-    ys, xs = np.nonzero(inner)
+def _pick_centre(rng: np.random.Generator, region: np.ndarray, margin: int, inset: int = 0) -> tuple[int, int]:
+    """A random (x, y) at least ``margin`` pixels from the image border and ``inset`` pixels inside ``region``."""
+    cv2 = _cv2()
+    inner = region.copy()
+    if inset > 0:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * inset + 1, 2 * inset + 1))
+        eroded = cv2.erode(region.astype(np.uint8), kernel).astype(bool)
+        if eroded[margin:-margin, margin:-margin].any():
+            inner = eroded
+    border = np.zeros_like(region)
+    border[margin:-margin, margin:-margin] = True
+    ys, xs = np.nonzero(inner & border)
     k = rng.integers(len(ys))
     return int(xs[k]), int(ys[k])
 
@@ -161,7 +168,7 @@ def _contrast_colour(rng: np.random.Generator, image: np.ndarray, mask: np.ndarr
 def _add_scratch(rng, image, region):
     cv2 = _cv2()
     size = image.shape[0]
-    x, y = _pick_centre(rng, region, size // 6)
+    x, y = _pick_centre(rng, region, size // 6, inset=4)
     length = rng.uniform(0.3, 0.45) * size
     direction = rng.uniform(0, np.pi)
     bend = rng.uniform(-0.4, 0.4)
@@ -181,7 +188,7 @@ def _add_hole(rng, image, region):
     cv2 = _cv2()
     size = image.shape[0]
     radius = rng.uniform(0.045, 0.07) * size
-    x, y = _pick_centre(rng, region, int(radius) + 4)
+    x, y = _pick_centre(rng, region, int(radius) + 4, inset=int(1.15 * radius) + 2)
     yy, xx = _coords(size)
     angle = np.arctan2(yy - y, xx - x)
     wobble = 1 + 0.15 * np.sin(3 * angle + rng.uniform(0, 2 * np.pi))
@@ -198,14 +205,16 @@ def _add_stain(rng, image, region):
     cv2 = _cv2()
     size = image.shape[0]
     radius = rng.uniform(0.07, 0.11) * size
-    x, y = _pick_centre(rng, region, int(radius) + 4)
+    x, y = _pick_centre(rng, region, int(radius) + 4, inset=int(0.5 * radius))
     yy, xx = _coords(size)
     blob = np.hypot((xx - x) / rng.uniform(0.8, 1.2), (yy - y) / rng.uniform(0.8, 1.2)) / radius
     blob = blob - 0.35 * _smooth_noise(rng, size, 16, octaves=2)
-    alpha = np.clip((1.0 - blob) * 4, 0, 1) * rng.uniform(0.75, 0.9)
+    alpha = np.clip((1.0 - blob) * 4, 0, 1) * rng.uniform(0.8, 0.95)
     alpha = cv2.GaussianBlur(alpha.astype(np.float32), (0, 0), 1.5) * region
-    palette = np.array([[120, 80, 20], [40, 110, 40], [150, 30, 110], [30, 30, 30]], np.float32)
-    colour = palette[rng.integers(len(palette))]
+    # Oil, rust, ink, grime: the one that differs most from the surface under the stain.
+    palette = np.array([[90, 55, 15], [40, 120, 40], [160, 30, 120], [25, 25, 25], [225, 205, 60]], np.float32)
+    surface = image[alpha > 0.3].mean(axis=0) if (alpha > 0.3).any() else image.reshape(-1, 3).mean(axis=0)
+    colour = palette[np.argmax(np.linalg.norm(palette - surface, axis=1))]
     image[:] = (1 - alpha[..., None]) * image + alpha[..., None] * colour
     return alpha > 0.3
 
@@ -213,7 +222,7 @@ def _add_stain(rng, image, region):
 def _add_foreign_patch(rng, image, region):
     size = image.shape[0]
     half = int(rng.uniform(0.06, 0.1) * size)
-    x, y = _pick_centre(rng, region, half + 2)
+    x, y = _pick_centre(rng, region, half + 2, inset=half // 2)
     patch_size = 2 * half
     noise = _smooth_noise(rng, patch_size, 4, octaves=2)
     stripes = 0.5 + 0.5 * np.sin(np.arange(patch_size, dtype=np.float32) / rng.uniform(1.5, 3.0))
