@@ -347,7 +347,7 @@ class InspectionLoop:
         with self._lock:
             if self.failure is None:
                 self.failure = (message, exit_code)
-        self._set_reason("failure")
+            self.stop_reason = "failure"  # wins over an end of stream or a signal seen just before
         self.stop.set()
 
     def request_stop(self, reason: str) -> None:
