@@ -281,10 +281,12 @@ def check_parity(
     max_batch: int,
     label: str | None = None,
     check_batch_axis: bool = True,
+    count_flips: bool = True,
 ) -> VerifyReport:
     """Run ``model`` on ONNX Runtime and compare with ``reference`` under ``recon-export verify``'s
     tolerances for ``precision``; with ``check_batch_axis`` the first image also runs alone, so a batch
-    axis baked to one size fails here.
+    axis baked to one size fails here. Without ``count_flips``, decision flips (at verify's proxy
+    threshold, the reference median: export has no calibrated threshold) are logged, not failed.
 
     Raises:
         ParityError: over tolerance.
@@ -293,6 +295,9 @@ def check_parity(
     outputs = run_onnx(model, images, max_batch)
     report = compare_outputs(outputs, {"images": images, **reference}, precision=precision, threshold=None, artifact=label)
     failures = list(report.failures)
+    if not count_flips and report.decision_flips:
+        failures = [failure for failure in failures if "decision flip" not in failure]
+        logger.warning("%s: %d decision flip(s) at the reference median (not failed)", label, report.decision_flips)
     if check_batch_axis and len(images) > 1:
         single = run_onnx(model, images[:1], 1)
         batch_gap = float(np.abs(single[ANOMALY_MAP_NAME] - outputs[ANOMALY_MAP_NAME][:1]).max())
@@ -451,8 +456,11 @@ def export_onnx(
         graphs["fp16"] = convert_to_fp16(fp32_model)
         check_parity(graphs["fp16"], images, reference, "fp16", max_batch)
         # ONNX Runtime's CPU run skips most FP16 rounding (see emulate_fp16_storage); this one does not.
+        # It is the pessimistic bound: its flips at a proxy threshold between near-equal scores are
+        # reported, while the artifact's own run above must have none.
         emulated = emulate_fp16_storage(graphs["fp16"])
-        check_parity(emulated, images, reference, "fp16", max_batch, label="fp16 graph with FP16 storage emulated", check_batch_axis=False)
+        label = "fp16 graph with FP16 storage emulated"
+        check_parity(emulated, images, reference, "fp16", max_batch, label, check_batch_axis=False, count_flips=False)
     wanted = ("fp32", "fp16") if precision == "both" else (precision,)
 
     checkpoint_sha256 = sha256_file(checkpoint)
