@@ -45,7 +45,9 @@ PRECISIONS = ("fp16", "fp32")
 NETWORK_TYPINGS = ("auto", "strong", "weak")
 WEAK_TYPING_DEPRECATED = (10, 12)  # TensorRT deprecates weak typing here and removes it in 11
 STRONG_TYPING_FROM = (10, 0)
-LAYER_NORM_FROM = (8, 6)  # the ONNX parser imports LayerNormalization (INormalizationLayer) from 8.6 on
+# The ONNX parser imports LayerNormalization (INormalizationLayer) from 8.6 on; before, export.layernorm
+# rewrites it into primitive ops for the parse.
+LAYER_NORM_FROM = (8, 6)
 
 
 def _fail(message: str) -> None:
@@ -186,6 +188,8 @@ class PrecisionPlan:
         constrain_islands: put FP32 layer precision and output types on the FP32-island layers and
             set ``OBEY_PRECISION_CONSTRAINTS``.
         disable_tf32: clear ``BuilderFlag.TF32`` so an fp32 engine keeps full FP32 matmuls/convolutions.
+        decompose_layer_norm: rewrite every LayerNormalization into ReduceMean/Sub/Mul/Add/Sqrt/Div
+            (``export.layernorm``) before parsing, because this parser cannot import the op (8.5).
         description: one line for the manifest.
     """
 
@@ -197,6 +201,7 @@ class PrecisionPlan:
     fp16_flag: bool
     constrain_islands: bool
     disable_tf32: bool
+    decompose_layer_norm: bool
     description: str
 
     @property
@@ -215,7 +220,9 @@ def plan_precision(
     """The precision policy, per TensorRT version (DESIGN.md "Precision plan").
 
     - 8.5/8.6 (JetPack 5.1, 6.0; also 9.x): the fp32 graph, EXPLICIT_BATCH, the FP16 builder flag,
-      FP32 precision and output types on the island layers, OBEY_PRECISION_CONSTRAINTS.
+      FP32 precision and output types on the island layers, OBEY_PRECISION_CONSTRAINTS. 8.5's parser
+      has no LayerNormalization, so there each one is decomposed into primitive ops before parsing and
+      all of those ops are island layers: FP32 like the single op on 8.6.
     - 10.x (JetPack 6.1+, 7): strongly typed from the fp16 graph; the weak 8.x recipe (without
       EXPLICIT_BATCH, which 10 ignores) only when ``network_typing="weak"`` and before 10.12.
     - 11+: strongly typed only (there is no FP16 builder flag).
@@ -253,13 +260,16 @@ def plan_precision(
             fp16_flag=False,
             constrain_islands=False,
             disable_tf32=precision == "fp32",
+            decompose_layer_norm=False,
             description=f"strongly typed from the {precision} ONNX (TensorRT {text})",
         )
     fp16 = precision == "fp16"
+    decompose = version[:2] < LAYER_NORM_FROM
+    graph = "fp32 ONNX (LayerNormalization decomposed)" if decompose else "fp32 ONNX"
     description = (
-        f"fp32 ONNX with the FP16 builder flag and FP32 constraints on the islands, obeyed (TensorRT {text})"
+        f"{graph} with the FP16 builder flag and FP32 constraints on the islands, obeyed (TensorRT {text})"
         if fp16
-        else f"fp32 ONNX built in FP32, TF32 off (TensorRT {text})"
+        else f"{graph} built in FP32, TF32 off (TensorRT {text})"
     )
     return PrecisionPlan(
         tensorrt_version=version,
@@ -270,6 +280,7 @@ def plan_precision(
         fp16_flag=fp16,
         constrain_islands=fp16,
         disable_tf32=not fp16,
+        decompose_layer_norm=decompose,
         description=description,
     )
 
@@ -282,15 +293,6 @@ def check_build_options(tensorrt_version: tuple[int, ...], config: BuildConfig) 
         if getattr(config, option) not in (None, False):
             version = _version_text(tensorrt_version)
             raise ReconadError(f"{option} needs TensorRT 8.6 or later; this is TensorRT {version}.")
-
-
-def check_parser_support(tensorrt_version: tuple[int, ...], op_types: set[str]) -> None:
-    """Refuse, before parsing, a graph op this TensorRT's ONNX parser cannot import."""
-    if "LayerNormalization" in op_types and tensorrt_version[:2] < LAYER_NORM_FROM:
-        raise ReconadError(
-            f"TensorRT {_version_text(tensorrt_version)} cannot import LayerNormalization (its ONNX parser has it "
-            "from 8.6, JetPack 6.0 on); build on TensorRT 8.6 or later, or export a graph with it decomposed."
-        )
 
 
 def describe_parser_errors(onnx_name: str, tensorrt_version: str, errors: list[Mapping[str, Any]]) -> str:
@@ -518,8 +520,13 @@ class EngineBuilder:
         self.builder_config: Any = None
         self._monitor: Any = None  # must outlive the build: TensorRT holds only a raw pointer
 
-    def parse(self, onnx_path: Path) -> list[NetworkLayer]:
-        """Create the network with the plan's flags and parse the graph into it; returns its layers."""
+    def parse(self, onnx_path: Path, model_bytes: bytes | None = None) -> list[NetworkLayer]:
+        """Create the network with the plan's flags and parse the graph into it; returns its layers.
+
+        Args:
+            onnx_path: the exported graph (named in messages).
+            model_bytes: a rewritten copy of it to parse instead (``prepare_graph``), weights inline.
+        """
         trt = self.trt
         flags = 0
         creation = trt.NetworkDefinitionCreationFlag
@@ -534,7 +541,10 @@ class EngineBuilder:
         self.network = self.builder.create_network(flags)
         self.parser = trt.OnnxParser(self.network, self.logger)
         self.log(f"Parsing {onnx_path} ({self.plan.description})")
-        parsed = self.parser.parse_from_file(str(onnx_path))
+        if model_bytes is None:
+            parsed = self.parser.parse_from_file(str(onnx_path))
+        else:
+            parsed = self.parser.parse(model_bytes)
         if not parsed or self.parser.num_errors:
             errors = [self._parser_error(self.parser.get_error(i)) for i in range(self.parser.num_errors)]
             raise ReconadError(describe_parser_errors(onnx_path.name, trt.__version__, errors))
@@ -681,25 +691,58 @@ class EngineBuilder:
         return text
 
 
-def _island_nodes(
-    onnx_path: Path, tensorrt_version: tuple[int, ...]
-) -> tuple[list[str], list[tuple[str, list[str]]], tuple[str, ...]]:
-    """``(island node names, (node, outputs) of every node, island kinds present)`` of the fp32 graph."""
+@dataclasses.dataclass(frozen=True)
+class GraphToParse:
+    """The graph the ONNX parser reads and the FP32 islands in it.
+
+    Attributes:
+        model_bytes: the rewritten graph (LayerNormalization decomposed) to parse from memory; None
+            to parse the ONNX file itself.
+        islands: the parsed graph's FP32-island node names in graph order; empty unless the plan
+            constrains islands.
+        node_outputs: ``(node name, output tensor names)`` of every node of the parsed graph, empty
+            when the graph was not read.
+        island_kinds: the island kinds present (``islands.ISLAND_NAMES``).
+    """
+
+    model_bytes: bytes | None = None
+    islands: tuple[str, ...] = ()
+    node_outputs: tuple[tuple[str, list[str]], ...] = ()
+    island_kinds: tuple[str, ...] = ()
+
+
+def prepare_graph(onnx_path: Path, plan: PrecisionPlan) -> GraphToParse:
+    """Read the graph where the plan needs it: to decompose LayerNormalization (8.5), to find its islands.
+
+    The islands are found on the graph as exported, where each LayerNormalization is one node; a
+    decomposed LayerNormalization is then an island made of every node it became.
+    """
+    if not (plan.decompose_layer_norm or plan.constrain_islands):
+        return GraphToParse()
     try:
         import onnx
 
         from reconad.export.islands import find_fp32_island_groups
+        from reconad.export.layernorm import decompose_layer_norm, decomposed_node_names
     except ImportError:
         raise ReconadError(
-            "The TensorRT 8.x FP16 build reads the ONNX graph to find its FP32 islands; pip install onnx."
+            f"A TensorRT {_version_text(plan.tensorrt_version)} build reads the ONNX graph (to find its FP32 "
+            "islands or rewrite its LayerNormalization); pip install onnx."
         ) from None
     model = onnx.load(str(onnx_path))
-    check_parser_support(tensorrt_version, {node.op_type for node in model.graph.node})
+    parsed = decompose_layer_norm(model) if plan.decompose_layer_norm else model
+    model_bytes = parsed.SerializeToString() if plan.decompose_layer_norm else None
+    node_outputs = tuple((node.name, list(node.output)) for node in parsed.graph.node)
+    if not plan.constrain_islands:
+        return GraphToParse(model_bytes, (), node_outputs, ())
     groups = find_fp32_island_groups(model)
+    if plan.decompose_layer_norm:
+        layer_norms = {node.name for node in model.graph.node if node.op_type == "LayerNormalization"}
+        steps = decomposed_node_names(parsed, layer_norms)
+        groups = {kind: [step for name in names for step in steps.get(name, [name])] for kind, names in groups.items()}
     wanted = {name for names in groups.values() for name in names}
-    islands = [node.name for node in model.graph.node if node.name in wanted]
-    node_outputs = [(node.name, list(node.output)) for node in model.graph.node]
-    return islands, node_outputs, tuple(kind for kind, names in groups.items() if names)
+    islands = tuple(node.name for node in parsed.graph.node if node.name in wanted)
+    return GraphToParse(model_bytes, islands, node_outputs, tuple(kind for kind, names in groups.items() if names))
 
 
 def _cuda_runtime_version() -> str | None:
@@ -741,6 +784,7 @@ def build_details(
             "onnx_precision": plan.onnx_precision,
             "strongly_typed": plan.strongly_typed,
             "builder_flags": list(plan.builder_flags),
+            "layer_norm_decomposed": plan.decompose_layer_norm,
             "constrained_layers": constrained_layers,
         },
         "batch": {"min": batch_range[0], "opt": batch_range[1], "max": batch_range[2]},
@@ -843,14 +887,14 @@ def build_engine(
     log(f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}); batch {batch_range}")
     started = time.monotonic()
 
-    islands: list[str] = []
     constrained_count = 0
-    node_outputs: list[tuple[str, list[str]]] = []
+    graph = prepare_graph(source_path, plan)
+    islands, node_outputs = graph.islands, graph.node_outputs
     island_kinds = tuple(onnx_manifest.precision.fp32_islands) if config.precision == "fp16" else ()
     if plan.constrain_islands:
-        islands, node_outputs, island_kinds = _island_nodes(source_path, version)
+        island_kinds = graph.island_kinds
     builder = EngineBuilder(trt, config, plan, log)
-    layers = builder.parse(source_path)
+    layers = builder.parse(source_path, graph.model_bytes)
     if plan.constrain_islands:
         chosen, missing = select_island_layers(layers, node_outputs, islands)
         builder.constrain(chosen)

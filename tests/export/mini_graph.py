@@ -1,6 +1,7 @@
 """A miniature fused graph for the engine tests: its ONNX model, the layers TensorRT 8.6's parser would
 make of it (named layers per node, unnamed constants, ``(Unnamed Layer* N) [Normalization]`` for
-LayerNormalization), and hand-written engine-inspector JSON in the 8.x/10.x format."""
+LayerNormalization) or 8.5's of the graph with LayerNormalization decomposed, and hand-written
+engine-inspector JSON in the 8.x/10.x format."""
 
 import json
 
@@ -9,6 +10,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from reconad.export.engine_precision import NetworkLayer
+from reconad.export.layernorm import decompose_layer_norm
 from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, INPUT_NAME
 
 # (name, op, inputs, outputs, attributes) of a miniature fused graph: normalisation, a conv, one
@@ -43,6 +45,13 @@ ISLANDS = {
     "qk", "scale", "mask", "softmax",  # softmax logits
     "difference", "square", "channel_sum", "root", "to_map", "pool", "score",  # anomaly head
 }  # fmt: skip
+# What the LayerNormalization "norm" becomes for TensorRT 8.5 (export.layernorm), with the layer types
+# 8.5's parser makes of each node.
+NORM_STEPS = {
+    "norm/mean": "REDUCE", "norm/centered": "ELEMENTWISE", "norm/squared": "ELEMENTWISE", "norm/variance": "REDUCE",
+    "norm/variance_eps": "ELEMENTWISE", "norm/std": "UNARY", "norm/normalized": "ELEMENTWISE",
+    "norm/scaled": "ELEMENTWISE", "norm/shifted": "ELEMENTWISE",
+}  # fmt: skip
 
 
 def build_model() -> onnx.ModelProto:
@@ -76,14 +85,17 @@ def build_model() -> onnx.ModelProto:
     return model
 
 
-def parsed_network(strongly_typed_fp16: bool = False) -> list[NetworkLayer]:
+def parsed_network(strongly_typed_fp16: bool = False, decomposed_layer_norm: bool = False) -> list[NetworkLayer]:
     """Layers as TensorRT 8.6's parser adds them: constants first, then the node's own layer(s).
 
     With ``strongly_typed_fp16`` the float layers outside the islands are HALF, as when the fp16
-    graph is parsed strongly typed.
+    graph is parsed strongly typed. With ``decomposed_layer_norm``, "norm" is the nodes
+    ``decompose_layer_norm`` makes of it, as TensorRT 8.5 parses that graph (a named layer per node,
+    an unnamed constant before each that reads a weight).
     """
     layers: list[NetworkLayer] = []
     node = None
+    steps = [step for step in decompose_layer_norm(build_model()).graph.node if step.name in NORM_STEPS]
 
     def add(name, type_name, outputs, dtypes, metadata=""):
         if strongly_typed_fp16 and node not in ISLANDS:
@@ -98,6 +110,13 @@ def parsed_network(strongly_typed_fp16: bool = False) -> list[NetworkLayer]:
         if op in ("Sub", "Div", "Mul", "Add") and name not in ("difference", "square"):
             constant = unnamed("Constant")
             add(constant, "CONSTANT", [f"{constant}_output"], ["FLOAT"])
+        if name == "norm" and decomposed_layer_norm:
+            for step in steps:
+                if any(tensor.startswith("ln_") or tensor.endswith("/epsilon") for tensor in step.input):
+                    constant = unnamed("Constant")
+                    add(constant, "CONSTANT", [f"{constant}_output"], ["FLOAT"])
+                add(step.name, NORM_STEPS[step.name], step.output, ["FLOAT"])
+            continue
         if name == "norm":  # 8.6's LayerNormalization importer does not name its layer
             for _ in range(2):
                 constant = unnamed("Constant")
@@ -123,8 +142,32 @@ FP16 = "Channel major FP16 format where channel % 8 == 0"
 FP32 = "Row major linear FP32"
 
 
-def engine_json(softmax_format=FP32, conv_format=FP16, weights="Half", extra_layers=()):
-    """An 8.6-style weakly typed FP16 engine of the mini graph (islands fused among themselves)."""
+def engine_json(
+    softmax_format=FP32,
+    conv_format=FP16,
+    weights="Half",
+    extra_layers=(),
+    decomposed_layer_norm=False,
+    norm_format=FP32,
+):
+    """An 8.6-style weakly typed FP16 engine of the mini graph (islands fused among themselves).
+
+    With ``decomposed_layer_norm`` (TensorRT 8.5) the normalisation is the decomposed nodes, fused
+    into reductions and pointwise layers, whose outputs are in ``norm_format``.
+    """
+    normalization = [
+        {"Name": "(Unnamed Layer* 11) [Normalization]", "LayerType": "Normalization",
+         "Inputs": [tensor("tokens", FP32)], "Outputs": [tensor("normed", norm_format)]},
+    ]  # fmt: skip
+    if decomposed_layer_norm:
+        normalization = [
+            {"Name": "norm/mean", "LayerType": "Reduce", "Outputs": [tensor("norm/mean", norm_format)]},
+            {"Name": "PWN(norm/centered, norm/squared)", "LayerType": "PointWiseV2",
+             "Outputs": [tensor("norm/squared", norm_format)]},
+            {"Name": "norm/variance", "LayerType": "Reduce", "Outputs": [tensor("norm/variance", norm_format)]},
+            {"Name": "PWN(PWN(PWN(PWN(norm/variance_eps, norm/std), norm/normalized), norm/scaled), norm/shifted)",
+             "LayerType": "PointWiseV2", "Outputs": [tensor("normed", norm_format)]},
+        ]  # fmt: skip
     layers = [
         {"Name": "Reformatting CopyNode for Input Tensor 0 to to_nchw", "LayerType": "Reformat",
          "Inputs": [tensor("images", "Row major linear UInt8 format")], "Outputs": [tensor("r0", "Row major linear UInt8 format")]},
@@ -132,8 +175,7 @@ def engine_json(softmax_format=FP32, conv_format=FP16, weights="Half", extra_lay
          "Inputs": [tensor("x_u8", "Row major linear UInt8 format")], "Outputs": [tensor("x_n", FP32)]},
         {"Name": "conv", "LayerType": "CaskConvolution", "Inputs": [tensor("x_n", FP16)],
          "Outputs": [tensor("feat", conv_format)], "Weights": {"Type": weights, "Count": 12}},
-        {"Name": "(Unnamed Layer* 11) [Normalization]", "LayerType": "Normalization",
-         "Inputs": [tensor("tokens", FP32)], "Outputs": [tensor("normed", FP32)]},
+        *normalization,
         {"Name": "qk", "LayerType": "CaskGemmMatrixMultiply", "Inputs": [tensor("normed", FP32)],
          "Outputs": [tensor("logits", FP32)]},
         {"Name": "PWN(scale, mask)", "LayerType": "PointWiseV2", "Outputs": [tensor("masked", FP32)]},

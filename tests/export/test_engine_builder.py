@@ -19,7 +19,7 @@ from reconad.export.engine import BuildConfig, EnginePrecisionError, build_engin
 from reconad.runtime.cuda import GpuInfo
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import Manifest, Precision, manifest_path_for
-from tests.export.mini_graph import FP32, build_model, engine_json, parsed_network
+from tests.export.mini_graph import FP32, NORM_STEPS, build_model, engine_json, parsed_network
 from tests.runtime.onnx_graphs import make_manifest
 
 ORIN = GpuInfo(
@@ -175,6 +175,11 @@ class RecordingTensorRT:
                 self.network.layers = [FakeLayer(spec) for spec in trt.layer_specs]
                 return not trt.parse_errors
 
+            def parse(self, model, path=None):
+                trt.parsed.append(onnx.load_model_from_string(bytes(model)))
+                self.network.layers = [FakeLayer(spec) for spec in trt.layer_specs]
+                return not trt.parse_errors
+
             def get_error(self, index):
                 error = trt.parse_errors[index]
                 return types.SimpleNamespace(
@@ -327,8 +332,52 @@ def test_parser_errors_stop_the_build_in_one_sentence(tmp_path, exports, monkeyp
     )
 
 
-def test_tensorrt_8_5_refuses_layer_normalization_before_parsing(tmp_path, exports, monkeypatch):
-    trt = use(monkeypatch, RecordingTensorRT("8.5.2", parsed_network(), engine_json()))
-    with pytest.raises(ReconadError, match="TensorRT 8.5.2 cannot import LayerNormalization"):
+def test_tensorrt_8_5_parses_the_fp32_graph_with_layer_normalization_decomposed_and_constrained(
+    tmp_path, exports, monkeypatch
+):
+    network_layers = parsed_network(decomposed_layer_norm=True)
+    engine = engine_json(decomposed_layer_norm=True)
+    trt = use(monkeypatch, RecordingTensorRT("8.5.2.2", network_layers, engine))
+    lines = []
+    result = build_engine(exports["fp16"], tmp_path, log=lines.append)
+
+    (parsed,) = trt.parsed  # the rewritten fp32 graph, from memory
+    ops = [node.op_type for node in parsed.graph.node]
+    assert "LayerNormalization" not in ops and ops.count("ReduceMean") == 2
+    assert [node.name for node in parsed.graph.node if node.name.startswith("norm/")] == list(NORM_STEPS)
+    assert onnx.load(exports["fp32"]).graph.node[7].op_type == "LayerNormalization"  # the file is untouched
+    network, built = trt.built[0]
+    assert network.flags == 1 << 0 and built.flags == {"FP16", "OBEY_PRECISION_CONSTRAINTS"}
+    constrained = {layer.name for layer in network.layers if layer.precision is not None}
+    assert set(NORM_STEPS) <= constrained and {"cast", "softmax", "score"} <= constrained
+    assert not constrained & {"conv", "context", "reconstruct", "keys_t"}
+    assert not any("[Constant]" in name for name in constrained)
+    assert {"norm/mean", "norm/variance", "PWN(norm/centered, norm/squared)"} <= set(result.report.island_layers)
+    assert result.report.island_violations == ()
+    assert result.engine_path.name == "mini-8x8-fp16-trt8.5.2-orin.engine"
+    manifest = Manifest.load(result.manifest_path)
+    assert "LayerNormalization" in manifest.precision.fp32_islands
+    assert "LayerNormalization decomposed" in manifest.precision.description
+    details = manifest.engine.build_details
+    assert details["plan"]["layer_norm_decomposed"] is True and details["plan"]["onnx_file"] == "mini-8x8-fp32.onnx"
+    assert any("LayerNormalization decomposed" in line for line in lines)
+
+
+def test_tensorrt_8_5_fails_a_decomposed_layer_norm_that_runs_in_fp16(tmp_path, exports, monkeypatch):
+    engine = engine_json(decomposed_layer_norm=True, norm_format="Row major linear FP16 format")
+    use(monkeypatch, RecordingTensorRT("8.5.2", parsed_network(decomposed_layer_norm=True), engine))
+    with pytest.raises(EnginePrecisionError, match="FP32-island layers run in FP16, e.g. norm/mean"):
         build_engine(exports["fp16"], tmp_path / "m.engine")
-    assert trt.parsed == []
+    assert not (tmp_path / "m.engine").exists()
+
+
+def test_tensorrt_8_5_fp32_engines_decompose_without_constraints(tmp_path, exports, monkeypatch):
+    fp32_engine = engine_json(conv_format=FP32, weights="Float", decomposed_layer_norm=True)
+    trt = use(monkeypatch, RecordingTensorRT("8.5.2", parsed_network(decomposed_layer_norm=True), fp32_engine))
+    result = build_engine(exports["fp16"], tmp_path, BuildConfig(precision="fp32"))
+    (parsed,) = trt.parsed
+    assert "LayerNormalization" not in {node.op_type for node in parsed.graph.node}
+    network, built = trt.built[0]
+    assert built.flags == set() and built.cleared == {"TF32"}
+    assert all(layer.precision is None for layer in network.layers)
+    assert result.manifest.engine.build_details["plan"]["layer_norm_decomposed"] is True

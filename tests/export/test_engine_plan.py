@@ -5,7 +5,6 @@ import pytest
 from reconad.export.engine import (
     BuildConfig,
     check_build_options,
-    check_parser_support,
     describe_parser_errors,
     plan_precision,
 )
@@ -78,11 +77,14 @@ def test_build_options_new_in_8_6_are_refused_on_8_5():
             check_build_options((8, 5, 2), BuildConfig(**option))
 
 
-def test_layer_normalization_is_refused_before_the_parser_has_it():
-    check_parser_support((8, 6, 2), {"LayerNormalization", "Softmax"})
-    check_parser_support((8, 5, 2), {"Softmax", "Conv"})
-    with pytest.raises(ReconadError, match="cannot import LayerNormalization"):
-        check_parser_support((8, 5, 2), {"LayerNormalization"})
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_8_5_decomposes_layer_normalization_its_parser_lacks_and_later_versions_do_not(precision):
+    old = plan_precision((8, 5, 2, 2), precision)
+    assert old.decompose_layer_norm and "LayerNormalization decomposed" in old.description
+    assert old.constrain_islands == (precision == "fp16")  # the decomposed LayerNorms are islands like the op
+    for version in ((8, 6, 1), (9, 3, 0), (10, 3, 0), (11, 0, 0)):
+        plan = plan_precision(version, precision)
+        assert not plan.decompose_layer_norm and "decomposed" not in plan.description
 
 
 def test_parser_errors_read_as_one_sentence():

@@ -6,8 +6,10 @@ format is written here.
 
 import json
 
+import onnx
 import pytest
 
+from reconad.export.engine import plan_precision, prepare_graph
 from reconad.export.engine_precision import (
     NetworkLayer,
     analyze_layer_precisions,
@@ -20,7 +22,16 @@ from reconad.export.engine_precision import (
 )
 from reconad.export.islands import find_fp32_islands
 from reconad.runtime.errors import ReconadError
-from tests.export.mini_graph import FP32, ISLANDS, NODES, build_model, engine_json, parsed_network, tensor
+from tests.export.mini_graph import (
+    FP32,
+    ISLANDS,
+    NODES,
+    NORM_STEPS,
+    build_model,
+    engine_json,
+    parsed_network,
+    tensor,
+)
 
 
 def node_outputs(model):
@@ -52,6 +63,20 @@ def test_island_layers_are_the_float_computing_layers_of_island_nodes():
     assert any("[Normalization]" in name for name in names) and any("[Pooling]" in name for name in names)
     assert not names & {"conv", "context", "reconstruct", "to_nchw", "keys_t"}
     assert all(layer.type_name not in ("CONSTANT", "SHAPE") for layer in chosen)
+
+
+def test_on_tensorrt_8_5_the_islands_are_the_layers_of_every_decomposed_layer_norm_node(tmp_path):
+    path = tmp_path / "mini.onnx"
+    onnx.save(build_model(), path)
+    graph = prepare_graph(path, plan_precision((8, 5, 2), "fp16"))
+    assert set(graph.islands) == ISLANDS - {"norm"} | set(NORM_STEPS)
+    assert "LayerNormalization" in graph.island_kinds
+    layers = parsed_network(decomposed_layer_norm=True)
+    chosen, missing = select_island_layers(layers, graph.node_outputs, graph.islands)
+    assert missing == []
+    names = {layer.name for layer in chosen}
+    assert set(NORM_STEPS) <= names and not any("[Constant]" in name for name in names)
+    assert not names & {"conv", "context", "reconstruct", "to_nchw", "keys_t"}
 
 
 def test_islands_without_a_float_layer_are_reported():
