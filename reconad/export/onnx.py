@@ -131,7 +131,8 @@ def trace_to_onnx(detector: Any, max_batch: int, opset: int) -> onnx.ModelProto:
     a ``torch.export.Dim``; ``adaptive_avg_pool2d(x, 1)`` (EfficientNet's squeeze-excitation) is
     decomposed into mean + ``as_strided``, which becomes an index Gather, so it is translated as
     GlobalAveragePool instead; it writes opset 18 at least and its own down-conversion fails on Pad,
-    so the graph is converted after optimisation (when Pad is fused into Conv and Split of weights folded).
+    so the graph is converted after optimisation (when Pad is fused into Conv and Split of weights folded),
+    and the converter leaves opset 18's ``noop_with_empty_axes`` on ReduceMean (the cifar-32 score).
     """
     import torch
     from onnxscript import opset18
@@ -164,6 +165,7 @@ def trace_to_onnx(detector: Any, max_batch: int, opset: int) -> onnx.ModelProto:
     model = fold_constants(program.model_proto)
     if opset < EXPORTER_OPSET:
         model = onnx.version_converter.convert_version(model, opset)
+        drop_reduce_noop_attribute(model)
     model = deduplicate_initializers(model)
     name_nodes(model)
     model.producer_name, model.producer_version = "reconad", reconad.__version__
@@ -217,6 +219,21 @@ def _evaluate_node(evaluator: Any, model: onnx.ModelProto, node: onnx.NodeProto,
         helper.make_graph([node], "fold", inputs, outputs), opset_imports=list(model.opset_import)
     )
     return [np.asarray(value) for value in evaluator(single).run(None, feeds)]
+
+
+# Reduce ops that gained ``noop_with_empty_axes`` in opset 18 (ReduceSum had it since 13).
+_REDUCE_OPS_18 = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                  "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+
+
+def drop_reduce_noop_attribute(model: onnx.ModelProto) -> None:
+    """Remove ``noop_with_empty_axes=0`` (the default) that onnx's 18 -> 17 converter leaves on Reduce ops,
+    where opset 17 does not know it."""
+    for node in model.graph.node:
+        if node.op_type in _REDUCE_OPS_18:
+            kept = [a for a in node.attribute if not (a.name == "noop_with_empty_axes" and a.i == 0)]
+            del node.attribute[:]
+            node.attribute.extend(kept)
 
 
 def deduplicate_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

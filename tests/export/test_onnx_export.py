@@ -238,3 +238,16 @@ def test_every_preset_exports_with_parity(preset, tmp_path):
     reference = np.load(reference_path_for(fp32))
     anomaly_map, _ = session(fp32).run(list(OUTPUT_NAMES), {INPUT_NAME: reference["images"][:2]})
     assert np.abs(anomaly_map - reference[ANOMALY_MAP_NAME][:2]).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_opset_18_and_a_static_batch_of_one(tiny_checkpoint, tmp_path):
+    paths = export_onnx(tiny_checkpoint, tmp_path, precision="fp16", max_batch=1, opset=18)
+    (onnx_path,) = [path for path in paths if path.suffix == ".onnx"]
+    assert onnx_path.name == "tiny-run-64x64-fp16.onnx"
+    model = onnx.load(onnx_path)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [18]
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 64, 64, 3]
+    manifest = Manifest.load(manifest_path_for(onnx_path))
+    assert manifest.input_tensor.shape == (1, 64, 64, 3) and not manifest.input_tensor.dynamic_batch
+    assert manifest.exporter.opset == 18 and manifest.precision.mode == "fp16"
