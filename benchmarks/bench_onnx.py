@@ -4,7 +4,7 @@ One run: export (to-onnx --precision both), per-image latency at batch 1 (median
 peak RSS of a runtime-only process (reconad.runtime + onnxruntime, fp32 graph) vs a PyTorch process, and
 parity on the reference set. Writes benchmarks/results/bench_onnx.json and bench_onnx.md.
 
-    .venv/bin/python benchmarks/bench_onnx.py [--rounds 7] [--preset mvtec-512] [--reuse]
+    .venv/bin/python benchmarks/bench_onnx.py [--rounds 7] [--preset mvtec-512] [--reuse] [--threads N]
 """
 
 from __future__ import annotations
@@ -135,6 +135,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--work", type=Path, default=RESULTS / "bench_onnx_work")
     parser.add_argument("--reuse", action="store_true", help="reuse the checkpoint and graphs of a previous run")
+    parser.add_argument(
+        "--threads", type=int, help="intra-op threads for PyTorch and ONNX Runtime alike (default: each its own)"
+    )
     args = parser.parse_args()
 
     import onnxruntime
@@ -149,10 +152,12 @@ def main() -> None:
     reference = dict(np.load(reference_path_for(fp32)))
     images = reference["images"][:1]  # [1, H, W, 3]
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     detector = load_detector(checkpoint)
     torch_images = torch.from_numpy(images)
-    ort_fp32 = Inspector.open(fp32, backend="ort-cpu")
-    ort_fp16 = Inspector.open(fp16, backend="ort-cpu")
+    ort_fp32 = Inspector.open(fp32, backend="ort-cpu", num_threads=args.threads)
+    ort_fp16 = Inspector.open(fp16, backend="ort-cpu", num_threads=args.threads)
 
     def run_torch() -> np.ndarray:
         with torch.inference_mode():
@@ -207,6 +212,7 @@ def main() -> None:
         "export_s": export_s,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "ort_threads": args.threads or "default (one per core)",
         "onnxruntime": onnxruntime.__version__,
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
@@ -236,7 +242,8 @@ def render_table(result: dict) -> str:
     eager = latency["pytorch_eager"]["median"]
     lines = [
         f"{meta['preset']}, batch 1, median of {meta['rounds']} interleaved rounds; torch {meta['torch']} "
-        f"({meta['torch_threads']} threads), onnxruntime {meta['onnxruntime']}, {meta['cpu_count']} CPUs, "
+        f"({meta['torch_threads']} threads), onnxruntime {meta['onnxruntime']} ({meta['ort_threads']} threads), "
+        f"{meta['cpu_count']} CPUs, "
         f"load average {meta['load_average'][0]:.1f}",
         "",
         "| path | latency median (ms) | min (ms) | speed-up vs eager | peak RSS (MiB) | map max abs | map p99 / range | flips |",
