@@ -46,12 +46,6 @@ RUNTIME_PROCESS = PEAK_RSS_KIB + """
 import sys
 import numpy as np
 import onnxruntime
-if sys.argv[3] == "arena-off":  # what-if: the runtime's session with ONNX Runtime's CPU memory arena off
-    class SessionOptions(onnxruntime.SessionOptions):
-        def __init__(self):
-            super().__init__()
-            self.enable_cpu_mem_arena = False
-    onnxruntime.SessionOptions = SessionOptions
 from reconad.runtime import Inspector
 images = np.load(sys.argv[2])["images"][:1]
 with Inspector.open(sys.argv[1], backend="ort-cpu") as inspector:
@@ -180,8 +174,7 @@ def main() -> None:
 
     reference_npz = str(reference_path_for(fp32))
     rss = {
-        "runtime_ort_fp32_mib": peak_rss_mib(RUNTIME_PROCESS, str(fp32), reference_npz, "as-shipped"),
-        "runtime_ort_fp32_arena_off_mib": peak_rss_mib(RUNTIME_PROCESS, str(fp32), reference_npz, "arena-off"),
+        "runtime_ort_fp32_mib": peak_rss_mib(RUNTIME_PROCESS, str(fp32), reference_npz),
         "pytorch_eager_mib": peak_rss_mib(TORCH_PROCESS, str(checkpoint), reference_npz),
     }
     accuracy = {
@@ -192,12 +185,10 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in latencies.items()}
     speedup = median["pytorch_eager"] / median["ort_fp32"]
     rss_ratio = rss["runtime_ort_fp32_mib"] / rss["pytorch_eager_mib"]
-    rss_ratio_arena_off = rss["runtime_ort_fp32_arena_off_mib"] / rss["pytorch_eager_mib"]
     fp16_worst = max(accuracy["fp16_ort"]["map_p99_fraction_of_range"], accuracy["fp16_storage_emulated"]["map_p99_fraction_of_range"])
     checks = {
         "ort_fp32_speedup": (speedup, speedup >= TARGETS["ort_fp32_speedup_min"]),
         "runtime_rss_ratio": (rss_ratio, rss_ratio <= TARGETS["runtime_rss_ratio_max"]),
-        "runtime_rss_ratio_arena_off": (rss_ratio_arena_off, rss_ratio_arena_off <= TARGETS["runtime_rss_ratio_max"]),
         "fp32_map_max_abs": (accuracy["fp32"]["map_max_abs"], accuracy["fp32"]["map_max_abs"] <= TARGETS["fp32_map_max_abs"]),
         "fp16_map_p99_fraction_of_range": (fp16_worst, fp16_worst <= TARGETS["fp16_map_p99_fraction_of_range"]),
         "fp16_decision_flips": (
@@ -254,7 +245,6 @@ def render_table(result: dict) -> str:
         ("ONNX Runtime fp32", "ort_fp32", rss["runtime_ort_fp32_mib"], accuracy["fp32"]),
         ("ONNX Runtime fp16 graph", "ort_fp16", None, accuracy["fp16_ort"]),
         ("fp16, FP16 storage emulated", None, None, accuracy["fp16_storage_emulated"]),
-        ("runtime fp32, ORT CPU arena off (what-if)", None, rss["runtime_ort_fp32_arena_off_mib"], None),
     )
     for label, key, memory, parity in rows:
         cells = [label]

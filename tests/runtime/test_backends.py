@@ -98,7 +98,7 @@ def test_engine_without_tensorrt_is_one_sentence(tmp_path):
         pass
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not an engine")
-    with pytest.raises(ReconadError, match="TensorRT is not installed here"):
+    with pytest.raises(ReconadError, match="TensorRT is not installed"):
         open_backend(engine)
 
 
