@@ -1,11 +1,12 @@
 """recon-train: synthetic sample data, fitting, evaluation and import of official UniAD checkpoints."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from reconad.runtime.errors import ReconadError
+from reconad.train.config import TrainConfig
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 
@@ -13,6 +14,109 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split
 @app.callback()
 def main() -> None:
     """Train UniAD on defect-free images of all products at once, evaluate it, import official checkpoints."""
+
+
+_DEFAULTS = TrainConfig()  # option defaults are None ("not given") so a --config file can set them
+
+
+def _fail(error: ReconadError) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(error.exit_code) from None
+
+
+def _split_names(value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+@app.command("sample-data")
+def sample_data_command(
+    out: Annotated[Path, typer.Argument(help="Folder to write the data set to (MVTec-AD layout).")],
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same files.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")] = False,
+) -> None:
+    """Write the deterministic synthetic data set: textures and objects with scratches, holes, stains, patches."""
+    from reconad.train.sample_data import write_sample_data
+
+    try:
+        summary = write_sample_data(out, seed=seed, overwrite=overwrite)
+    except ReconadError as error:
+        _fail(error)
+    typer.echo(f"wrote {summary.root}: {len(summary.categories)} categories ({', '.join(summary.categories)}), "
+               f"{summary.num_train} train and {summary.num_test} test images")
+
+
+@app.command("fit")
+def fit_command(
+    data: Annotated[Path, typer.Argument(help="MVTec-layout folder, or a folder holding cifar-10-batches-py.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: model.ckpt, config.json, train_log.jsonl.")],
+    preset: Annotated[Optional[str], typer.Option("--preset", help=f"mvtec-512, uniad-224, cifar-32 or lite0-256 (default {_DEFAULTS.preset})")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with TrainConfig keys (flags win).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help=f"(default {_DEFAULTS.epochs})")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=f"Per process (default {_DEFAULTS.batch_size})")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr", help=f"AdamW (default {_DEFAULTS.learning_rate})")] = None,
+    lr_step_epochs: Annotated[Optional[int], typer.Option("--lr-step-epochs", help="StepLR step; 0 = 80% of the epochs.")] = None,
+    categories: Annotated[Optional[str], typer.Option("--categories", help="Comma-separated; default all.")] = None,
+    normal_classes: Annotated[Optional[str], typer.Option("--normal-classes", help="CIFAR-10: e.g. 0,1,2,3,4.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help=f"(default {_DEFAULTS.seed})")] = None,
+    val_every_epochs: Annotated[Optional[int], typer.Option("--val-every-epochs", help=f"0 = never; keep the last epoch (default {_DEFAULTS.val_every_epochs})")] = None,
+    val_metric: Annotated[Optional[str], typer.Option("--val-metric", help="image_auroc or pixel_auroc.")] = None,
+    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Augmentation; turns the feature cache off.")] = None,
+    vflip: Annotated[Optional[bool], typer.Option("--vflip/--no-vflip")] = None,
+    cache_features: Annotated[Optional[bool], typer.Option("--cache-features/--no-cache-features")] = None,
+    backbone_weights: Annotated[Optional[str], typer.Option("--backbone-weights", help="pretrained, none, or a file.")] = None,
+    skip_bad_files: Annotated[Optional[bool], typer.Option("--skip-bad-files", help="Leave bad files out (listed) instead of stopping.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+) -> None:
+    """Train one model for all categories. Multi-GPU / multi-node: torchrun --nproc-per-node N $(which recon-train) fit ..."""
+    from reconad.train.config import read_train_config
+
+    try:
+        classes = tuple(int(c) for c in _split_names(normal_classes)) if normal_classes else None
+    except ValueError:
+        _fail(ReconadError(f"--normal-classes must be comma-separated integers, got {normal_classes!r}."))
+    try:
+        train_config = read_train_config(
+            config, preset=preset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+            lr_step_epochs=lr_step_epochs, categories=_split_names(categories), normal_classes=classes, seed=seed,
+            val_every_epochs=val_every_epochs, val_metric=val_metric, hflip=hflip, vflip=vflip,
+            cache_features=cache_features, backbone_weights=backbone_weights, skip_bad_files=skip_bad_files,
+            device=device,
+        )
+        from reconad.train.fit import fit
+
+        result = fit(data, out, train_config, resume=resume)
+    except ReconadError as error:
+        _fail(error)
+    if result.is_main:
+        best = f", best epoch {result.best_epoch} ({train_config.val_metric} {result.best_value:.4f})" if result.best_epoch else ""
+        typer.echo(f"wrote {result.checkpoint}: {result.epochs_trained} epochs in {result.seconds:.0f} s, "
+                   f"final loss {result.final_loss:.4f}{best}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A model.ckpt written by fit (or import-uniad).")],
+    data: Annotated[Path, typer.Argument(help="MVTec-layout folder, or a folder holding cifar-10-batches-py.")],
+    out: Annotated[Path, typer.Option("--out", help="Report folder: metrics.json, report.md, roc/, heatmaps/.")],
+    categories: Annotated[Optional[str], typer.Option("--categories", help="Comma-separated; default the checkpoint's.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    num_heatmaps: Annotated[int, typer.Option("--num-heatmaps", help="Overlays per category.")] = 6,
+    skip_bad_files: Annotated[bool, typer.Option("--skip-bad-files")] = False,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+) -> None:
+    """Image/pixel AUROC, AU-PRO, AP and F1-max per category and mean; prints the table, writes the report."""
+    from reconad.train.evaluate import evaluate_checkpoint
+
+    try:
+        report = evaluate_checkpoint(checkpoint, data, out, _split_names(categories), batch_size, device,
+                                     num_heatmaps, skip_bad_files)
+    except ReconadError as error:
+        _fail(error)
+    typer.echo(report.table)
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
 
 
 @app.command("import-uniad")

@@ -1,0 +1,276 @@
+"""Evaluation of a checkpoint on the test split: metrics per category and mean, with a report.
+
+Runs the same ``AnomalyDetector.forward`` that is exported. Writes ``metrics.json``, ``report.md``,
+``scores.csv`` (every test image's score), ROC plots (``roc/<category>.png``) and heatmap overlays
+(``heatmaps/<category>/*.png``).
+"""
+
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reconad.model import AnomalyDetector, load_detector
+from reconad.runtime.errors import ReconadError
+from reconad.runtime.metrics import compute_detection_metrics, roc_curve
+from reconad.train.data import ImageDataset, list_categories, load_dataset
+
+METRIC_COLUMNS = (
+    ("image_auroc", "image AUROC"),
+    ("pixel_auroc", "pixel AUROC"),
+    ("au_pro", "AU-PRO@0.3"),
+    ("image_ap", "image AP"),
+    ("image_f1_max", "image F1-max"),
+    ("pixel_ap", "pixel AP"),
+    ("pixel_f1_max", "pixel F1-max"),
+)
+
+
+@torch.no_grad()
+def predict(
+    detector: AnomalyDetector, images: np.ndarray, batch_size: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the fused forward in eval mode: uint8 [N, H, W, 3] -> maps float32 [N, H, W], scores float32 [N]."""
+    detector.eval()
+    maps, scores = [], []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
+        anomaly_map, image_score = detector(batch)
+        maps.append(anomaly_map[:, 0].cpu().numpy())
+        scores.append(image_score.cpu().numpy())
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def evaluate_predictions(dataset: ImageDataset, anomaly_maps: np.ndarray, image_scores: np.ndarray) -> dict:
+    """All metrics per category and their mean over categories (NaN where a metric is undefined).
+
+    Returns:
+        ``{"categories": {name: {metric: value, "num_images", "num_anomalous"}}, "mean": {metric: value}}``.
+    """
+    per_category = {}
+    for category in dataset.category_names:
+        keep = np.array([c == category for c in dataset.categories])
+        masks = dataset.masks[keep] if dataset.has_masks else None
+        maps = anomaly_maps[keep] if dataset.has_masks else None
+        metrics = compute_detection_metrics(dataset.labels[keep], image_scores[keep], masks, maps)
+        metrics.update(num_images=int(keep.sum()), num_anomalous=int(dataset.labels[keep].sum()))
+        per_category[category] = metrics
+    mean = {}
+    for name, _ in METRIC_COLUMNS:
+        values = [m[name] for m in per_category.values() if name in m and math.isfinite(m[name])]
+        mean[name] = float(np.mean(values)) if values else float("nan")
+    return {"categories": per_category, "mean": mean}
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4f}"
+
+
+def format_metrics_table(result: dict) -> str:
+    """A markdown table: one row per category and a mean row; n/a where undefined."""
+    columns = [(k, label) for k, label in METRIC_COLUMNS if any(k in m for m in result["categories"].values())]
+    lines = [
+        "| category | " + " | ".join(label for _, label in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for category, metrics in result["categories"].items():
+        lines.append(f"| {category} | " + " | ".join(_fmt(metrics.get(k)) for k, _ in columns) + " |")
+    lines.append("| **mean** | " + " | ".join(_fmt(result["mean"].get(k)) for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def _notes(result: dict) -> list[str]:
+    notes = []
+    for category, metrics in result["categories"].items():
+        for key, label in METRIC_COLUMNS:
+            value = metrics.get(key)
+            if key.endswith("auroc") and value is not None and math.isfinite(value) and value < 0.5:
+                notes.append(f"{category}: {label} is {value:.4f}, below chance: the scores rank defective "
+                             "images/pixels LOWER than good ones (reported as is, not flipped).")
+            if value is not None and not math.isfinite(value):
+                notes.append(f"{category}: {label} is undefined (the test split lacks good or defective samples).")
+    return notes
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _json_safe(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _plot_roc(path: Path, category: str, labels, scores, masks=None, maps=None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    curves = [("image", labels, scores)]
+    if masks is not None:
+        curves.append(("pixel", masks.ravel(), maps.ravel()))
+    grid = np.linspace(0, 1, 501)
+    for name, y, s in curves:
+        if y.all() or not y.any():
+            continue
+        fpr, tpr, _ = roc_curve(y, s)
+        area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+        if len(fpr) > len(grid):  # millions of pixel thresholds: plot the upper envelope on a grid
+            tpr = np.maximum.accumulate(np.interp(grid, fpr, tpr))
+            fpr = grid
+        axis.plot(fpr, tpr, label=f"{name} AUROC {area:.3f}")
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {category}", xlim=(0, 1), ylim=(0, 1.01))
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _write_overlay(path: Path, image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None,
+                   value_range: tuple[float, float], score: float) -> None:
+    """Image | heatmap over the image (ground-truth outline in green), side by side."""
+    import cv2
+
+    low, high = value_range
+    scaled = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0, 1)
+    heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR
+    bgr = np.ascontiguousarray(image[..., ::-1])
+    overlay = cv2.addWeighted(bgr, 0.5, heat, 0.5, 0)
+    if mask is not None and mask.any():
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(overlay, contours, -1, (0, 255, 0), 1)
+    panel = np.concatenate([bgr, overlay], axis=1)
+    cv2.putText(panel, f"score {score:.3g}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), panel)
+
+
+def _heatmap_sample(labels: np.ndarray, count: int) -> list[int]:
+    """Up to ``count`` indices: defective and good images alternating, first ones of each first."""
+    defective = list(np.nonzero(labels)[0])
+    good = list(np.nonzero(labels == 0)[0])
+    chosen = []
+    while len(chosen) < count and (defective or good):
+        for pool in (defective, defective, good):  # two defective per good one
+            if pool and len(chosen) < count:
+                chosen.append(int(pool.pop(0)))
+    return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    out_dir: Path
+    result: dict  # evaluate_predictions' dict
+    table: str  # markdown
+    notes: list[str]
+
+
+def _default_categories(detector: AnomalyDetector, data_root) -> tuple[str, ...] | None:
+    """The checkpoint's training categories when the data holds all of them, else every category."""
+    trained = detector.provenance.get("categories") or []
+    try:
+        available = set(list_categories(data_root))
+    except ReconadError:
+        return None  # CIFAR-10 or a layout error that load_dataset reports
+    return tuple(trained) if trained and set(trained) <= available else None
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    data_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    categories: tuple[str, ...] | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    num_heatmaps: int = 6,
+    skip_bad_files: bool = False,
+    normal_classes: tuple[int, ...] | None = None,
+) -> EvaluationReport:
+    """Evaluate ``checkpoint`` on the test split of ``data_root`` and write the report to ``out_dir``.
+
+    Args:
+        categories: MVTec categories; default: the checkpoint's training categories (else all).
+        num_heatmaps: overlays written per category.
+        normal_classes: CIFAR-10 normal classes; default: those the checkpoint was trained with.
+    """
+    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                ("cpu" if device == "auto" else device))
+    detector = load_detector(checkpoint).to(torch_device)
+    config = detector.config
+    categories = categories or _default_categories(detector, data_root)
+    classes = normal_classes or tuple(detector.provenance.get("normal_classes") or (0, 1, 2, 3, 4))
+    dataset = load_dataset(data_root, "test", config.input_hw, categories,
+                           "skip" if skip_bad_files else "fail", classes)
+    for message in dataset.skipped:
+        print(f"skipped: {message}", file=sys.stderr)
+    anomaly_maps, image_scores = predict(detector, dataset.images, batch_size, torch_device)
+    result = evaluate_predictions(dataset, anomaly_maps, image_scores)
+    table = format_metrics_table(result)
+    notes = _notes(result)
+
+    out_dir = Path(out_dir)
+    (out_dir / "roc").mkdir(parents=True, exist_ok=True)
+    for category in dataset.category_names:
+        keep = np.nonzero(np.array([c == category for c in dataset.categories]))[0]
+        masks = dataset.masks[keep] if dataset.has_masks else None
+        maps = anomaly_maps[keep] if dataset.has_masks else None
+        _plot_roc(out_dir / "roc" / f"{category}.png", category, dataset.labels[keep], image_scores[keep], masks, maps)
+        value_range = (float(np.percentile(anomaly_maps[keep], 1)), float(np.percentile(anomaly_maps[keep], 99.9)))
+        for index in keep[_heatmap_sample(dataset.labels[keep], num_heatmaps)]:
+            name = dataset.names[index].replace("/", "_").rsplit(".", 1)[0]
+            _write_overlay(out_dir / "heatmaps" / category / f"{name}.png", dataset.images[index],
+                           anomaly_maps[index], dataset.masks[index] if dataset.has_masks else None,
+                           value_range, float(image_scores[index]))
+
+    payload = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "data": str(Path(data_root).resolve()),
+        "preset": config.preset,
+        "input_hw": list(config.input_hw),
+        "pro_fpr_limit": 0.3,
+        **_json_safe(result),
+        "notes": notes,
+    }
+    _atomic_write_text(out_dir / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    rows = ["name,category,label,image_score"] + [
+        f"{name},{category},{label},{score:.6g}"
+        for name, category, label, score in zip(dataset.names, dataset.categories, dataset.labels, image_scores)
+    ]
+    _atomic_write_text(out_dir / "scores.csv", "\n".join(rows) + "\n")
+    report = [
+        f"# Evaluation: {Path(checkpoint).name} ({config.preset})",
+        "",
+        f"Data: `{payload['data']}` (test split, {len(dataset)} images). AU-PRO is integrated to a false-positive "
+        "rate of 0.3 and normalised, as MVTec AD's evaluation does. AUROCs below 0.5 are reported as they are.",
+        "",
+        table,
+        "",
+    ]
+    if notes:
+        report += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    report += ["## ROC curves", ""] + [f"![{c}](roc/{c}.png)" for c in dataset.category_names] + [""]
+    report += ["## Heatmaps", "", "Left: the test image; right: the anomaly map over it, ground truth outlined in green.", ""]
+    for category in dataset.category_names:
+        folder = out_dir / "heatmaps" / category
+        report += [f"### {category}", ""] + [
+            f"![{p.stem}](heatmaps/{category}/{p.name})" for p in sorted(folder.glob("*.png"))
+        ] + [""]
+    _atomic_write_text(out_dir / "report.md", "\n".join(report))
+    return EvaluationReport(out_dir, result, table, notes)

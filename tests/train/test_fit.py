@@ -1,0 +1,89 @@
+"""Fitting: run folder contents, resume equals an uninterrupted run, best-checkpoint selection, config."""
+
+import json
+
+import pytest
+import torch
+
+from reconad.model import load_detector
+from reconad.runtime.errors import ReconadError
+from reconad.train.config import TrainConfig, read_train_config
+from reconad.train.fit import fit
+from tests.train.conftest import tiny_train_config
+
+
+def _log(run_dir):
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_fit_writes_the_run(tiny_run, sample_data_root):
+    run_dir = tiny_run.run_dir
+    assert {p.name for p in run_dir.iterdir()} == {"model.ckpt", "config.json", "train_log.jsonl", "resume.pt"}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train_config"]["preset"] == "tiny" and config["model_config"]["preset"] == "tiny"
+    assert config["categories"] == ["pill", "weave"] and config["num_train_images"] == 12
+    assert config["feature_cache"] is True
+    (record,) = _log(run_dir)
+    assert record["epoch"] == 1 and record["loss"] > 0 and record["images_per_s"] > 0
+    assert record["backbone_seconds"] == 0  # cached features: the backbone ran once, before the epochs
+    detector = load_detector(run_dir / "model.ckpt")
+    assert detector.provenance["categories"] == ["pill", "weave"]
+    for saved, trained in zip(detector.reconstructor.parameters(), tiny_run.detector.reconstructor.parameters()):
+        torch.testing.assert_close(saved, trained.cpu(), rtol=0, atol=0)
+
+
+def test_resume_continues_exactly_where_it_stopped(sample_data_root, tmp_path):
+    straight = fit(sample_data_root, tmp_path / "straight", tiny_train_config(epochs=2))
+    fit(sample_data_root, tmp_path / "split", tiny_train_config(epochs=1, lr_step_epochs=1))
+    with pytest.raises(ReconadError, match="--resume"):
+        fit(sample_data_root, tmp_path / "split", tiny_train_config(epochs=2))
+    resumed = fit(sample_data_root, tmp_path / "split", tiny_train_config(epochs=2, lr_step_epochs=1), resume=True)
+    # lr_step_epochs=1 is 80% of 2 epochs, so both runs share one schedule.
+    for a, b in zip(straight.detector.reconstructor.parameters(), resumed.detector.reconstructor.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    assert [r["epoch"] for r in _log(tmp_path / "split")] == [1, 2]
+    with pytest.raises(ReconadError, match="raise --epochs"):
+        fit(sample_data_root, tmp_path / "split", tiny_train_config(epochs=2, lr_step_epochs=1), resume=True)
+    with pytest.raises(ReconadError, match="Nothing to resume"):
+        fit(sample_data_root, tmp_path / "empty", tiny_train_config(), resume=True)
+
+
+def test_validation_keeps_the_best_epoch(sample_data_root, tmp_path):
+    result = fit(sample_data_root, tmp_path / "run", tiny_train_config(epochs=3, val_every_epochs=2))
+    log = _log(tmp_path / "run")
+    validated = [r for r in log if "val" in r]
+    assert [r["epoch"] for r in validated] == [2, 3]  # every 2 epochs and at the end
+    best = max(validated, key=lambda r: r["val"]["image_auroc"])
+    assert result.best_epoch == best["epoch"]
+    assert set(validated[0]["val"]["categories"]) == {"pill", "weave"}
+    provenance = load_detector(tmp_path / "run" / "model.ckpt").provenance
+    assert provenance["epoch"] == best["epoch"] and provenance["val_value"] == pytest.approx(best["val"]["image_auroc"])
+
+
+def test_augmentation_runs_the_backbone_every_step(sample_data_root, tmp_path):
+    fit(sample_data_root, tmp_path / "run", tiny_train_config(hflip=True, categories=("weave",)))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["feature_cache"] is False and config["categories"] == ["weave"]
+    assert _log(tmp_path / "run")[0]["backbone_seconds"] > 0
+
+
+def test_bad_preset_and_bad_data_are_reported(sample_data_root, tmp_path):
+    with pytest.raises(ReconadError, match="Unknown preset"):
+        fit(sample_data_root, tmp_path / "a", tiny_train_config(preset="resnet"))
+    with pytest.raises(ReconadError, match="MVTec"):
+        fit(tmp_path, tmp_path / "b", tiny_train_config())
+
+
+def test_train_config_precedence(tmp_path):
+    toml = tmp_path / "train.toml"
+    toml.write_text('[train]\nepochs = 7\nlearning_rate = 1\ncategories = ["pill"]\npreset = "lite0-256"\n')
+    config = read_train_config(toml, epochs=3, seed=None)
+    assert config.epochs == 3  # the flag wins over the file
+    assert config.learning_rate == 1.0 and config.categories == ("pill",) and config.preset == "lite0-256"
+    assert config.batch_size == TrainConfig.batch_size  # the dataclass default where neither sets it
+    toml.write_text("epochs = 'ten'\n")
+    with pytest.raises(ReconadError, match="epochs"):
+        read_train_config(toml)
+    toml.write_text("epoch = 10\n")
+    with pytest.raises(ReconadError, match="Unknown train config keys"):
+        read_train_config(toml)
