@@ -95,7 +95,7 @@ def _render_wood(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
 
 
 def _render_washer(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A shaded metal ring on a dark, slightly mottled background."""
+    """A shaded metal ring on a grey, slightly mottled background."""
     y, x = _coords(size)
     cy, cx = size / 2 + rng.uniform(-3, 3, 2)
     dy, dx = y - cy, x - cx
@@ -107,7 +107,7 @@ def _render_washer(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.
     radial = (radius - inner) / (outer - inner)
     shade = 0.7 + 0.2 * np.cos(angle - light_angle) + 0.1 * np.sin(np.pi * np.clip(radial, 0, 1))
     metal = np.array([196, 200, 206], np.float32) * shade[..., None]
-    background = (30 + 10 * _smooth_noise(rng, size, 6))[..., None] * np.array([1.0, 1.0, 1.05], np.float32)
+    background = (92 + 10 * _smooth_noise(rng, size, 6))[..., None] * np.array([1.0, 1.0, 1.05], np.float32)
     image = alpha[..., None] * metal + (1 - alpha[..., None]) * background
     return image, alpha > 0.5
 

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The demo pipeline, one stage after another: synthetic sample data -> fit (lite0-256, offline-pretrained
+# backbone) -> evaluate (prints the metrics table). Run by `make demo`; DEMO_DIR and PY come from the Makefile.
+set -euo pipefail
+
+DEMO_DIR=${DEMO_DIR:-demo}
+PY=${PY:-.venv/bin/python}
+BIN=$(dirname "$PY")
+DEMO_EPOCHS=${DEMO_EPOCHS:-3}
+DEMO_LR=${DEMO_LR:-1e-3}
+DEMO_BATCH_SIZE=${DEMO_BATCH_SIZE:-8}
+SECONDS=0
+
+stage() { echo; echo "== [$(printf '%4d' "$SECONDS") s] $*"; }
+
+stage "sample-data: synthetic MVTec-layout data set -> $DEMO_DIR/data"
+"$BIN/recon-train" sample-data "$DEMO_DIR/data" --seed 0 --overwrite
+
+stage "fit: one lite0-256 model for all categories -> $DEMO_DIR/run"
+rm -rf "$DEMO_DIR/run"
+"$BIN/recon-train" fit "$DEMO_DIR/data" --preset lite0-256 --out "$DEMO_DIR/run" \
+    --epochs "$DEMO_EPOCHS" --lr "$DEMO_LR" --batch-size "$DEMO_BATCH_SIZE" --val-every-epochs 0
+
+stage "evaluate: metrics per category and mean -> $DEMO_DIR/report"
+"$BIN/recon-train" evaluate "$DEMO_DIR/run/model.ckpt" "$DEMO_DIR/data" --out "$DEMO_DIR/report"
+
+stage "to-onnx: fused fp32 and fp16 graphs, checked against PyTorch -> $DEMO_DIR/onnx"
+rm -rf "$DEMO_DIR/onnx"
+REFERENCE_IMAGES=$(ls -d "$DEMO_DIR"/data/*/test | head -n 1)
+"$BIN/recon-export" to-onnx "$DEMO_DIR/run/model.ckpt" --out "$DEMO_DIR/onnx" --precision both \
+    --reference-images "$REFERENCE_IMAGES"
+ONNX_FP32=$(ls "$DEMO_DIR"/onnx/*-fp32.onnx)
+ONNX_FP16=$(ls "$DEMO_DIR"/onnx/*-fp16.onnx)
+
+stage "verify: both graphs on ONNX Runtime against the PyTorch reference (torch-free)"
+"$BIN/recon-export" verify "$ONNX_FP32" --backend ort-cpu
+"$BIN/recon-export" verify "$ONNX_FP16" --backend ort-cpu
+
+stage "calibrate: image threshold of the fp16 graph from the defect-free training images"
+"$BIN/recon-inspect" calibrate "$ONNX_FP16" "$DEMO_DIR"/data/*/train/good
+
+stage "inspect: the sample test images with the fp16 graph -> $DEMO_DIR/inspect"
+rm -rf "$DEMO_DIR/inspect"
+for test_dir in "$DEMO_DIR"/data/*/test; do
+    category=$(basename "$(dirname "$test_dir")")
+    "$BIN/recon-inspect" run "$test_dir" --model "$ONNX_FP16" --out "$DEMO_DIR/inspect/$category"
+done
+
+stage "done: report in $DEMO_DIR/report/report.md"
