@@ -88,6 +88,11 @@ def fit_command(
         result = fit(data, out, train_config, resume=resume)
     except ReconadError as error:
         _fail(error)
+    finally:
+        import torch.distributed
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # joined by fit under torchrun
     if result.is_main:
         best = f", best epoch {result.best_epoch} ({train_config.val_metric} {result.best_value:.4f})" if result.best_epoch else ""
         typer.echo(f"wrote {result.checkpoint}: {result.epochs_trained} epochs in {result.seconds:.0f} s, "

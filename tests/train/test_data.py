@@ -9,6 +9,7 @@ import pytest
 
 from reconad.runtime.errors import ReconadError
 from reconad.train import data
+from tests.train.conftest import write_cifar_batches
 
 
 @pytest.fixture
@@ -138,22 +139,9 @@ def test_masks_resize_nearest_and_stay_binary():
     assert data.resize_image(image, (200, 160)).shape == (200, 160, 3)
 
 
-def _write_cifar(folder, rng, n_per_batch=20):
-    folder.mkdir(parents=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {
-            b"batch_label": name.encode(),
-            b"labels": rng.integers(0, 10, n_per_batch).tolist(),
-            b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-            b"filenames": [f"{i}.png".encode() for i in range(n_per_batch)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-
-
 def test_cifar10_one_versus_rest(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
-    _write_cifar(folder, np.random.default_rng(0))
+    write_cifar_batches(folder, np.random.default_rng(0))
     with open(folder / "test_batch", "rb") as f:
         raw = pickle.load(f, encoding="bytes")
     train = data.load_dataset(tmp_path, "train", (32, 32))
@@ -168,7 +156,7 @@ def test_cifar10_one_versus_rest(tmp_path):
 
 def test_cifar10_refuses_foreign_pickles(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
-    _write_cifar(folder, np.random.default_rng(1))
+    write_cifar_batches(folder, np.random.default_rng(1))
 
     class Evil:
         def __reduce__(self):

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,7 +10,8 @@ from reconad.model import load_detector
 from reconad.runtime.errors import ReconadError
 from reconad.train.config import TrainConfig, read_train_config
 from reconad.train.fit import fit
-from tests.train.conftest import tiny_train_config
+from reconad.train.evaluate import evaluate_checkpoint
+from tests.train.conftest import tiny_train_config, write_cifar_batches
 
 
 def _log(run_dir):
@@ -87,3 +89,14 @@ def test_train_config_precedence(tmp_path):
     toml.write_text("epoch = 10\n")
     with pytest.raises(ReconadError, match="Unknown train config keys"):
         read_train_config(toml)
+
+
+def test_cifar10_fit_and_evaluate(tmp_path):
+    write_cifar_batches(tmp_path / "cifar" / "cifar-10-batches-py", np.random.default_rng(0), n_per_batch=8)
+    result = fit(tmp_path / "cifar", tmp_path / "run", tiny_train_config(normal_classes=(0, 1, 2), val_every_epochs=1))
+    provenance = load_detector(result.checkpoint).provenance
+    assert provenance["categories"] == ["cifar10"] and provenance["normal_classes"] == [0, 1, 2]
+    report = evaluate_checkpoint(result.checkpoint, tmp_path / "cifar", tmp_path / "report", device="cpu")
+    metrics = report.result["categories"]["cifar10"]
+    assert metrics["num_images"] == 8 and "pixel_auroc" not in metrics  # no masks: image metrics only
+    assert "pixel AUROC" not in report.table
