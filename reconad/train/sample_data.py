@@ -2,7 +2,7 @@
 
 Procedural textures (``weave``, ``wood``) and simple objects (``washer``, ``pill``), with scratches,
 holes, stains and foreign patches plus their ground-truth masks. numpy + OpenCV only; one seed gives
-the same bytes on every machine.
+the same files (OpenCV's SIMD code paths could differ in a last bit on other CPUs; not checked).
 """
 
 import os
