@@ -5,6 +5,7 @@ Like nanoGPT's sample.py, the model is rebuilt from the config saved in the file
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +25,12 @@ def save_checkpoint(detector: AnomalyDetector, path: str | Path, **provenance: A
     """Write ``detector`` atomically; ``provenance`` (JSON-able: categories, score statistics, run info…)
     travels with it into every exported manifest."""
     path = Path(path)
+    try:
+        # Round trip: plain JSON types only (str subclasses such as torch.__version__ would not unpickle
+        # under weights_only loading).
+        provenance = json.loads(json.dumps(provenance))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"checkpoint provenance must be JSON-serialisable: {error}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,

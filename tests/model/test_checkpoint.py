@@ -23,6 +23,14 @@ def test_checkpoint_round_trip(tmp_path, tiny_detector, tiny_config):
     assert meta["model_config"]["preset"] == "tiny" and meta["provenance"]["epoch"] == 3
 
 
+def test_provenance_is_stored_as_plain_json(tmp_path, tiny_detector):
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        save_checkpoint(tiny_detector, tmp_path / "model.ckpt", categories={"a", "b"})
+    assert not list(tmp_path.iterdir())
+    path = save_checkpoint(tiny_detector, tmp_path / "model.ckpt", torch_version=torch.__version__)
+    assert load_detector(path).provenance == {"torch_version": str(torch.__version__)}
+
+
 def test_checkpoint_refuses_bad_files_in_one_sentence(tmp_path):
     missing = tmp_path / "nope.ckpt"
     with pytest.raises(ReconadError, match="does not exist"):
