@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +27,7 @@ from reconad.export.engine_precision import (
     select_island_layers,
     typed_layer_names,
 )
+from reconad.runtime.atomic import write_bytes_atomic
 from reconad.runtime.cuda import GpuInfo, probe_gpu
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import (
@@ -394,20 +394,6 @@ def resolve_batch_range(config: BuildConfig, input_tensor: InputTensor) -> tuple
             "lower --max-batch or re-export with a larger batch."
         )
     return config.min_batch, config.opt_batch, config.max_batch
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def _load_onnx_manifest(onnx_path: Path) -> Manifest:

@@ -6,8 +6,6 @@ Like nanoGPT's sample.py, the model is rebuilt from the config saved in the file
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import torch
 
 from reconad.model.config import ModelConfig
 from reconad.model.detector import AnomalyDetector, build_detector
+from reconad.runtime.atomic import atomic_path
 from reconad.runtime.errors import ReconadError
 
 CHECKPOINT_FORMAT = "reconad-checkpoint"
@@ -39,14 +38,8 @@ def save_checkpoint(detector: AnomalyDetector, path: str | Path, **provenance: A
         "provenance": provenance,
         "state_dict": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        torch.save(payload, temp)
     return path
 
 

@@ -16,7 +16,6 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import INPUT_NAME, OUTPUT_NAMES
 
 BACKEND_CHOICES = ("auto", "ort", "ort-cpu", "ort-cuda", "ort-trt", "trt")
 

@@ -28,7 +28,8 @@ import numpy as np
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.folder import OVERLAY_MODES, VERDICTS_FILE
 from reconad.runtime.inspector import Verdict
-from reconad.runtime.manifest import Manifest, write_text_atomic
+from reconad.runtime.atomic import write_text_atomic
+from reconad.runtime.manifest import Manifest
 from reconad.runtime.preprocess import Roi, crop_roi, prepare_image, resize_image, to_rgb_uint8
 from reconad.runtime.sinks import FrameFault, InspectionResult, JsonlSink, OverlaySink, Sink, WebhookSink, describe_error
 from reconad.runtime.sources import (

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from reconad.runtime.atomic import write_text_atomic
 from reconad.runtime.errors import ReconadError
 
 INPUT_NAME = "images"  # uint8 [N, H, W, 3] RGB
@@ -559,21 +559,6 @@ class Manifest:
 def load_manifest(path: str | os.PathLike) -> Manifest:
     """``Manifest.load``: read and validate a manifest JSON file."""
     return Manifest.load(path)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def sha256_file(path: str | os.PathLike) -> str:

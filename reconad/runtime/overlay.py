@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reconad.runtime.atomic import write_bytes_atomic
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.preprocess import Roi, import_cv2
 
@@ -77,10 +78,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]))
     if not ok:
         raise ReconadError(f"OpenCV could not encode {path} as PNG.")
-    temporary = path.with_name(f".{path.name}.tmp")
     try:
-        temporary.write_bytes(encoded.tobytes())
-        os.replace(temporary, path)
+        write_bytes_atomic(path, encoded.tobytes())
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise ReconadError(f"Cannot write {path}: {error.strerror or type(error).__name__}.") from None

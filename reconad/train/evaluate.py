@@ -9,7 +9,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from reconad.model import AnomalyDetector, load_detector
+from reconad.runtime.atomic import write_text_atomic
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.metrics import compute_detection_metrics, roc_curve
 from reconad.train.data import ImageDataset, list_categories, load_dataset
@@ -96,13 +96,6 @@ def _notes(result: dict) -> list[str]:
             if value is not None and not math.isfinite(value):
                 notes.append(f"{category}: {label} is undefined (the test split lacks good or defective samples).")
     return notes
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _json_safe(value):
@@ -248,12 +241,12 @@ def evaluate_checkpoint(
         **_json_safe(result),
         "notes": notes,
     }
-    _atomic_write_text(out_dir / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
     rows = ["name,category,label,image_score"] + [
         f"{name},{category},{label},{score:.6g}"
         for name, category, label, score in zip(dataset.names, dataset.categories, dataset.labels, image_scores)
     ]
-    _atomic_write_text(out_dir / "scores.csv", "\n".join(rows) + "\n")
+    write_text_atomic(out_dir / "scores.csv", "\n".join(rows) + "\n")
     report = [
         f"# Evaluation: {Path(checkpoint).name} ({config.preset})",
         "",
@@ -272,5 +265,5 @@ def evaluate_checkpoint(
         report += [f"### {category}", ""] + [
             f"![{p.stem}](heatmaps/{category}/{p.name})" for p in sorted(folder.glob("*.png"))
         ] + [""]
-    _atomic_write_text(out_dir / "report.md", "\n".join(report))
+    write_text_atomic(out_dir / "report.md", "\n".join(report))
     return EvaluationReport(out_dir, result, table, notes)

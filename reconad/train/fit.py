@@ -9,7 +9,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from reconad.model import PRESETS, AnomalyDetector, ModelConfig, build_detector, save_checkpoint
+from reconad.runtime.atomic import atomic_path, write_text_atomic
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.metrics import ranking_metrics
 from reconad.train.config import VAL_METRICS, TrainConfig
@@ -234,11 +234,7 @@ def validate(dataset: ImageDataset, anomaly_maps: np.ndarray, image_scores: np.n
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
 
 
 def _save_resume_state(path: Path, detector, optimizer, scheduler, epoch: int, best: dict | None) -> None:
@@ -249,14 +245,8 @@ def _save_resume_state(path: Path, detector, optimizer, scheduler, epoch: int, b
         "epoch": epoch,
         "best": json.dumps(best),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        torch.save(state, temp)
 
 
 def _json_safe(value):
