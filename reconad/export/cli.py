@@ -37,7 +37,7 @@ def to_onnx(
     """
     import logging
 
-    from reconad.runtime.errors import ReconadError
+    from reconad.runtime.errors import ReconadError, exit_with
 
     progress = logging.StreamHandler()  # the parity numbers, on stderr
     progress.setFormatter(logging.Formatter("%(message)s"))
@@ -56,8 +56,7 @@ def to_onnx(
             reference_images=reference_images,
         )
     except ReconadError as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(error.exit_code) from None
+        exit_with(error)
     finally:
         export_logger.removeHandler(progress)
     for path in paths:
@@ -104,7 +103,7 @@ def build_engine_command(
     1 when the built engine is not the precision asked for.
     """
     from reconad.export import engine
-    from reconad.runtime.errors import ReconadError
+    from reconad.runtime.errors import ReconadError, exit_with
 
     try:
         loaded = engine.load_build_profile(profile) if profile is not None else None
@@ -126,8 +125,7 @@ def build_engine_command(
             onnx_path=model, engine_path=out, config=config, profile_name=loaded.name if loaded else None
         )
     except ReconadError as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(error.exit_code) from None
+        exit_with(error)
     typer.echo(str(result.engine_path))
 
 
@@ -145,14 +143,13 @@ def verify(
     """Run an artifact against its reference outputs (torch-free); exit 1 when over tolerance, 2 for bad input."""
     import json
 
-    from reconad.runtime.errors import ReconadError
+    from reconad.runtime.errors import ReconadError, exit_with
     from reconad.runtime.verify import render_report, verify_artifact
 
     try:
         report = verify_artifact(artifact, backend, reference)
     except ReconadError as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(error.exit_code) from None
+        exit_with(error)
     typer.echo(json.dumps(report.to_dict(), indent=2) if json_report else render_report(report))
     if not report.passed:
         raise typer.Exit(1)

@@ -8,12 +8,6 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 
 
-def _fail(error: Exception) -> None:
-    """Print a library error as one line and exit with its code."""
-    typer.echo(str(error), err=True)
-    raise typer.Exit(getattr(error, "exit_code", 2)) from None
-
-
 def _given(**options: object) -> dict[str, object]:
     """The options the user set: None means "the dataclass default" (defaults live in the configs)."""
     return {name: value for name, value in options.items() if value is not None}
@@ -45,7 +39,7 @@ def calibrate(
     import numpy as np
 
     from reconad.runtime.calibration import CalibrationConfig, calibrate_artifact
-    from reconad.runtime.errors import ReconadError
+    from reconad.runtime.errors import ReconadError, exit_with
     from reconad.runtime.folder import parse_roi
 
     try:
@@ -63,7 +57,7 @@ def calibrate(
             artifact, good_dirs, config, backend=backend, report=lambda line: typer.echo(line, err=True)
         )
     except ReconadError as error:
-        _fail(error)
+        exit_with(error)
     manifest = result.manifest
     scores = result.scores
     typer.echo(
@@ -132,7 +126,7 @@ def run(
     Exit codes: 0 at the end of the stream, --max-frames, SIGINT or SIGTERM; 2 for bad input; 3 when
     inference fails or hangs.
     """
-    from reconad.runtime.errors import ReconadError
+    from reconad.runtime.errors import ReconadError, exit_with
     from reconad.runtime.folder import parse_roi
     from reconad.runtime.loop import InspectConfig, inspect_stream
     from reconad.runtime.sources import SourceConfig
@@ -163,7 +157,7 @@ def run(
             source, model, config, source_config, backend=backend, threshold=threshold, num_threads=num_threads, report=report
         )
     except ReconadError as error:
-        _fail(error)
+        exit_with(error)
     except KeyboardInterrupt:  # before the loop took over SIGINT (e.g. while the model loads)
         typer.echo("Interrupted before the loop started.", err=True)
         raise typer.Exit(130) from None

@@ -3,6 +3,8 @@
 Its message is a single sentence meant for an operator: what is wrong and, where possible, what to do.
 """
 
+from typing import NoReturn
+
 
 class ReconadError(Exception):
     """A user-facing failure (bad file, mismatched artifact, missing dependency).
@@ -11,3 +13,11 @@ class ReconadError(Exception):
     """
 
     exit_code = 2
+
+
+def exit_with(error: BaseException, prefix: str = "") -> NoReturn:
+    """For CLI commands only: print ``error`` as one line on stderr, exit with its code, no traceback."""
+    import typer
+
+    typer.echo(f"{prefix}{error}", err=True)
+    raise typer.Exit(getattr(error, "exit_code", ReconadError.exit_code)) from None

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from reconad.runtime.errors import ReconadError
+from reconad.runtime.errors import ReconadError, exit_with
 from reconad.train.config import TrainConfig
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
@@ -17,11 +17,6 @@ def main() -> None:
 
 
 _DEFAULTS = TrainConfig()  # option defaults are None ("not given") so a --config file can set them
-
-
-def _fail(error: ReconadError) -> None:
-    typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(error.exit_code) from None
 
 
 def _split_names(value: str | None) -> tuple[str, ...] | None:
@@ -40,7 +35,7 @@ def sample_data_command(
     try:
         summary = write_sample_data(out, seed=seed, overwrite=overwrite)
     except ReconadError as error:
-        _fail(error)
+        exit_with(error, prefix="error: ")
     typer.echo(f"wrote {summary.root}: {len(summary.categories)} categories ({', '.join(summary.categories)}), "
                f"{summary.num_train} train and {summary.num_test} test images")
 
@@ -74,7 +69,8 @@ def fit_command(
     try:
         classes = tuple(int(c) for c in _split_names(normal_classes)) if normal_classes else None
     except ValueError:
-        _fail(ReconadError(f"--normal-classes must be comma-separated integers, got {normal_classes!r}."))
+        message = f"--normal-classes must be comma-separated integers, got {normal_classes!r}."
+        exit_with(ReconadError(message), prefix="error: ")
     try:
         train_config = read_train_config(
             config, preset=preset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
@@ -87,7 +83,7 @@ def fit_command(
 
         result = fit(data, out, train_config, resume=resume)
     except ReconadError as error:
-        _fail(error)
+        exit_with(error, prefix="error: ")
     finally:
         import torch.distributed
 
@@ -117,7 +113,7 @@ def evaluate_command(
         report = evaluate_checkpoint(checkpoint, data, out, _split_names(categories), batch_size, device,
                                      num_heatmaps, skip_bad_files)
     except ReconadError as error:
-        _fail(error)
+        exit_with(error, prefix="error: ")
     typer.echo(report.table)
     for note in report.notes:
         typer.echo(f"note: {note}")
@@ -137,6 +133,5 @@ def import_uniad_command(
         detector = import_uniad(checkpoint)
         save_checkpoint(detector, out, **detector.provenance)
     except ReconadError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(error.exit_code) from None
+        exit_with(error, prefix="error: ")
     typer.echo(f"wrote {out} (preset {detector.config.preset})")
