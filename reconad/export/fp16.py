@@ -44,6 +44,20 @@ def _to_fp16_array(array: np.ndarray, name: str) -> np.ndarray:
     return array.astype(np.float16)
 
 
+def _with_graph(model: onnx.ModelProto, nodes: list, initializers: list) -> onnx.ModelProto:
+    """A checked copy of ``model`` with these nodes and initializers; value_info is dropped, since its
+    element types are stale after a precision rewrite."""
+    rebuilt = onnx.ModelProto()
+    rebuilt.CopyFrom(model)
+    del rebuilt.graph.node[:]
+    rebuilt.graph.node.extend(nodes)
+    del rebuilt.graph.initializer[:]
+    rebuilt.graph.initializer.extend(initializers)
+    del rebuilt.graph.value_info[:]
+    onnx.checker.check_model(rebuilt)
+    return rebuilt
+
+
 def convert_to_fp16(model: onnx.ModelProto, fp32_nodes: Collection[str] | None = None) -> onnx.ModelProto:
     """A mixed-precision copy of an fp32 graph.
 
@@ -129,14 +143,7 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_nodes: Collection[str] | None =
                 node.input[:] = [inner if name == output.name else name for name in node.input]
             new_nodes.append(helper.make_node("Cast", [inner], [output.name], name=f"{output.name}__to_fp32", to=TensorProto.FLOAT))
 
-    converted = onnx.ModelProto()
-    converted.CopyFrom(model)
-    del converted.graph.node[:]
-    converted.graph.node.extend(new_nodes)
-    del converted.graph.initializer[:]
-    converted.graph.initializer.extend(new_initializers)
-    del converted.graph.value_info[:]  # stale element types; re-inferred below
-    onnx.checker.check_model(converted)
+    converted = _with_graph(model, new_nodes, new_initializers)
     return onnx.shape_inference.infer_shapes(converted, strict_mode=True)
 
 
@@ -202,15 +209,7 @@ def emulate_fp16_storage(model: onnx.ModelProto) -> onnx.ModelProto:
         for name in rounded:
             nodes.extend(_round_to_fp16_nodes(f"{name}__unrounded", name, **names))
 
-    emulated = onnx.ModelProto()
-    emulated.CopyFrom(model)
-    del emulated.graph.node[:]
-    emulated.graph.node.extend(nodes)
-    del emulated.graph.initializer[:]
-    emulated.graph.initializer.extend(initializers)
-    del emulated.graph.value_info[:]
-    onnx.checker.check_model(emulated)
-    return emulated
+    return _with_graph(model, nodes, initializers)
 
 
 def _round_to_fp16_nodes(source: str, target: str, factor: str, limit: str, infinity: str) -> list[onnx.NodeProto]:
