@@ -137,6 +137,8 @@ def trace_to_onnx(detector: Any, max_batch: int, opset: int) -> onnx.ModelProto:
     import torch
     from onnxscript import opset18
 
+    from reconad.model.transformer import explicit_attention
+
     def global_average_pool(x: Any, output_size: Sequence[int]) -> Any:
         if list(output_size) != [1, 1]:
             raise NotImplementedError(f"adaptive_avg_pool2d to {output_size} is not in the fused graph")
@@ -147,7 +149,9 @@ def trace_to_onnx(detector: Any, max_batch: int, opset: int) -> onnx.ModelProto:
     generator = torch.Generator().manual_seed(0)
     example = torch.randint(0, 256, (example_batch, height, width, 3), dtype=torch.uint8, generator=generator)
     dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1, max=max_batch)}} if max_batch > 1 else None
-    with warnings.catch_warnings(), _quiet_loggers("torch.onnx", "torch.export", "onnxscript", "onnx_ir"):
+    # explicit_attention: the graph keeps MatMul / Add / Softmax / MatMul, the form the islands are found on.
+    quiet = _quiet_loggers("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
+    with explicit_attention(detector), warnings.catch_warnings(), quiet:
         warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))
         program = torch.onnx.export(
             detector.eval(),

@@ -3,13 +3,16 @@
 Changes from DETR: a neighbour mask (a k x k window a token may NOT attend to) held once as a buffer with
 a finite fill; no object queries from outside, but one learned query embedding per decoder layer whose
 first attention reads the encoder output and second the previous layer's output (the official UniAD
-layout); feature jittering in training; batch-first tokens; explicit attention so the export is plain ops.
+layout); feature jittering in training; batch-first tokens; attention through PyTorch's fused
+``scaled_dot_product_attention`` in training and evaluation, written out as plain ops for export.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +38,14 @@ def build_neighbor_mask(feature_hw: tuple[int, int], neighbor_size: tuple[int, i
 class Attention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's parameter names (so its state dicts load).
 
-    Written out as matmul / softmax so the ONNX graph is plain ops and the softmax logits can stay FP32.
+    Two formulations of the same function: ``F.scaled_dot_product_attention`` (fused kernels on CPU and
+    CUDA; the default) and, with ``explicit`` set (``explicit_attention``, for export), Q.K^T MatMul, mask
+    Add, Softmax, MatMul written out, so the ONNX graph is plain ops and the softmax logits can stay FP32.
+    Attention-weight dropout is the same in both (``dropout`` on the softmax output, training only); the
+    random masks differ, and on CPU a dropout above 0 sends SDPA to its unfused math kernel.
     """
+
+    explicit = False  # class default; explicit_attention sets it per instance
 
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0):
         super().__init__()
@@ -62,15 +71,36 @@ class Attention(nn.Module):
             # [N, L, D] -> [N, nhead, L, head_dim]
             return F.linear(x, weight, bias).view(n, -1, self.nhead, self.head_dim).transpose(1, 2)
 
-        q = heads(query, w_q, b_q) * (1.0 / math.sqrt(self.head_dim))
-        k = heads(key, w_k, b_k)
-        v = heads(value, w_v, b_v)
+        q, k, v = heads(query, w_q, b_q), heads(key, w_k, b_k), heads(value, w_v, b_v)
+        if not self.explicit:
+            if attn_mask is not None and attn_mask.dtype != q.dtype:
+                attn_mask = attn_mask.to(q.dtype)  # under autocast q is bf16/fp16; SDPA wants one dtype
+            dropout_p = self.dropout.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+            return self.out_proj(out.transpose(1, 2).reshape(n, length, d_model))  # [N, L, D]
+        q = q * (1.0 / math.sqrt(self.head_dim))
         logits = q @ k.transpose(-2, -1)  # [N, nhead, L, L]
         if attn_mask is not None:
             logits = logits + attn_mask
         weights = self.dropout(logits.softmax(dim=-1))
         out = (weights @ v).transpose(1, 2).reshape(n, length, d_model)  # [N, L, D]
         return self.out_proj(out)
+
+
+@contextlib.contextmanager
+def explicit_attention(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every ``Attention`` in ``module`` uses the explicit MatMul / Add / Softmax / MatMul
+    form: the exporter traces this, because the FP32 islands, the TensorRT 8.x precision constraints and
+    the LayerNorm rewrite are found on that form."""
+    attentions = [m for m in module.modules() if isinstance(m, Attention)]
+    previous = [m.explicit for m in attentions]
+    for attention in attentions:
+        attention.explicit = True
+    try:
+        yield module
+    finally:
+        for attention, value in zip(attentions, previous):
+            attention.explicit = value
 
 
 class FeedForward(nn.Module):

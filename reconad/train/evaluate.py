@@ -20,6 +20,7 @@ from reconad.runtime.atomic import write_text_atomic
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.metrics import compute_detection_metrics, roc_curve
 from reconad.train.data import ImageDataset, list_categories, load_dataset
+from reconad.train.memory import retain_freed_memory
 
 METRIC_COLUMNS = (
     ("image_auroc", "image AUROC"),
@@ -203,6 +204,7 @@ def evaluate_checkpoint(
         num_heatmaps: overlays written per category.
         normal_classes: CIFAR-10 normal classes; default: those the checkpoint was trained with.
     """
+    retain_freed_memory()  # the process keeps what it frees for the next batch
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 ("cpu" if device == "auto" else device))
     detector = load_detector(checkpoint).to(torch_device)

@@ -23,6 +23,7 @@ from reconad.runtime.errors import ReconadError
 from reconad.runtime.metrics import ranking_metrics
 from reconad.train.config import VAL_METRICS, TrainConfig
 from reconad.train.data import ImageDataset, load_dataset
+from reconad.train.memory import retain_freed_memory
 
 CHECKPOINT_NAME = "model.ckpt"
 CONFIG_NAME = "config.json"
@@ -299,8 +300,10 @@ def fit(
     Writes (rank 0 only) ``model.ckpt`` (the best validated epoch, else the last), ``config.json``,
     ``train_log.jsonl`` (one JSON object per epoch) and ``resume.pt`` (optimizer and scheduler state for
     ``resume``). Launched by torchrun, every process trains on its shard and DDP averages the gradients.
+    The process keeps the memory it frees for reuse from here on (``retain_freed_memory``).
     """
     started = time.perf_counter()
+    retain_freed_memory()
     context = setup_distributed(config.device)
     run_dir = Path(run_dir)
     model_config = resolve_model_config(config.preset)

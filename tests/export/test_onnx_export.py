@@ -116,6 +116,31 @@ def test_one_shared_neighbour_mask_initializer(tiny_export):
         assert len(readers) == 3 and {node.op_type for node in readers} == {"Add"}
 
 
+def test_attention_is_exported_in_its_explicit_form(tiny_export):
+    """Q.K^T MatMul with the scale on Q alone, mask Add, Softmax, MatMul: the form the FP32 islands, the
+    TensorRT 8.x constraints and the LayerNorm rewrite are found on. Tracing the SDPA that training and
+    evaluation run would scale Q and K both and add Shape / Slice arithmetic."""
+    model = tiny_export.load("fp32")
+    producer = {name: node for node in model.graph.node for name in node.output}
+    constants = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    softmaxes = [node for node in model.graph.node if node.op_type == "Softmax"]
+    assert len(softmaxes) == 3
+    head_dim = 32 // 2  # ModelConfig.tiny(): d_model 32, nhead 2
+    for softmax in softmaxes:
+        add = producer[softmax.input[0]]
+        (logits,) = [name for name in add.input if name not in constants]
+        assert add.op_type == "Add" and any(constants[name].shape == (64, 64) for name in add.input if name in constants)
+        matmul = producer[logits]
+        assert matmul.op_type == "MatMul"
+        scaled_q, k_transposed = (producer[name] for name in matmul.input)
+        assert scaled_q.op_type == "Mul" and k_transposed.op_type == "Transpose"
+        (scale,) = [constants[name] for name in scaled_q.input if name in constants]
+        assert np.allclose(scale, head_dim**-0.5)
+        (reader,) = [node for node in model.graph.node if softmax.output[0] in node.input]
+        assert reader.op_type == "MatMul"
+    assert not any(node.op_type == "Slice" for node in model.graph.node)
+
+
 @pytest.mark.parametrize("batch", [1, 2, 3])
 def test_batch_axis_really_is_dynamic(tiny_export, tiny_checkpoint, batch):
     detector = load_detector(tiny_checkpoint)
