@@ -1,19 +1,23 @@
-"""Training-step and evaluation images/s: explicit vs SDPA attention, lite0-256 and mvtec-512 (random weights, CPU).
+"""Training-step and evaluation images/s, the attention before and after issue 13 side by side (random weights, CPU).
 
-One run, variants interleaved round by round. Training is ``train_one_epoch`` over cached features, as
-``recon-train fit`` runs it (reconstructor forward with jitter and dropout, MSE, backward, gradient clipping,
-AdamW); evaluation is ``predict``, the fused forward (uint8 images -> anomaly map and score) in eval mode.
-Variants:
+One run, variants interleaved round by round, each measurement in a fresh process (glibc's heap state
+carries over inside a process, and the variants' peaks would add up). Training is ``train_one_epoch`` over
+cached features, as ``recon-train fit`` runs it (reconstructor forward with jitter and dropout, MSE,
+backward, gradient clipping, AdamW); evaluation is ``predict``, the fused forward (uint8 images -> anomaly
+map and score) in eval mode. Variants:
 
-- ``today``: explicit attention (the export form) and glibc's default heap, as before issue 13;
-- ``explicit``: explicit attention, freed memory kept in the heap (``retain_freed_memory``, as fit runs now);
-- ``sdpa``: ``F.scaled_dot_product_attention``, heap kept: what ``fit`` and ``evaluate`` run now.
+- ``today``: the attention before issue 13 (explicit form, nn.Dropout on the weights; copied below),
+  nn.Dropout everywhere and glibc's default heap;
+- ``heap``: the same, freed memory kept in the heap (``retain_freed_memory``);
+- ``sdpa``: heap kept, ``F.scaled_dot_product_attention`` for every call, training included (on CPU its
+  dropout runs the unfused math kernel), nn.Dropout elsewhere;
+- ``new``: what fit and evaluate run now: heap kept, SDPA where it has a fused kernel (evaluation), the
+  explicit form for CPU training, every dropout skip-sampled on CPU.
 
-``today`` emulates the default heap in the same process: mmap for blocks above 32 MiB (glibc's steady state,
-whose dynamic threshold stops there) and the heap trimmed, then one untimed step re-grows it for the others.
-Speed-ups are medians of per-round ratios, which cancel slow drifts of a shared machine. Writes
-benchmarks/results/bench_train.json and bench_train.md; ``--profile`` also writes torch.profiler tables
-(by op, self CPU time) of one step of each variant to benchmarks/results/bench_train_profile.md.
+Speed-ups are medians of per-round ratios, which cancel slow drifts of a shared machine; the best round
+and CPU time per image are cross-checks that a busy machine affects less (``--threads 1`` steadies both). Also: peak RSS per variant and the evaluation parity of
+SDPA vs the explicit form. Writes benchmarks/results/bench_train.json and bench_train.md; ``--profile``
+writes torch.profiler tables (self CPU time by op) of one step per variant to bench_train_profile.md.
 
     .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--presets lite0-256 mvtec-512] [--profile]
 """
@@ -22,20 +26,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import io
 import json
+import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 
-from reconad.model import PRESETS, build_detector
-from reconad.model.transformer import explicit_attention
+from reconad.model import PRESETS, build_detector, transformer
+from reconad.model.transformer import Attention, explicit_attention
 from reconad.train.config import TrainConfig
 from reconad.train.evaluate import predict
 from reconad.train.fit import DistributedContext, extract_all_features, train_one_epoch
@@ -43,55 +49,84 @@ from reconad.train.memory import retain_freed_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"mvtec-512_train_speedup_vs_today_min": 1.8}
-VARIANTS = ("today", "explicit", "sdpa")
-# glibc mallopt parameters (malloc.h) and the steady state of its dynamic mmap threshold.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
+VARIANTS = {"train": ("today", "heap", "sdpa", "new"), "eval": ("today", "heap", "new")}
+LABELS = {
+    "today": "before: explicit, nn.Dropout, default heap",
+    "heap": "explicit, nn.Dropout, heap kept",
+    "sdpa": "SDPA everywhere, nn.Dropout, heap kept",
+    "new": "now: SDPA where fused, skip-sampled dropout, heap kept",
+}
+WARMUP_CALLS = 2  # the kept heap grows over the first steps
 
 
-def default_heap() -> None:
-    """glibc's default behaviour after warm-up: blocks above 32 MiB mmap'd per allocation, the heap trimmed."""
-    libc = ctypes.CDLL(None)
-    libc.mallopt(M_MMAP_MAX, 65536)
-    libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
-    libc.mallopt(M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_THRESHOLD_MAX)
-    libc.malloc_trim(0)
+def attention_before_issue_13(self: Attention, query, key, value, attn_mask=None):
+    """``Attention.forward`` as of commit 057dbf7: explicit form, nn.Dropout on the softmax weights."""
+    n, length, d_model = query.shape
+    w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+
+    def heads(x, weight, bias):
+        return F.linear(x, weight, bias).view(n, -1, self.nhead, self.head_dim).transpose(1, 2)
+
+    q = heads(query, w_q, b_q) * (1.0 / math.sqrt(self.head_dim))
+    k = heads(key, w_k, b_k)
+    v = heads(value, w_v, b_v)
+    logits = q @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        logits = logits + attn_mask
+    weights = self.dropout(logits.softmax(dim=-1))
+    out = (weights @ v).transpose(1, 2).reshape(n, length, d_model)
+    return self.out_proj(out)
+
+
+def set_variant(variant: str) -> None:
+    """Heap mode, attention formulation and dropout of this process."""
+    if variant != "today":
+        retain_freed_memory()
+    if variant != "new":
+        transformer.Dropout.forward = torch.nn.Dropout.forward  # F.dropout, as before issue 13
+    if variant in ("today", "heap"):
+        Attention.forward = attention_before_issue_13
+    elif variant == "sdpa":
+        transformer.sdpa_is_fused = lambda device, dropout_p: True
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def prepare_inputs(preset: str, batch_size: int, train_batches: int, eval_batches: int, work: Path) -> Path:
+    """Images and their cached features for ``preset``, saved for the workers."""
+    config = PRESETS[preset]
+    torch.manual_seed(0)
+    detector = build_detector(config).eval()  # random backbone (backbone_weights="none")
+    generator = torch.Generator().manual_seed(0)
+    count = batch_size * max(train_batches, eval_batches)
+    images = torch.randint(0, 256, (count, *config.input_hw, 3), dtype=torch.uint8, generator=generator).numpy()
+    features = extract_all_features(detector, images, batch_size, torch.device("cpu"))
+    # A random backbone's deep stages come out ~1e-8; unit RMS per channel, the scale of pretrained features.
+    features = features / features.square().mean(dim=(0, 2, 3), keepdim=True).sqrt()
+    path = work / f"{preset}-inputs.pt"
+    torch.save({"features": features[: batch_size * train_batches].clone(),
+                "images": torch.from_numpy(images[: batch_size * eval_batches].copy())}, path)
+    return path
 
 
 class Workload:
-    """One preset: a random-weight detector, cached features and images, and the timed calls."""
+    """One preset in one process: the detector (seed 0), its inputs, and the timed calls."""
 
-    def __init__(self, preset: str, batch_size: int, train_batches: int, eval_batches: int):
-        self.preset = preset
-        config = PRESETS[preset]
+    def __init__(self, preset: str, inputs: Path, batch_size: int):
         torch.manual_seed(0)
-        self.detector = build_detector(config)  # random backbone (backbone_weights="none")
-        generator = torch.Generator().manual_seed(0)
-        count = batch_size * max(train_batches, eval_batches)
-        self.images = torch.randint(0, 256, (count, *config.input_hw, 3), dtype=torch.uint8, generator=generator).numpy()
-        features = extract_all_features(self.detector.eval(), self.images, batch_size, torch.device("cpu"))
-        # A random backbone's deep stages come out ~1e-8; AdamW's squared gradients of such targets are
-        # denormal floats, ~10x slower on a CPU. Unit RMS per channel, the scale of pretrained features.
-        features = features / features.square().mean(dim=(0, 2, 3), keepdim=True).sqrt()
-        self.features = features[: batch_size * train_batches].clone()
-        self.images = self.images[: batch_size * eval_batches].copy()
+        self.detector = build_detector(PRESETS[preset])
+        saved = torch.load(inputs, weights_only=True)
+        self.features, self.images = saved["features"], saved["images"].numpy()
         self.batch_size = batch_size
-        self.train_config = TrainConfig(preset=preset, batch_size=batch_size, epochs=1000)
+        self.config = TrainConfig(preset=preset, batch_size=batch_size)
         self.context = DistributedContext(rank=0, world_size=1, device=torch.device("cpu"))
-        self.optimizer = torch.optim.AdamW(
-            self.detector.reconstructor.parameters(), lr=self.train_config.learning_rate,
-            weight_decay=self.train_config.weight_decay,
-        )
+        self.optimizer = torch.optim.AdamW(self.detector.reconstructor.parameters(), lr=self.config.learning_rate,
+                                           weight_decay=self.config.weight_decay)
         self.epoch = 0
-
-    @contextlib.contextmanager
-    def variant(self, name: str):
-        if name == "today":
-            default_heap()
-        else:
-            retain_freed_memory()
-        with explicit_attention(self.detector) if name in ("today", "explicit") else contextlib.nullcontext():
-            yield
 
     def train(self) -> tuple[float, float]:
         """One pass over the cached features (fit's own loop, its progress line discarded): images/s and
@@ -100,67 +135,78 @@ class Workload:
         start = time.process_time()
         with contextlib.redirect_stderr(io.StringIO()):
             stats = train_one_epoch(self.detector, self.detector.reconstructor, self.features, self.optimizer,
-                                    self.context, self.train_config, self.epoch)
+                                    self.context, self.config, self.epoch)
         return stats["images_per_s"], (time.process_time() - start) / len(self.features)
 
     def evaluate(self) -> tuple[float, float]:
-        """``predict`` over the images: images/s and process CPU seconds per image."""
         start, cpu_start = time.perf_counter(), time.process_time()
         predict(self.detector, self.images, self.batch_size, torch.device("cpu"))
         return len(self.images) / (time.perf_counter() - start), (time.process_time() - cpu_start) / len(self.images)
 
 
-def measure(workload: Workload, rounds: int) -> dict:
-    """images/s per phase and variant, rounds interleaved; an untimed call after each switch to ``today``."""
-    rates = {phase: {name: [] for name in VARIANTS} for phase in ("train", "eval")}
-    cpu = {phase: {name: [] for name in VARIANTS} for phase in ("train", "eval")}
-    for phase, call in (("train", workload.train), ("eval", workload.evaluate)):
-        for round_index in range(rounds):
-            for name in VARIANTS:
-                with workload.variant(name):
-                    if round_index == 0 or name == "explicit":  # warm-up; the heap re-grows after "today"
-                        call()
-                    rate, cpu_s = call()
-                rates[phase][name].append(rate)
-                cpu[phase][name].append(cpu_s)
-    return {"images_per_s": rates, "cpu_s_per_image": cpu}
+def worker(args: argparse.Namespace) -> None:
+    """One measurement in this fresh process: warm-up calls, then the timed ones (median); one JSON line."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_variant(args.variant)
+    workload = Workload(args.preset, args.inputs, args.batch_size)
+    call = workload.train if args.phase == "train" else workload.evaluate
+    for _ in range(WARMUP_CALLS):
+        call()
+    if args.profile_out:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            call()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        args.profile_out.write_text(f"### {args.preset}, {args.phase}, {args.variant}\n\n```\n{table}\n```\n")
+        return
+    rates, cpu_times = zip(*(call() for _ in range(args.timed_calls)))
+    print(json.dumps({"images_per_s": statistics.median(rates), "cpu_s_per_image": statistics.median(cpu_times),
+                      "peak_rss_mib": peak_rss_mib()}))
 
 
-def profile(workload: Workload) -> str:
-    """torch.profiler tables (self CPU time by op) of one training pass and one evaluation per variant."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+def run_worker(args: argparse.Namespace, preset: str, phase: str, variant: str, inputs: Path,
+               profile_out: Path | None = None) -> dict | None:
+    command = [sys.executable, __file__, "--worker", "--preset", preset, "--phase", phase, "--variant", variant,
+               "--inputs", str(inputs), "--batch-size", str(args.batch_size), "--timed-calls", str(args.timed_calls)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    if profile_out:
+        command += ["--profile-out", str(profile_out)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return None if profile_out else json.loads(done.stdout.strip().splitlines()[-1])
 
-    sections = []
-    for phase, call in (("train", workload.train), ("eval", workload.evaluate)):
-        for name in VARIANTS:
-            with workload.variant(name):
-                call()
-                with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-                    call()
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-            sections.append(f"### {workload.preset}, {phase}, {name}\n\n```\n{table}\n```\n")
-    return "\n".join(sections)
+
+def evaluation_parity(preset: str, inputs: Path, batch_size: int) -> dict:
+    """Anomaly maps and scores of SDPA vs the explicit form on the benchmark images (eval, float32)."""
+    torch.manual_seed(0)
+    detector = build_detector(PRESETS[preset])
+    images = torch.load(inputs, weights_only=True)["images"].numpy()
+    fused_maps, fused_scores = predict(detector, images, batch_size, torch.device("cpu"))
+    with explicit_attention(detector):
+        maps, scores = predict(detector, images, batch_size, torch.device("cpu"))
+    return {
+        "map_max_abs": float(abs(fused_maps - maps).max()),
+        "map_range": float(maps.max() - maps.min()),
+        "score_max_abs": float(abs(fused_scores - scores).max()),
+    }
 
 
 def summarize(measured: dict) -> dict:
-    """Medians, and speed-ups as medians of per-round ratios (wall clock; CPU time as a cross-check that a
-    busy machine affects less)."""
     summary = {}
-    for phase, by_variant in measured["images_per_s"].items():
-        cpu = measured["cpu_s_per_image"][phase]
-        summary[phase] = {}
-        for name, values in by_variant.items():
-            summary[phase][name] = {
-                "images_per_s_median": statistics.median(values),
-                "images_per_s_all": values,
-                "speedup_vs_today_median": statistics.median(v / t for v, t in zip(values, by_variant["today"])),
-                "cpu_s_per_image_median": statistics.median(cpu[name]),
-                "cpu_speedup_vs_today_median": statistics.median(t / v for v, t in zip(cpu[name], cpu["today"])),
+    for phase, by_variant in measured.items():
+        today = by_variant["today"]
+        summary[phase] = {
+            name: {
+                "images_per_s_median": statistics.median(r["images_per_s"] for r in runs),
+                "images_per_s_best": max(r["images_per_s"] for r in runs),
+                "images_per_s_all": [r["images_per_s"] for r in runs],
+                "speedup_vs_today_median": statistics.median(r["images_per_s"] / t["images_per_s"] for r, t in zip(runs, today)),
+                "cpu_s_per_image_median": statistics.median(r["cpu_s_per_image"] for r in runs),
+                "cpu_speedup_vs_today_median": statistics.median(t["cpu_s_per_image"] / r["cpu_s_per_image"] for r, t in zip(runs, today)),
+                "peak_rss_mib_max": max(r["peak_rss_mib"] for r in runs),
             }
-        summary[phase]["sdpa_vs_explicit_median"] = statistics.median(
-            s / e for s, e in zip(by_variant["sdpa"], by_variant["explicit"])
-        )
+            for name, runs in by_variant.items()
+        }
     return summary
 
 
@@ -169,25 +215,48 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["lite0-256", "mvtec-512"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
-    parser.add_argument("--train-batches", type=int, default=2, help="batches per timed training pass")
+    parser.add_argument("--train-batches", type=int, default=1, help="training steps per timed pass")
     parser.add_argument("--eval-batches", type=int, default=1, help="batches per timed evaluation")
-    parser.add_argument("--profile", action="store_true", help="also write torch.profiler tables per variant")
+    parser.add_argument("--timed-calls", type=int, default=2, help="timed passes per process (median)")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: PyTorch's, one per core)")
+    parser.add_argument("--profile", action="store_true", help="also write torch.profiler tables per variant")
+    parser.add_argument("--work", type=Path, default=RESULTS / "bench_train_work")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(args)
+        return
 
+    args.work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    results, profiles = {}, []
+    started = time.perf_counter()
+    results, parity, profiles = {}, {}, []
     for preset in args.presets:
-        workload = Workload(preset, args.batch_size, args.train_batches, args.eval_batches)
-        results[preset] = summarize(measure(workload, args.rounds))
+        inputs = prepare_inputs(preset, args.batch_size, args.train_batches, args.eval_batches, args.work)
+        parity[preset] = evaluation_parity(preset, inputs, args.batch_size)
+        measured = {phase: {name: [] for name in names} for phase, names in VARIANTS.items()}
+        for phase, names in VARIANTS.items():
+            for _ in range(args.rounds):
+                for name in names:  # interleaved: a busy machine affects every variant alike
+                    measured[phase][name].append(run_worker(args, preset, phase, name, inputs))
+            print(f"{preset} {phase}: " + ", ".join(
+                f"{name} {statistics.median(r['images_per_s'] for r in runs):.2f} img/s"
+                for name, runs in measured[phase].items()), file=sys.stderr, flush=True)
+        results[preset] = summarize(measured)
         if args.profile:
-            profiles.append(profile(workload))
-        del workload
-    speedup = results.get("mvtec-512", {}).get("train", {}).get("sdpa", {}).get("speedup_vs_today_median")
+            for phase, names in VARIANTS.items():
+                for name in names:
+                    out = args.work / f"profile-{preset}-{phase}-{name}.md"
+                    run_worker(args, preset, phase, name, inputs, profile_out=out)
+                    profiles.append(out.read_text())
     checks = {}
-    if speedup is not None:
+    if "mvtec-512" in results:
+        speedup = results["mvtec-512"]["train"]["new"]["speedup_vs_today_median"]
         checks["mvtec-512_train_speedup_vs_today"] = {
             "value": speedup, "passed": speedup >= TARGETS["mvtec-512_train_speedup_vs_today_min"],
         }
@@ -196,15 +265,17 @@ def main() -> None:
         "rounds": args.rounds,
         "batch_size": args.batch_size,
         "train_images_per_pass": args.batch_size * args.train_batches,
+        "warmup_and_timed_passes_per_process": [WARMUP_CALLS, args.timed_calls],
         "eval_images_per_pass": args.batch_size * args.eval_batches,
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": args.threads or torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
+        "seconds": time.perf_counter() - started,
     }
-    result = {"meta": meta, "results": results, "targets": TARGETS, "checks": checks}
+    result = {"meta": meta, "results": results, "evaluation_parity": parity, "targets": TARGETS, "checks": checks}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_train.json").write_text(json.dumps(result, indent=2) + "\n")
     table = render_table(result)
@@ -217,22 +288,28 @@ def main() -> None:
 def render_table(result: dict) -> str:
     meta = result["meta"]
     lines = [
-        f"batch {meta['batch_size']}, random weights, CPU, median of {meta['rounds']} interleaved rounds; "
-        f"torch {meta['torch']} ({meta['torch_threads']} threads), {meta['cpu_count']} CPUs, "
+        f"batch {meta['batch_size']}, random weights, CPU, median of {meta['rounds']} interleaved rounds (a fresh "
+        f"process each); torch {meta['torch']} ({meta['torch_threads']} threads), {meta['cpu_count']} CPUs, "
         f"load average {meta['load_average_before'][0]:.1f} before, {meta['load_average_after'][0]:.1f} after",
         "",
-        "| preset | phase | today: explicit, default heap (img/s) | explicit, heap kept (img/s) | SDPA, heap kept (img/s) "
-        "| SDPA vs today | SDPA vs explicit | SDPA vs today, CPU time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| preset | phase | variant | images/s | vs before | best images/s | CPU s / image | vs before (CPU time) "
+        "| peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for preset, phases in result["results"].items():
-        for phase, row in phases.items():
-            cells = [preset, "training step" if phase == "train" else "evaluation (fused forward)"]
-            cells += [f"{row[name]['images_per_s_median']:.2f}" for name in VARIANTS]
-            cells += [f"{row['sdpa']['speedup_vs_today_median']:.2f}x", f"{row['sdpa_vs_explicit_median']:.2f}x",
-                      f"{row['sdpa']['cpu_speedup_vs_today_median']:.2f}x"]
-            lines.append("| " + " | ".join(cells) + " |")
+        for phase, rows in phases.items():
+            for name, row in rows.items():
+                lines.append(
+                    f"| {preset} | {'training step' if phase == 'train' else 'evaluation'} | {LABELS[name]} "
+                    f"| {row['images_per_s_median']:.2f} | {row['speedup_vs_today_median']:.2f}x "
+                    f"| {row['images_per_s_best']:.2f} "
+                    f"| {row['cpu_s_per_image_median']:.3f} | {row['cpu_speedup_vs_today_median']:.2f}x "
+                    f"| {row['peak_rss_mib_max']:.0f} |"
+                )
     lines.append("")
+    for preset, gap in result["evaluation_parity"].items():
+        lines.append(f"- {preset} evaluation, SDPA vs explicit: map max abs {gap['map_max_abs']:.2g} "
+                     f"(map range {gap['map_range']:.3g}), score max abs {gap['score_max_abs']:.2g}")
     for name, check in result["checks"].items():
         lines.append(f"- {name}: {check['value']:.3g} (target {TARGETS[name + '_min']}; "
                      f"{'pass' if check['passed'] else 'FAIL'})")

@@ -4,7 +4,8 @@ Changes from DETR: a neighbour mask (a k x k window a token may NOT attend to) h
 a finite fill; no object queries from outside, but one learned query embedding per decoder layer whose
 first attention reads the encoder output and second the previous layer's output (the official UniAD
 layout); feature jittering in training; batch-first tokens; attention through PyTorch's fused
-``scaled_dot_product_attention`` in training and evaluation, written out as plain ops for export.
+``scaled_dot_product_attention`` where it has a fused kernel, written out as plain ops for export and for
+CPU training with dropout (with skip-sampled attention dropout).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ def build_neighbor_mask(feature_hw: tuple[int, int], neighbor_size: tuple[int, i
 class Attention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's parameter names (so its state dicts load).
 
-    Two formulations of the same function: ``F.scaled_dot_product_attention`` (fused kernels on CPU and
-    CUDA; the default) and, with ``explicit`` set (``explicit_attention``, for export), Q.K^T MatMul, mask
-    Add, Softmax, MatMul written out, so the ONNX graph is plain ops and the softmax logits can stay FP32.
-    Attention-weight dropout is the same in both (``dropout`` on the softmax output, training only); the
-    random masks differ, and on CPU a dropout above 0 sends SDPA to its unfused math kernel.
+    Two formulations of the same function. ``F.scaled_dot_product_attention`` wherever PyTorch has a fused
+    kernel for the call (``sdpa_is_fused``): evaluation, and training on CUDA or without dropout. The explicit
+    Q.K^T MatMul, mask Add, Softmax, MatMul otherwise: for export (``explicit_attention``), so the ONNX graph
+    is plain ops and the softmax logits can stay FP32, and for training on CPU with dropout, where SDPA
+    would run its unfused math kernel. Attention-weight dropout is the same in both: each softmax weight is
+    zeroed with probability ``dropout`` and the rest scaled by 1 / (1 - dropout), in training only; the
+    random streams differ (SDPA's own; ``sample_drop_positions`` on the explicit path).
     """
 
     explicit = False  # class default; explicit_attention sets it per instance
@@ -54,7 +57,7 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model))
         self.out_proj = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.in_proj_bias)
         nn.init.zeros_(self.out_proj.bias)
@@ -72,19 +75,76 @@ class Attention(nn.Module):
             return F.linear(x, weight, bias).view(n, -1, self.nhead, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(query, w_q, b_q), heads(key, w_k, b_k), heads(value, w_v, b_v)
-        if not self.explicit:
+        dropout_p = self.dropout.p if self.training else 0.0
+        if not self.explicit and sdpa_is_fused(q.device, dropout_p):
             if attn_mask is not None and attn_mask.dtype != q.dtype:
                 attn_mask = attn_mask.to(q.dtype)  # under autocast q is bf16/fp16; SDPA wants one dtype
-            dropout_p = self.dropout.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
             return self.out_proj(out.transpose(1, 2).reshape(n, length, d_model))  # [N, L, D]
         q = q * (1.0 / math.sqrt(self.head_dim))
         logits = q @ k.transpose(-2, -1)  # [N, nhead, L, L]
         if attn_mask is not None:
             logits = logits + attn_mask
-        weights = self.dropout(logits.softmax(dim=-1))
-        out = (weights @ v).transpose(1, 2).reshape(n, length, d_model)  # [N, L, D]
-        return self.out_proj(out)
+        weights = logits.softmax(dim=-1)
+        if 0.0 < dropout_p < 1.0:
+            # the 1 / (1 - p) of dropout applied to the [N, nhead, L, head_dim] product, not the L x L weights
+            out = (skip_sampled_dropout(weights, dropout_p, scale=False) @ v) * (1.0 / (1.0 - dropout_p))
+        else:
+            out = self.dropout(weights) @ v  # no dropout, or all weights zeroed (p = 1)
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, d_model))  # [N, L, D]
+
+
+def sdpa_is_fused(device: torch.device, dropout_p: float) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` runs a fused kernel for this call (PyTorch 2.x): on CUDA
+    always (flash or memory-efficient, both with dropout), on CPU only without dropout (its flash kernel
+    takes none; with dropout it falls back to the unfused math kernel, slower than the explicit form)."""
+    return dropout_p == 0.0 or device.type != "cpu"
+
+
+def sample_drop_positions(
+    n: int, p: float, device: torch.device | str = "cpu", gaps_per_round: int | None = None
+) -> torch.Tensor:
+    """Ascending int64 positions in [0, n) where each of n elements is dropped independently with
+    probability 0 < p < 1: the distribution of ``F.dropout``'s zeros, from about n * p random numbers.
+
+    Skip sampling (Devroye, *Non-Uniform Random Variate Generation*, 1986, ch. X): the gaps between drops
+    in a Bernoulli(p) sequence are i.i.d. Geometric(p), 1 + floor(log(1 - U) / log(1 - p)) for U uniform
+    in [0, 1) (float64, as ``torch.bernoulli`` on CPU). Draws from torch's default generator, in rounds of
+    ``gaps_per_round`` gaps (default: enough to pass n in one round but with odds of ~1e-9).
+    """
+    log_keep = math.log1p(-p)
+    chunks, last = [], -1  # the last drop position so far; the sequence is memoryless, so resume there
+    while True:
+        expected = (n - 1 - last) * p
+        count = gaps_per_round or int(expected + 6 * math.sqrt(expected) + 16)
+        gaps = torch.rand(count, dtype=torch.float64, device=device).neg_().log1p_().div_(log_keep).floor_().add_(1)
+        positions = gaps.cumsum_(0).add_(last)  # ascending; float64 is exact for integers below 2^53
+        inside = int(torch.searchsorted(positions, float(n)))  # how many fall in [0, n)
+        chunks.append(positions[:inside].long())
+        if inside < count:
+            return torch.cat(chunks)
+        last = int(positions[-1])
+
+
+def skip_sampled_dropout(x: torch.Tensor, p: float, scale: bool = True) -> torch.Tensor:
+    """``F.dropout(x, p, training=True)`` with the zeros placed by ``sample_drop_positions``; without
+    ``scale`` the kept elements are not multiplied by 1 / (1 - p) (the caller does it further on)."""
+    positions = sample_drop_positions(x.numel(), p, x.device)
+    if not scale:
+        return x.flatten().index_fill(0, positions, 0.0).view_as(x)
+    out = (x * (1.0 / (1.0 - p))).contiguous()
+    out.view(-1).index_fill_(0, positions, 0.0)  # in place on a fresh tensor: its producer saved nothing
+    return out
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same arguments and empty state dict) that draws its zeros by skip sampling on CPU in
+    training: the same distribution from about p * n random numbers instead of n. Elsewhere nn.Dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu":
+            return skip_sampled_dropout(x, self.p)
+        return super().forward(x)
 
 
 @contextlib.contextmanager
@@ -107,7 +167,7 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, dim_feedforward: int, dropout: float):
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,8 +183,8 @@ class EncoderLayer(nn.Module):
         self.ffn = FeedForward(d_model, dim_feedforward, dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q = k = src + pos
@@ -145,9 +205,9 @@ class DecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
 
     def forward(
         self,

@@ -1,6 +1,20 @@
-import torch
+import math
 
-from reconad.model.transformer import MASK_FILL, Attention, Reconstructor, build_neighbor_mask, explicit_attention
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reconad.model import transformer
+from reconad.model.transformer import (
+    MASK_FILL,
+    Attention,
+    Dropout,
+    Reconstructor,
+    build_neighbor_mask,
+    explicit_attention,
+    sample_drop_positions,
+    sdpa_is_fused,
+)
 
 
 def test_neighbor_mask_properties():
@@ -63,26 +77,91 @@ def test_sdpa_and_explicit_attention_agree_in_values_and_gradients(tiny_config):
     assert set(fused_grads) == set(explicit_grads) and all(g.abs().max() > 0 for g in fused_grads.values())
 
 
-def test_attention_dropout_is_on_the_weights_in_both_formulations():
-    """Dropout on the softmax output scaled by 1/(1-p): unbiased, with the same spread either way."""
+def _old_dropout_forward(attention: Attention, q, k, v, dropout=None) -> torch.Tensor:
+    """The attention as before issue 13: explicit form, F.dropout (or ``dropout``) on the softmax weights."""
+    n, length, d_model = q.shape
+    w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
+    heads = [F.linear(x, w, b).view(n, -1, attention.nhead, attention.head_dim).transpose(1, 2)
+             for x, w, b in ((q, w_q, b_q), (k, w_k, b_k), (v, w_v, b_v))]
+    logits = heads[0] / math.sqrt(attention.head_dim) @ heads[1].transpose(-2, -1)
+    dropout = dropout or (lambda weights: F.dropout(weights, attention.dropout.p, attention.training))
+    out = dropout(logits.softmax(dim=-1)) @ heads[2]
+    return attention.out_proj(out.transpose(1, 2).reshape(n, length, d_model))
+
+
+def test_attention_dropout_is_on_the_weights_in_every_formulation(monkeypatch):
+    """Each softmax weight zeroed with probability p, the rest scaled by 1/(1-p): unbiased, and with the
+    spread of F.dropout on the weights, for the skip-sampled explicit path (CPU training) and SDPA's own."""
     torch.manual_seed(0)
     attention = Attention(8, 2, dropout=0.5)
     q, k, v = (torch.randn(1, 6, 8) for _ in range(3))
-    draws = 4000
+    draws = 2000
     with torch.no_grad():
         expected = attention.eval()(q, k, v)
         attention.train()
-        fused = torch.stack([attention(q, k, v) for _ in range(draws)])
-        with explicit_attention(attention):
-            explicit = torch.stack([attention(q, k, v) for _ in range(draws)])
-    for samples in (fused, explicit):
+        reference = torch.stack([_old_dropout_forward(attention, q, k, v) for _ in range(draws)])
+        explicit = torch.stack([attention(q, k, v) for _ in range(draws)])
+        monkeypatch.setattr(transformer, "sdpa_is_fused", lambda device, dropout_p: True)
+        fused = torch.stack([attention(q, k, v) for _ in range(draws)])  # SDPA's math kernel on CPU
+    for samples in (reference, explicit, fused):
         assert samples.std(dim=0).min() > 0.01  # dropout acts in training
-        assert (samples.mean(dim=0) - expected).abs().max() < 0.05  # measured 0.008; standard error <= 0.005
-    spread = fused.var(dim=0).mean() / explicit.var(dim=0).mean()
-    assert 0.9 < spread < 1.1, spread  # measured 1.008
+        assert (samples.mean(dim=0) - expected).abs().max() < 0.05  # measured <= 0.012; standard error 0.007
+    for samples in (explicit, fused):
+        spread = samples.var(dim=0).mean() / reference.var(dim=0).mean()
+        assert 0.9 < spread < 1.1, spread  # measured within 0.3%; dropout on the output: 0.28
 
 
-def test_training_and_evaluation_run_sdpa_and_the_export_form_does_not(tiny_config, monkeypatch):
+@pytest.mark.parametrize("gaps_per_round", [None, 7])  # 7: many rounds, each resumed at the last drop
+def test_sample_drop_positions_are_independent_bernoulli_drops(gaps_per_round):
+    torch.manual_seed(0)
+    n, p = 2_000_000, 0.1
+    positions = sample_drop_positions(n, p, gaps_per_round=gaps_per_round)
+    assert positions.dtype == torch.int64 and positions.min() >= 0 and positions.max() < n
+    assert (positions.diff() > 0).all()  # ascending, no repeats
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[positions] = True
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(dropped.sum().item() - n * p) < 5 * sigma
+    both = (dropped[:-1] & dropped[1:]).sum().item()  # neighbours independent: p^2 of the pairs
+    assert abs(both - (n - 1) * p * p) < 5 * math.sqrt(n * p * p)
+    halves = dropped.view(2, -1).sum(dim=1).float()  # no drift along the sequence
+    assert (halves - n * p / 2).abs().max() < 5 * sigma
+
+
+def test_dropout_module_draws_like_nn_dropout():
+    torch.manual_seed(0)
+    x = torch.rand(64, 300, 40).transpose(1, 2).requires_grad_()  # not contiguous
+    dropout = Dropout(0.1)
+    assert torch.equal(dropout.eval()(x), x) and dropout.state_dict() == {}
+    out = dropout.train()(x)
+    zeros = out == 0
+    assert abs(zeros.float().mean().item() - 0.1) < 0.002  # 768000 elements: 5 standard errors
+    torch.testing.assert_close(out[~zeros], x[~zeros] / 0.9)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad, (~zeros).float() / 0.9)
+    assert (x > 0).all()  # the input itself is untouched
+
+
+def test_explicit_dropout_values_and_gradients():
+    """The skip-sampled dropout is the softmax weights times a 0/1 mask over 1 - p, gradients included."""
+    torch.manual_seed(0)
+    attention = Attention(8, 2, dropout=0.1).train()
+    q, k, v = (torch.randn(2, 6, 8, requires_grad=True) for _ in range(3))
+    torch.manual_seed(1)
+    out = attention(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, attention.in_proj_weight))
+    torch.manual_seed(1)  # the same draws, so the same dropped weights
+    keep = torch.ones(2 * 2 * 6 * 6).index_fill(0, sample_drop_positions(2 * 2 * 6 * 6, 0.1), 0.0)
+    assert 0 < (keep == 0).sum() < keep.numel()
+    expected = _old_dropout_forward(attention, q, k, v, dropout=lambda weights: weights * keep.view(2, 2, 6, 6) / 0.9)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v, attention.in_proj_weight))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_runs_where_it_has_a_fused_kernel(tiny_config, monkeypatch):
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -94,17 +173,22 @@ def test_training_and_evaluation_run_sdpa_and_the_export_form_does_not(tiny_conf
     torch.manual_seed(0)
     model = Reconstructor(tiny_config)
     features = _features(tiny_config, n=2)
-    model.train()(features).sum().backward()
-    assert calls == [tiny_config.dropout] * 3  # encoder attention, decoder attentions 1 and 2
-    calls.clear()
     with torch.no_grad():
         model.eval()(features)
-    assert calls == [0.0] * 3
+    assert calls == [0.0] * 3  # evaluation: encoder attention, decoder attentions 1 and 2
     calls.clear()
-    with explicit_attention(model):
-        model.train()(features)
-    assert calls == []
-    assert not any(m.explicit for m in model.modules() if isinstance(m, Attention))
+    model.train()(features).sum().backward()
+    assert calls == []  # CPU training with dropout: the explicit form (SDPA's CPU kernel takes no dropout)
+    no_dropout = Reconstructor(tiny_config.replace(dropout=0.0)).train()
+    no_dropout(features).sum().backward()
+    assert calls == [0.0] * 3  # CPU training without dropout: SDPA's fused CPU kernel
+    calls.clear()
+    with explicit_attention(no_dropout):
+        no_dropout(features)
+    assert calls == []  # the export form
+    assert not any(m.explicit for m in no_dropout.modules() if isinstance(m, Attention))
+    assert sdpa_is_fused(torch.device("cuda"), tiny_config.dropout)  # CUDA training: SDPA with its dropout
+    assert not sdpa_is_fused(torch.device("cpu"), tiny_config.dropout)
 
 
 def test_explicit_attention_restores_on_error(tiny_config):
