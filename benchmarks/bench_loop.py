@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from reconad.runtime.inspector import Inspector
-from reconad.runtime.loop import InspectConfig, build_sinks, run_inspection
-from reconad.runtime.preprocess import prepare_image
-from reconad.runtime.sources import FrameSource, RawFrame
+from reconad.runtime.line.loop import InspectConfig, build_sinks, run_inspection
+from reconad.runtime.frames import prepare_image
+from reconad.runtime.line.sources import FrameSource, RawFrame
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.preprocess import list_images, read_image, resize_image
+from reconad.runtime.frames import list_images, read_image, resize_image
 
 
 def write_video(folders: list[Path], out: Path, fps: float, size: int) -> int:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from reconad.export.engine_precision import (
+from reconad.export.precision_check import (
     FLOAT_DTYPES,
     LayerPrecisionReport,
     NetworkLayer,
@@ -28,7 +28,7 @@ from reconad.export.engine_precision import (
     typed_layer_names,
 )
 from reconad.runtime.atomic import write_bytes_atomic
-from reconad.runtime.cuda import GpuInfo, probe_gpu
+from reconad.runtime.backends.cuda import GpuInfo, probe_gpu
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import (
     INPUT_NAME,
@@ -39,7 +39,7 @@ from reconad.runtime.manifest import (
     check_artifact_sha256,
     manifest_path_for,
 )
-from reconad.runtime.trt_backend import import_tensorrt, parse_version
+from reconad.runtime.backends.trt import import_tensorrt, parse_version
 
 PRECISIONS = ("fp16", "fp32")
 NETWORK_TYPINGS = ("auto", "strong", "weak")
@@ -734,7 +734,7 @@ def prepare_graph(onnx_path: Path, plan: PrecisionPlan) -> GraphToParse:
 def _cuda_runtime_version() -> str | None:
     """The CUDA runtime version through whichever binding is installed; None without one."""
     try:
-        from reconad.runtime.cuda import open_cuda
+        from reconad.runtime.backends.cuda import open_cuda
 
         driver = open_cuda()
     except ReconadError:

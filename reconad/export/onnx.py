@@ -111,7 +111,7 @@ def synthetic_reference_images(input_hw: tuple[int, int], count: int = SYNTHETIC
 def load_reference_images(folder: str | os.PathLike, input_hw: tuple[int, int]) -> np.ndarray:
     """Up to ``MAX_REFERENCE_IMAGES`` image files of ``folder`` (evenly spaced, sorted), prepared
     exactly as the runtime prepares frames: uint8 [K, H, W, 3] RGB."""
-    from reconad.runtime.preprocess import list_images, prepare_batch
+    from reconad.runtime.frames import list_images, prepare_batch
 
     paths = list_images(folder)
     if not paths:

@@ -25,7 +25,7 @@ from reconad.runtime.manifest import (
     manifest_path_for,
     utc_now_iso,
 )
-from reconad.runtime.preprocess import Roi, list_images, prepare_image, read_image
+from reconad.runtime.frames import Roi, list_images, prepare_image, read_image
 
 NORMALIZE_CHOICES = ("quantile", "minmax", "none")
 METHOD = "max_fpr"

@@ -128,8 +128,8 @@ def run(
     """
     from reconad.runtime.errors import ReconadError, exit_with
     from reconad.runtime.folder import parse_roi
-    from reconad.runtime.loop import InspectConfig, inspect_stream
-    from reconad.runtime.sources import SourceConfig
+    from reconad.runtime.line.loop import InspectConfig, inspect_stream
+    from reconad.runtime.line.sources import SourceConfig
 
     def report(line: str) -> None:
         typer.echo(line, err=True)

@@ -17,7 +17,7 @@ import numpy as np
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Inspector, Verdict
 from reconad.runtime.overlay import overlay_heatmap, write_png
-from reconad.runtime.preprocess import Roi, list_images, prepare_image, read_image
+from reconad.runtime.frames import Roi, list_images, prepare_image, read_image
 
 OVERLAY_MODES = ("anomalies", "all", "none")
 VERDICTS_FILE = "verdicts.jsonl"

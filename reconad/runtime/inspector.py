@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reconad.runtime.backends import Backend, OrtBackend, TensorInfo, open_backend
+from reconad.runtime.backends.base import Backend, OrtBackend, TensorInfo, open_backend
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import (
     ANOMALY_MAP_NAME,
@@ -22,7 +22,7 @@ from reconad.runtime.manifest import (
     check_artifact_sha256,
     manifest_path_for,
 )
-from reconad.runtime.preprocess import Frame, Roi, prepare_batch
+from reconad.runtime.frames import Frame, Roi, prepare_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +177,7 @@ class Inspector:
         """Verdicts for one frame or many (arrays of any size and kind, or image paths).
 
         Args:
-            frames: see ``reconad.runtime.preprocess.prepare_batch``.
+            frames: see ``reconad.runtime.frames.prepare_batch``.
             colour: channel order of colour arrays: ``"RGB"``, or ``"BGR"`` for OpenCV frames.
             roi: optional (x, y, width, height) crop of every frame.
         """

@@ -13,7 +13,7 @@ import numpy as np
 
 from reconad.runtime.atomic import write_bytes_atomic
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.preprocess import Roi, import_cv2
+from reconad.runtime.frames import Roi, import_cv2
 
 
 def colorize_map(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 from reconad.model import AnomalyDetector, load_detector
 from reconad.runtime.atomic import write_text_atomic
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.metrics import compute_detection_metrics, roc_curve
+from reconad.train.metrics import compute_detection_metrics, roc_curve
 from reconad.train.data import ImageDataset, list_categories, load_dataset
 
 METRIC_COLUMNS = (

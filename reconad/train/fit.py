@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from reconad.model import PRESETS, AnomalyDetector, ModelConfig, build_detector, save_checkpoint
 from reconad.runtime.atomic import atomic_path, write_text_atomic
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.metrics import ranking_metrics
+from reconad.train.metrics import ranking_metrics
 from reconad.train.config import VAL_METRICS, TrainConfig
 from reconad.train.data import ImageDataset, load_dataset
 

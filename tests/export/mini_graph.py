@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from reconad.export.engine_precision import NetworkLayer
+from reconad.export.precision_check import NetworkLayer
 from reconad.export.layernorm import decompose_layer_norm
 from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, INPUT_NAME
 

@@ -16,7 +16,7 @@ import pytest
 
 from reconad.export import engine
 from reconad.export.engine import BuildConfig, EnginePrecisionError, build_engine
-from reconad.runtime.cuda import GpuInfo
+from reconad.runtime.backends.cuda import GpuInfo
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import Manifest, Precision, manifest_path_for
 from tests.export.mini_graph import FP32, NORM_STEPS, build_model, engine_json, parsed_network

@@ -16,11 +16,11 @@ pytestmark = pytest.mark.gpu
 trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed here; the gpu tests need TensorRT and a GPU")
 
 from reconad.export.engine import BuildConfig, build_engine  # noqa: E402
-from reconad.runtime.backends import OrtBackend  # noqa: E402
-from reconad.runtime.cuda import open_cuda  # noqa: E402
+from reconad.runtime.backends.base import OrtBackend  # noqa: E402
+from reconad.runtime.backends.cuda import open_cuda  # noqa: E402
 from reconad.runtime.errors import ReconadError  # noqa: E402
 from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, Manifest, manifest_path_for  # noqa: E402
-from reconad.runtime.trt_backend import TrtBackend  # noqa: E402
+from reconad.runtime.backends.trt import TrtBackend  # noqa: E402
 from reconad.runtime.verify import verify_artifact  # noqa: E402
 from tests.runtime.onnx_graphs import expected_outputs, random_images, write_artifact  # noqa: E402
 

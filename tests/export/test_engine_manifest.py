@@ -24,11 +24,11 @@ from reconad.export.engine import (
     write_bytes_atomic,
     write_engine,
 )
-from reconad.export.engine_precision import analyze_layer_precisions
-from reconad.runtime.cuda import GpuInfo
+from reconad.export.precision_check import analyze_layer_precisions
+from reconad.runtime.backends.cuda import GpuInfo
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import EngineInfo, Manifest, Precision, check_artifact_sha256, sha256_file
-from reconad.runtime.trt_backend import engine_mismatch
+from reconad.runtime.backends.trt import engine_mismatch
 from tests.runtime.onnx_graphs import write_artifact
 
 ORIN = GpuInfo(

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from reconad.export.engine import plan_precision, prepare_graph
-from reconad.export.engine_precision import (
+from reconad.export.precision_check import (
     NetworkLayer,
     analyze_layer_precisions,
     assign_layers_to_nodes,

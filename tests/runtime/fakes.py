@@ -12,7 +12,7 @@ import numpy as np
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Verdict
-from reconad.runtime.sources import FrameSource, RawFrame, SourceLostError
+from reconad.runtime.line.sources import FrameSource, RawFrame, SourceLostError
 
 
 class FakeInspector:

@@ -12,7 +12,7 @@ from reconad.runtime.cli import app
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Inspector
 from reconad.runtime.manifest import Calibration, Manifest, manifest_path_for, sha256_file
-from reconad.runtime.preprocess import list_images
+from reconad.runtime.frames import list_images
 from tests.runtime.onnx_graphs import write_artifact
 
 runner = CliRunner()

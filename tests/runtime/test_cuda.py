@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from reconad.runtime import cuda
+from reconad.runtime.backends import cuda
 from reconad.runtime.errors import ReconadError
 
 BLOCK_BINDINGS = ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart", "pycuda", "pycuda.driver")

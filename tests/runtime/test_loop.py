@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.loop import (
+from reconad.runtime.line.loop import (
     EXIT_INFERENCE_FAILED,
     DropOldestQueue,
     InspectConfig,
@@ -22,8 +22,8 @@ from reconad.runtime.loop import (
     run_inspection,
 )
 from reconad.runtime.manifest import Calibration, Threshold
-from reconad.runtime.sinks import FrameFault, InspectionResult
-from reconad.runtime.sources import FrameReadError, ImageFolderSource, SourceConfig, SourceLostError, open_source
+from reconad.runtime.line.sinks import FrameFault, InspectionResult
+from reconad.runtime.line.sources import FrameReadError, ImageFolderSource, SourceConfig, SourceLostError, open_source
 from tests.runtime.fakes import Collector, FakeInspector, ScriptedSource, gray_frame, wait_for, write_image_folder
 from tests.runtime.onnx_graphs import write_artifact
 
@@ -71,7 +71,7 @@ def test_check_frame():
 
 
 def test_prepare_frame_equals_prepare_image():
-    from reconad.runtime.preprocess import prepare_image
+    from reconad.runtime.frames import prepare_image
 
     rng = np.random.default_rng(1)
     frames = [rng.integers(0, 256, (30, 50, 3), dtype=np.uint8), rng.integers(0, 65536, (30, 50), dtype=np.uint16)]
@@ -164,7 +164,7 @@ def test_a_lost_camera_is_reopened_with_backoff_while_the_loop_goes_on():
 
 
 def test_a_live_source_faster_than_inference_drops_the_oldest_frames(monkeypatch):
-    import reconad.runtime.loop as loop_module
+    import reconad.runtime.line.loop as loop_module
 
     prepared = []
     original = loop_module.prepare_frame

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.preprocess import (
+from reconad.runtime.frames import (
     crop_roi,
     list_images,
     prepare_batch,

@@ -13,9 +13,9 @@ import types
 import numpy as np
 import pytest
 
-from reconad.runtime import trt_backend
-from reconad.runtime.backends import open_backend
-from reconad.runtime.cuda import CudaDriver, DeviceBuffer, GpuInfo, GraphExec, PinnedBuffer, Stream
+from reconad.runtime.backends import trt as trt_backend
+from reconad.runtime.backends.base import open_backend
+from reconad.runtime.backends.cuda import CudaDriver, DeviceBuffer, GpuInfo, GraphExec, PinnedBuffer, Stream
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Inspector
 from reconad.runtime.manifest import (
@@ -26,7 +26,7 @@ from reconad.runtime.manifest import (
     Manifest,
     manifest_path_for,
 )
-from reconad.runtime.trt_backend import TrtBackend, engine_mismatch, import_tensorrt, parse_version
+from reconad.runtime.backends.trt import TrtBackend, engine_mismatch, import_tensorrt, parse_version
 from tests.runtime.onnx_graphs import random_images, write_artifact
 
 HW = (4, 6)

@@ -1,6 +1,6 @@
 """Where the inspection loop's verdicts go: a JSONL event log, heatmap overlays of anomalies, a webhook.
 
-Each sink runs on its own thread behind a drop-oldest queue (``reconad.runtime.loop``), so a slow disk
+Each sink runs on its own thread behind a drop-oldest queue (``reconad.runtime.line.loop``), so a slow disk
 or network never stalls inference. A sink raises on failure; its worker counts, reports and moves on.
 """
 
@@ -25,7 +25,7 @@ from reconad.runtime.errors import ReconadError
 from reconad.runtime.folder import OVERLAY_DIR, verdict_record
 from reconad.runtime.inspector import Verdict
 from reconad.runtime.overlay import overlay_heatmap, write_png
-from reconad.runtime.preprocess import Roi, to_rgb_uint8
+from reconad.runtime.frames import Roi, to_rgb_uint8
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from reconad.runtime import metrics
+from reconad.train import metrics
 from reconad.runtime.errors import ReconadError
 
 

@@ -284,9 +284,9 @@ _TRT_MODULES = ("tensorrt", "cuda", "pycuda")  # missing any of these means no T
 
 def _open_trt_backend(path: Path, *, max_batch: int | None) -> Backend:
     try:
-        from reconad.runtime.trt_backend import TrtBackend
+        from reconad.runtime.backends.trt import TrtBackend
     except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] not in _TRT_MODULES and error.name != "reconad.runtime.trt_backend":
+        if (error.name or "").split(".")[0] not in _TRT_MODULES and error.name != "reconad.runtime.backends.trt":
             raise
         raise ReconadError(
             f"TensorRT is not installed here, so {path} cannot run; install TensorRT (JetPack ships it) "

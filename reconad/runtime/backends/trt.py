@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from reconad.runtime.backends import TensorInfo, infer_in_chunks
-from reconad.runtime.cuda import CudaDriver, DeviceBuffer, GraphExec, PinnedBuffer, Stream, open_cuda, probe_gpu
+from reconad.runtime.backends.base import TensorInfo, infer_in_chunks
+from reconad.runtime.backends.cuda import CudaDriver, DeviceBuffer, GraphExec, PinnedBuffer, Stream, open_cuda, probe_gpu
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import EngineInfo, Manifest, manifest_path_for
 

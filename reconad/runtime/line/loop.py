@@ -30,9 +30,9 @@ from reconad.runtime.folder import OVERLAY_MODES, VERDICTS_FILE
 from reconad.runtime.inspector import Verdict
 from reconad.runtime.atomic import write_text_atomic
 from reconad.runtime.manifest import Manifest
-from reconad.runtime.preprocess import Roi, crop_roi, prepare_image, resize_image, to_rgb_uint8
-from reconad.runtime.sinks import FrameFault, InspectionResult, JsonlSink, OverlaySink, Sink, WebhookSink, describe_error
-from reconad.runtime.sources import (
+from reconad.runtime.frames import Roi, crop_roi, prepare_image, resize_image, to_rgb_uint8
+from reconad.runtime.line.sinks import FrameFault, InspectionResult, JsonlSink, OverlaySink, Sink, WebhookSink, describe_error
+from reconad.runtime.line.sources import (
     FrameReadError,
     FrameSource,
     ImageFolderSource,
@@ -40,7 +40,7 @@ from reconad.runtime.sources import (
     SourceLostError,
     open_source,
 )
-from reconad.runtime.stats import LoopStats, StatsSnapshot
+from reconad.runtime.line.stats import LoopStats, StatsSnapshot
 
 SUMMARY_FILE = "summary.json"
 EXIT_INFERENCE_FAILED = 3  # the model raised or hung: not the operator's input (that is exit code 2)

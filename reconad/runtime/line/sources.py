@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.preprocess import IMAGE_SUFFIXES, import_cv2, list_images, read_image
+from reconad.runtime.frames import IMAGE_SUFFIXES, import_cv2, list_images, read_image
 
 # jetson-inference's --input-flip names, in the order of nvvidconv's flip-method values 0..7.
 FLIP_METHODS = (
