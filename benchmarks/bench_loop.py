@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from reconad.runtime.inspector import Inspector
-from reconad.runtime.line.loop import InspectConfig, build_sinks, run_inspection
+from reconad.runtime.line.loop import InspectConfig, run_inspection
+from reconad.runtime.line.session import build_sinks
 from reconad.runtime.frames import prepare_image
 from reconad.runtime.line.sources import FrameSource, RawFrame
 

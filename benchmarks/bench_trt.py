@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reconad.runtime.backends.cuda import probe_gpu
+from reconad.runtime.backends.device import probe_gpu
 from reconad.runtime.manifest import Manifest, manifest_path_for
 from reconad.runtime.backends.trt import TrtBackend
 

@@ -1,4 +1,4 @@
-"""The import rules of DESIGN.md: checked statically (AST + import-linter) and in a fresh interpreter."""
+"""The import rules of docs/architecture.md: checked statically (AST + import-linter), in a fresh interpreter, and no import cycles."""
 
 import ast
 import shutil

@@ -11,11 +11,6 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 
 
-def _not_built(command: str) -> None:
-    typer.echo(f"recon-export {command} is not built yet.", err=True)
-    raise typer.Exit(2)
-
-
 @app.command("to-onnx")
 def to_onnx(
     checkpoint: Annotated[Path, typer.Argument(help="A reconad checkpoint (model.ckpt).")],
@@ -103,11 +98,12 @@ def build_engine_command(
     1 when the built engine is not the precision asked for.
     """
     from reconad.export import engine
+    from reconad.export.build_config import load_build_profile, resolve_build_config
     from reconad.runtime.errors import ReconadError, exit_with
 
     try:
-        loaded = engine.load_build_profile(profile) if profile is not None else None
-        config = engine.resolve_build_config(
+        loaded = load_build_profile(profile) if profile is not None else None
+        config = resolve_build_config(
             loaded,
             precision=precision,
             workspace_mib=workspace_mib,

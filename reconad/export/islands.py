@@ -1,7 +1,7 @@
 """The FP32 islands of the fused graph, found by structure (op types and wiring), never by node names.
 
 Used by ``export.fp16`` to write the mixed-precision ONNX, and by the TensorRT 8.x path to put FP32
-precision constraints on the same nodes of the fp32 graph. See DESIGN.md, "Precision plan".
+precision constraints on the same nodes of the fp32 graph. See docs/architecture.md, "Precision plan".
 """
 
 from __future__ import annotations

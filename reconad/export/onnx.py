@@ -1,4 +1,4 @@
-"""Checkpoint -> the fused ONNX graph (DESIGN.md "The fused graph"), its fp16 twin, manifests and references.
+"""Checkpoint -> the fused ONNX graph (docs/architecture.md, "The fused graph"), its fp16 twin, manifests and references.
 
 The only export module that imports torch (inside functions). Like timm's ``onnx_export``: export,
 ``onnx.checker``, then ONNX Runtime parity with PyTorch before any file is written. The exporter is
@@ -12,7 +12,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -26,6 +25,8 @@ from onnx import helper, numpy_helper
 import reconad
 from reconad.export.fp16 import convert_to_fp16, emulate_fp16_storage
 from reconad.export.islands import ISLAND_NAMES, find_fp32_island_groups
+from reconad.export.naming import artifact_name, artifact_stem
+from reconad.runtime.backends.ort import OrtBackend
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import (
     ANOMALY_MAP_NAME,
@@ -50,8 +51,6 @@ MIN_OPSET = 17  # LayerNormalization is one op from 17 on
 EXPORTER_OPSET = 18  # torch.onnx's dynamo exporter writes opset 18 at least; lower targets are converted
 MAX_REFERENCE_IMAGES = 16  # from --reference-images DIR: evenly spaced over the sorted files
 SYNTHETIC_REFERENCE_COUNT = 4
-# Checkpoint file names that say nothing about the model: the run folder names the artifacts instead.
-GENERIC_CHECKPOINT_STEMS = ("model", "checkpoint", "last", "best", "final")
 # Folding a constant subgraph may not blow a weight up beyond this (e.g. Expand to a large shape).
 FOLD_MAX_GROWTH_BYTES = 1 << 20
 FP16_RECIPE = (
@@ -64,23 +63,6 @@ class ParityError(ReconadError):
     """The exported graph does not reproduce PyTorch within tolerance (nothing was written)."""
 
     exit_code = 1
-
-
-def artifact_stem(checkpoint: str | os.PathLike, provenance: dict[str, Any]) -> str:
-    """The name shared by a checkpoint's artifacts: provenance ``run_name``, else the checkpoint's file
-    stem, or its folder's name when the stem is generic (``runs/weave/model.ckpt`` -> ``weave``)."""
-    checkpoint = Path(checkpoint).resolve()
-    name = provenance.get("run_name") if isinstance(provenance.get("run_name"), str) else None
-    if not name:
-        name = checkpoint.stem
-        if name.lower() in GENERIC_CHECKPOINT_STEMS and checkpoint.parent.name:
-            name = checkpoint.parent.name
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "model"
-
-
-def artifact_name(stem: str, input_hw: tuple[int, int], precision: str) -> str:
-    """``<stem>-<H>x<W>-<precision>.onnx``, e.g. ``weave-512x512-fp16.onnx``."""
-    return f"{stem}-{input_hw[0]}x{input_hw[1]}-{precision}.onnx"
 
 
 def synthetic_reference_images(input_hw: tuple[int, int], count: int = SYNTHETIC_REFERENCE_COUNT) -> np.ndarray:
@@ -267,14 +249,9 @@ def name_nodes(model: onnx.ModelProto) -> None:
 
 
 def run_onnx(model: onnx.ModelProto, images: np.ndarray, max_batch: int) -> dict[str, np.ndarray]:
-    """ONNX Runtime (CPU, spinning off) over ``images`` in chunks of at most ``max_batch``."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    chunks = [session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i : i + max_batch]}) for i in range(0, len(images), max_batch)]
-    return {name: np.concatenate([chunk[k] for chunk in chunks]) for k, name in enumerate(OUTPUT_NAMES)}
+    """The graph on the runtime's own ONNX Runtime backend (CPU), in chunks of at most ``max_batch``."""
+    with OrtBackend(model.SerializeToString(), "ort-cpu", max_batch=max_batch, memory_arena=True) as backend:
+        return backend.infer(images)
 
 
 def run_torch(detector: Any, images: np.ndarray, max_batch: int) -> dict[str, np.ndarray]:

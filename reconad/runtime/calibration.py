@@ -154,7 +154,7 @@ def calibrate_artifact(
         artifact: ``.onnx`` or ``.engine`` with its manifest.
         good_dirs: one or more folders of defect-free images from the line (recursively); for a
             multi-class model, goods of every product.
-        backend: see ``reconad.runtime.backends.BACKEND_CHOICES``.
+        backend: see ``reconad.runtime.inspector.BACKEND_CHOICES``.
         report: receives warnings.
     """
     folders = [Path(good_dirs)] if isinstance(good_dirs, (str, os.PathLike)) else [Path(d) for d in good_dirs]

@@ -40,7 +40,7 @@ def calibrate(
 
     from reconad.runtime.calibration import CalibrationConfig, calibrate_artifact
     from reconad.runtime.errors import ReconadError, exit_with
-    from reconad.runtime.folder import parse_roi
+    from reconad.runtime.frames import parse_roi
 
     try:
         config = CalibrationConfig(
@@ -127,8 +127,9 @@ def run(
     inference fails or hangs.
     """
     from reconad.runtime.errors import ReconadError, exit_with
-    from reconad.runtime.folder import parse_roi
-    from reconad.runtime.line.loop import InspectConfig, inspect_stream
+    from reconad.runtime.frames import parse_roi
+    from reconad.runtime.line.loop import InspectConfig
+    from reconad.runtime.line.session import inspect_stream
     from reconad.runtime.line.sources import SourceConfig
 
     def report(line: str) -> None:

@@ -1,5 +1,7 @@
-"""The Inspector: one artifact + its manifest -> verdicts for frames; the runtime's public entry point.
+"""The Inspector: an artifact and its manifest -> verdicts for frames; the runtime's public entry point.
 
+Opening an artifact happens here (which backend runs it, which manifest describes it, whether the two
+agree), and so does the verdict: the manifest's one decision rule, ``Threshold.is_exceeded_by``.
 ``Inspector.open`` refuses, in one sentence, a model file whose hash or I/O disagrees with its manifest.
 """
 
@@ -9,20 +11,26 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from reconad.runtime.backends.base import Backend, OrtBackend, TensorInfo, open_backend
+from reconad.runtime.backends.base import Backend, TensorInfo
+from reconad.runtime.backends.ort import OrtBackend
+from reconad.runtime.backends.trt import TrtBackend
 from reconad.runtime.errors import ReconadError
+from reconad.runtime.frames import Frame, Roi, prepare_batch
 from reconad.runtime.manifest import (
     ANOMALY_MAP_NAME,
     IMAGE_SCORE_NAME,
     METADATA_KEY,
     Manifest,
+    Threshold,
     check_artifact_sha256,
     manifest_path_for,
 )
-from reconad.runtime.frames import Frame, Roi, prepare_batch
+
+BACKEND_CHOICES = ("auto", "ort", "ort-cpu", "ort-cuda", "ort-trt", "trt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,17 +39,68 @@ class Verdict:
 
     Attributes:
         image_score: raw score from the graph; higher is more anomalous.
-        is_anomalous: ``image_score >= threshold``; None when no threshold is set (uncalibrated).
+        is_anomalous: the manifest's rule ``image_score >= threshold``; None when no threshold is set.
         threshold: the image threshold used, in raw score units, or None.
-        anomaly_map: float32 [H, W] at the graph's input size (of the ROI when one is used).
+        anomaly_map: float32 [H, W] at the graph's input size (of the ROI when one is used); None
+            once a consumer has dropped it.
         normalized_score: the score mapped to 0..1 by the manifest's score normalisation, or None.
     """
 
     image_score: float
     is_anomalous: bool | None
     threshold: float | None
-    anomaly_map: np.ndarray
+    anomaly_map: np.ndarray | None
     normalized_score: float | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The verdict's JSON form, as every log line, webhook and report writes it (no map)."""
+        return {
+            "image_score": self.image_score,
+            "is_anomalous": self.is_anomalous,
+            "threshold": self.threshold,
+            "normalized_score": self.normalized_score,
+        }
+
+
+def open_backend(
+    artifact: str | os.PathLike,
+    backend: str = "auto",
+    *,
+    max_batch: int | None = None,
+    min_batch: int = 1,
+    num_threads: int | None = None,
+) -> Backend:
+    """Open ``artifact`` on a backend: TensorRT for ``.engine`` files, ONNX Runtime for ``.onnx``.
+
+    Args:
+        artifact: a ``.onnx`` or ``.engine`` file.
+        backend: one of ``BACKEND_CHOICES``; ``"auto"`` is ``"trt"`` for engines and ``"ort"`` (CUDA
+            provider when present, else CPU) for ONNX files.
+        max_batch: largest batch per model call, usually ``manifest.input_tensor.max_batch``.
+        min_batch: smallest batch per model call, usually ``manifest.input_tensor.min_batch``.
+        num_threads: ONNX Runtime intra-op threads (ignored by TensorRT).
+
+    Raises:
+        ReconadError: an unknown backend, a file type the backend cannot run, or a backend that
+            cannot start here (e.g. no TensorRT).
+    """
+    path = Path(artifact)
+    if backend not in BACKEND_CHOICES:
+        raise ReconadError(f"Unknown backend {backend!r}; choose one of {list(BACKEND_CHOICES)}.")
+    suffix = path.suffix.lower()
+    if suffix == ".engine":
+        if backend not in ("auto", "trt"):
+            raise ReconadError(f"{path} is a TensorRT engine, which only the trt backend runs.")
+        return TrtBackend(path, max_batch=max_batch)
+    if suffix != ".onnx":
+        raise ReconadError(f"{path} is neither an .onnx graph nor a TensorRT .engine.")
+    if backend == "trt":
+        raise ReconadError(
+            f"The trt backend runs .engine files; build one from {path} with recon-export build-engine, or use ort-trt."
+        )
+    return OrtBackend(
+        path, "ort" if backend == "auto" else backend, max_batch=max_batch, min_batch=min_batch, num_threads=num_threads
+    )
 
 
 def load_artifact_manifest(artifact: str | os.PathLike) -> Manifest | None:
@@ -66,8 +125,8 @@ def check_manifest_kind(manifest: Manifest, artifact: Path) -> None:
 
 
 def embedded_manifest(backend: Backend, artifact: Path) -> Manifest:
-    """The manifest copied into an ONNX file's ``metadata_props`` (read through onnxruntime, not onnx)."""
-    text = getattr(backend, "custom_metadata", {}).get(METADATA_KEY)
+    """The manifest copied into the model file's own metadata (an ONNX graph's ``metadata_props``)."""
+    text = backend.metadata.get(METADATA_KEY)
     if text is None:
         raise ReconadError(
             f"{artifact} has no manifest: neither {manifest_path_for(artifact).name} beside it nor one inside it."
@@ -111,14 +170,21 @@ class Inspector:
     """Runs an exported artifact on frames and turns its outputs into verdicts.
 
     Use ``Inspector.open(artifact)``; it is a context manager closing its backend on exit.
+
+    Args:
+        manifest: the artifact's manifest.
+        backend: an open backend on the artifact.
+        threshold: overrides the manifest's image threshold (raw score units).
     """
 
     def __init__(self, manifest: Manifest, backend: Backend, threshold: float | None = None) -> None:
         self.manifest = manifest
         self.backend = backend
-        if threshold is None and manifest.image_threshold is not None:
-            threshold = manifest.image_threshold.value
-        self.threshold = threshold
+        self.image_threshold: Threshold | None = (
+            Threshold.manual(threshold, source="threshold given to the Inspector")
+            if threshold is not None
+            else manifest.image_threshold
+        )
 
     @classmethod
     def open(
@@ -132,31 +198,25 @@ class Inspector:
         """Load the manifest, check the model file against it and start a backend.
 
         The manifest is ``<stem>.json`` beside the artifact (its sha256 must match the file), else
-        the copy in the ONNX file's metadata.
+        the copy in the model file's own metadata.
 
         Args:
             artifact: a ``.onnx`` or ``.engine`` file.
-            backend: see ``reconad.runtime.backends.BACKEND_CHOICES``.
+            backend: see ``BACKEND_CHOICES``.
             threshold: overrides the manifest's image threshold (raw score units).
             num_threads: ONNX Runtime intra-op threads; None for all cores.
+
+        Raises:
+            ReconadError: a missing file or manifest, a hash or I/O mismatch, a backend that cannot start.
         """
         artifact = Path(artifact)
         if not artifact.is_file():
             raise ReconadError(f"Model file {artifact} does not exist.")
         manifest = load_artifact_manifest(artifact)
-        tensor = manifest.input_tensor if manifest is not None else None
-        opened = open_backend(
-            artifact,
-            backend,
-            max_batch=tensor.max_batch if tensor else None,
-            min_batch=tensor.min_batch if tensor else 1,
-            num_threads=num_threads,
-        )
+        opened = open_backend(artifact, backend, num_threads=num_threads)
         try:
-            if manifest is None:
-                manifest = embedded_manifest(opened, artifact)
-                if isinstance(opened, OrtBackend):  # only ONNX files embed a manifest
-                    opened.use_batch_range(manifest.input_tensor.min_batch, manifest.input_tensor.max_batch)
+            manifest = manifest or embedded_manifest(opened, artifact)
+            opened.use_batch_range(manifest.input_tensor.min_batch, manifest.input_tensor.max_batch)
             check_backend_io(opened, manifest, artifact)
         except BaseException:
             opened.close()
@@ -167,6 +227,11 @@ class Inspector:
     def input_hw(self) -> tuple[int, int]:
         return self.manifest.input_hw
 
+    @property
+    def threshold(self) -> float | None:
+        """The image threshold in raw score units, or None (uncalibrated)."""
+        return None if self.image_threshold is None else self.image_threshold.value
+
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Raw graph outputs for uint8 [N, H, W, 3] RGB images already at ``input_hw``."""
         return self.backend.infer(images)
@@ -174,7 +239,10 @@ class Inspector:
     def inspect(
         self, frames: Frame | Sequence[Frame], *, colour: str = "RGB", roi: Roi | None = None
     ) -> list[Verdict]:
-        """Verdicts for one frame or many (arrays of any size and kind, or image paths).
+        """Verdicts for one frame or many: arrays of any size and kind, image paths, or a graph-ready batch.
+
+        A uint8 [N, H, W, 3] RGB batch at ``input_hw`` (what ``reconad.runtime.frames.prepare_batch``
+        returns) goes to the graph as it is; anything else is prepared first.
 
         Args:
             frames: see ``reconad.runtime.frames.prepare_batch``.
@@ -182,27 +250,22 @@ class Inspector:
             roi: optional (x, y, width, height) crop of every frame.
         """
         images = prepare_batch(frames, self.input_hw, colour=colour, roi=roi)  # [N, H, W, 3]
-        return self.verdicts_from_outputs(self.infer(images))
-
-    def verdicts_from_outputs(self, outputs: dict[str, np.ndarray]) -> list[Verdict]:
-        """Turn raw outputs (``anomaly_map`` [N, 1, H, W], ``image_score`` [N]) into verdicts."""
+        outputs = self.infer(images)
         anomaly_maps = outputs[ANOMALY_MAP_NAME][:, 0]  # [N, H, W]
-        scores = outputs[IMAGE_SCORE_NAME].astype(np.float64)
+        scores = outputs[IMAGE_SCORE_NAME].astype(np.float64)  # [N]
+        decisions = None if self.image_threshold is None else self.image_threshold.is_exceeded_by(scores)
         normalization = self.manifest.score_normalization
         normalized = normalization.apply(scores) if normalization is not None else None
-        verdicts = []
-        for index, score in enumerate(scores):
-            verdicts.append(
-                Verdict(
-                    image_score=float(score),
-                    # the rule of Threshold.is_exceeded_by: anomalous at or above the threshold
-                    is_anomalous=None if self.threshold is None else bool(score >= self.threshold),
-                    threshold=self.threshold,
-                    anomaly_map=anomaly_maps[index],
-                    normalized_score=None if normalized is None else float(normalized[index]),
-                )
+        return [
+            Verdict(
+                image_score=float(score),
+                is_anomalous=None if decisions is None else bool(decisions[index]),
+                threshold=self.threshold,
+                anomaly_map=anomaly_maps[index],
+                normalized_score=None if normalized is None else float(normalized[index]),
             )
-        return verdicts
+            for index, score in enumerate(scores)
+        ]
 
     def close(self) -> None:
         self.backend.close()

@@ -209,8 +209,13 @@ class Threshold:
         _require(math.isfinite(self.value), f"manifest threshold value must be finite, got {self.value}")
 
     def is_exceeded_by(self, scores: np.ndarray | float) -> np.ndarray:
-        """The decision rule used everywhere (Inspector, verify, calibration): ``scores >= value``."""
+        """The one decision rule (Inspector, verify, calibration): ``scores >= value``; NaN is never anomalous."""
         return np.asarray(scores) >= self.value
+
+    @classmethod
+    def manual(cls, value: float, source: str = "set by hand") -> Threshold:
+        """A threshold given by a person or a tool rather than calibrated (``method="manual"``)."""
+        return cls(value=float(value), calibration=Calibration(method="manual", n_images=0, date=utc_now_iso(), source=source))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Inspector
-from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, Manifest, reference_path_for
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, Manifest, Threshold, reference_path_for
 
 REFERENCE_KEYS = ("images", ANOMALY_MAP_NAME, IMAGE_SCORE_NAME)
 
@@ -38,7 +38,8 @@ class Tolerance:
 
 
 TOLERANCES = {
-    # The fp32 graph must reproduce PyTorch up to float reassociation: DESIGN.md's 1e-4 on the map.
+    # The fp32 graph must reproduce PyTorch up to float reassociation: 1e-4 on the map
+    # (docs/architecture.md, "Precision plan").
     "fp32": Tolerance(map_max_abs=1e-4, map_p99_abs=None, score_max_abs=1e-4),
     # FP16 storage rounds to ~1e-3 relative; the head is FP32, so 1% of the map's range at p99 is
     # generous for noise yet catches an overflowing or mis-typed island. Scores are pooled map
@@ -118,12 +119,16 @@ def compare_outputs(
     reference: dict[str, np.ndarray],
     *,
     precision: str,
-    threshold: float | None,
+    threshold: Threshold | float | None,
     artifact: str = "",
     reference_name: str = "",
     backend: str = "",
 ) -> VerifyReport:
-    """Compare artifact outputs with reference outputs under the tolerances of ``precision``."""
+    """Compare artifact outputs with reference outputs under the tolerances of ``precision``.
+
+    Decision flips are counted with the manifest's rule (``Threshold.is_exceeded_by``) at ``threshold``,
+    or at ``proxy_threshold`` of the reference scores when there is none.
+    """
     if precision not in TOLERANCES:
         raise ReconadError(f"No tolerances for precision {precision!r}; expected one of {list(TOLERANCES)}.")
     for name in (ANOMALY_MAP_NAME, IMAGE_SCORE_NAME):
@@ -140,11 +145,14 @@ def compare_outputs(
     score_error = output_error(IMAGE_SCORE_NAME, outputs[IMAGE_SCORE_NAME], reference[IMAGE_SCORE_NAME])
 
     if threshold is None:
-        threshold, source = proxy_threshold(reference[IMAGE_SCORE_NAME]), "reference median (no manifest threshold)"
+        source = "reference median (no manifest threshold)"
+        rule = Threshold.manual(proxy_threshold(reference[IMAGE_SCORE_NAME]), source=source)
     else:
         source = "manifest"
-    expected_decisions = np.asarray(reference[IMAGE_SCORE_NAME]) >= threshold
-    actual_decisions = np.asarray(outputs[IMAGE_SCORE_NAME]) >= threshold  # NaN compares False
+        rule = threshold if isinstance(threshold, Threshold) else Threshold.manual(threshold, source=source)
+    threshold = rule.value
+    expected_decisions = rule.is_exceeded_by(reference[IMAGE_SCORE_NAME])
+    actual_decisions = rule.is_exceeded_by(outputs[IMAGE_SCORE_NAME])  # NaN is never anomalous
     flips = int((expected_decisions != actual_decisions).sum())
 
     failures = []
@@ -221,7 +229,7 @@ def verify_artifact(
 
     Args:
         artifact: ``.onnx`` or ``.engine`` with its manifest.
-        backend: see ``reconad.runtime.backends.BACKEND_CHOICES``.
+        backend: see ``reconad.runtime.inspector.BACKEND_CHOICES``.
         reference: the ``.reference.npz``; defaults to ``<artifact stem>.reference.npz``, and for an
             engine to that of the ONNX file it was built from when the engine's own is missing.
     """
@@ -231,12 +239,11 @@ def verify_artifact(
         reference_path = Path(reference) if reference is not None else _default_reference(artifact, manifest)
         data = load_reference(reference_path, manifest.input_hw)
         outputs = inspector.infer(data["images"])
-        threshold = manifest.image_threshold.value if manifest.image_threshold is not None else None
         return compare_outputs(
             outputs,
             data,
             precision=manifest.precision.mode,
-            threshold=threshold,
+            threshold=manifest.image_threshold,
             artifact=str(artifact),
             reference_name=str(reference_path),
             backend=inspector.backend.name,

@@ -15,8 +15,9 @@ import onnx
 import pytest
 
 from reconad.export import engine
-from reconad.export.engine import BuildConfig, EnginePrecisionError, build_engine
-from reconad.runtime.backends.cuda import GpuInfo
+from reconad.export.build_config import BuildConfig
+from reconad.export.engine import EnginePrecisionError, build_engine
+from reconad.runtime.backends.device import GpuInfo
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import Manifest, Precision, manifest_path_for
 from tests.export.mini_graph import FP32, NORM_STEPS, build_model, engine_json, parsed_network

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from reconad.export.engine import BuildConfig, load_build_profile, resolve_build_config
+from reconad.export.build_config import BuildConfig, load_build_profile, resolve_build_config
 from reconad.runtime.errors import ReconadError
 
 PROFILES = sorted((Path(__file__).resolve().parents[2] / "engines" / "profiles").glob("*.toml"))

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.gpu
 
 trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed here; the gpu tests need TensorRT and a GPU")
 
-from reconad.export.engine import BuildConfig, build_engine  # noqa: E402
-from reconad.runtime.backends.base import OrtBackend  # noqa: E402
+from reconad.export.build_config import BuildConfig  # noqa: E402
+from reconad.export.engine import build_engine  # noqa: E402
+from reconad.runtime.backends.ort import OrtBackend  # noqa: E402
 from reconad.runtime.backends.cuda import open_cuda  # noqa: E402
 from reconad.runtime.errors import ReconadError  # noqa: E402
 from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, Manifest, manifest_path_for  # noqa: E402

@@ -9,7 +9,8 @@ import json
 import onnx
 import pytest
 
-from reconad.export.engine import plan_precision, prepare_graph
+from reconad.export.builder import prepare_graph
+from reconad.export.precision_plan import plan_precision
 from reconad.export.precision_check import (
     NetworkLayer,
     analyze_layer_precisions,

@@ -7,7 +7,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from reconad.export.engine import plan_precision, prepare_graph
+from reconad.export.builder import prepare_graph
+from reconad.export.precision_plan import plan_precision
 from reconad.export.islands import LAYER_NORM, find_fp32_island_groups
 from reconad.export.layernorm import STEPS, decompose_layer_norm, decomposed_node_names
 from reconad.runtime.errors import ReconadError

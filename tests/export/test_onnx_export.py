@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from reconad.export import onnx as export_module
+from reconad.export.naming import artifact_stem
 from reconad.export.onnx import (
     ParityError,
-    artifact_stem,
     export_onnx,
     load_reference_images,
     synthetic_reference_images,

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from reconad.runtime.backends.base import Backend, OrtBackend, available_ort_backends, infer_in_chunks, open_backend
+from reconad.runtime.backends.base import Backend, infer_in_chunks
+from reconad.runtime.backends.ort import OrtBackend, available_ort_backends
+from reconad.runtime.inspector import open_backend
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, INPUT_NAME
 from tests.runtime.onnx_graphs import expected_outputs, random_images, write_artifact

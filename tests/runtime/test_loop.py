@@ -12,15 +12,10 @@ import numpy as np
 import pytest
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.line.loop import (
-    EXIT_INFERENCE_FAILED,
-    DropOldestQueue,
-    InspectConfig,
-    build_sinks,
-    check_frame,
-    prepare_frame,
-    run_inspection,
-)
+from reconad.runtime.frames import check_frame
+from reconad.runtime.line.loop import EXIT_INFERENCE_FAILED, InspectConfig, run_inspection
+from reconad.runtime.line.queues import DropOldestQueue
+from reconad.runtime.line.session import build_sinks
 from reconad.runtime.manifest import Calibration, Threshold
 from reconad.runtime.line.sinks import FrameFault, InspectionResult
 from reconad.runtime.line.sources import FrameReadError, ImageFolderSource, SourceConfig, SourceLostError, open_source
@@ -70,16 +65,17 @@ def test_check_frame():
     assert check_frame(None, blank_range=2) == "corrupt"
 
 
-def test_prepare_frame_equals_prepare_image():
-    from reconad.runtime.frames import prepare_image
+def test_prepare_image_fast_path_equals_convert_then_crop_and_resize():
+    """uint8 colour frames are resized before their channels are reordered: the result must not change."""
+    from reconad.runtime.frames import crop_roi, prepare_image, resize_image, to_rgb_uint8
 
     rng = np.random.default_rng(1)
     frames = [rng.integers(0, 256, (30, 50, 3), dtype=np.uint8), rng.integers(0, 65536, (30, 50), dtype=np.uint16)]
     for frame in frames:
         for roi in (None, (5, 3, 40, 20)):
             for colour in ("RGB", "BGR"):
-                expected = prepare_image(frame, (16, 16), colour=colour, roi=roi)
-                np.testing.assert_array_equal(prepare_frame(frame, (16, 16), colour, roi), expected)
+                expected = resize_image(crop_roi(to_rgb_uint8(frame, colour=colour), roi), (16, 16))
+                np.testing.assert_array_equal(prepare_image(frame, (16, 16), colour=colour, roi=roi), expected)
 
 
 def test_folder_end_to_end_in_order_with_jsonl(tmp_path):
@@ -167,14 +163,14 @@ def test_a_live_source_faster_than_inference_drops_the_oldest_frames(monkeypatch
     import reconad.runtime.line.loop as loop_module
 
     prepared = []
-    original = loop_module.prepare_frame
+    original = loop_module.prepare_image
 
-    def slow_prepare(*args):
+    def slow_prepare(*args, **kwargs):
         time.sleep(0.005)
         prepared.append(1)
-        return original(*args)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(loop_module, "prepare_frame", slow_prepare)
+    monkeypatch.setattr(loop_module, "prepare_image", slow_prepare)
     collector = Collector(queue_size=1000)
     source = ScriptedSource([gray_frame(n) for n in range(60)], interval_s=0.001)
     result = run(source, FakeInspector(delay_s=0.02), sinks=[collector], queue_size=2, preprocess_threads=1)

@@ -13,7 +13,8 @@ import pytest
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Verdict
-from reconad.runtime.line.loop import InspectConfig, build_sinks, run_inspection
+from reconad.runtime.line.loop import InspectConfig, run_inspection
+from reconad.runtime.line.session import build_sinks
 from reconad.runtime.line.sinks import FrameFault, InspectionResult, JsonlSink, OverlaySink, WebhookSink, describe_error
 from tests.runtime.fakes import FakeInspector, ScriptedSource, gray_frame
 

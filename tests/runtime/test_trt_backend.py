@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from reconad.runtime.backends import trt as trt_backend
-from reconad.runtime.backends.base import open_backend
-from reconad.runtime.backends.cuda import CudaDriver, DeviceBuffer, GpuInfo, GraphExec, PinnedBuffer, Stream
+from reconad.runtime.inspector import open_backend
+from reconad.runtime.backends.cuda import CudaDriver, DeviceBuffer, GraphExec, PinnedBuffer, Stream
+from reconad.runtime.backends.device import GpuInfo
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Inspector
 from reconad.runtime.manifest import (

@@ -2,101 +2,24 @@
 
 Pinned host buffers, device buffers, one stream, async copies and CUDA graph capture, after the memory
 handling of TensorRT's ``samples/python/common_runtime.py``. Torch-free; bindings load on first use.
-``probe_gpu`` asks the driver (libcuda, through ctypes) for the device, so the engine builder needs no binding.
+Every resource is a ``Releasable``: freed once, explicitly, by its owner. The device itself is probed
+in ``device.py`` (through the driver, so the engine builder needs no binding).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
+from reconad.runtime.backends.device import format_cuda_version
 from reconad.runtime.errors import ReconadError
 
 BINDINGS = ("cuda-python", "pycuda")
-
-# CUdevice_attribute values of the driver API (cuda.h); stable since CUDA 2.x/5.x.
-_CU_DEVICE_ATTRIBUTE_INTEGRATED = 18
-_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
-_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
-_LIBCUDA_NAMES = ("libcuda.so.1", "libcuda.so", "nvcuda.dll")
-
-
-def format_cuda_version(version: int) -> str:
-    """``12020`` (the CUDA API's encoding, 1000 * major + 10 * minor) -> ``"12.2"``."""
-    return f"{version // 1000}.{(version % 1000) // 10}"
-
-
-@dataclasses.dataclass(frozen=True)
-class GpuInfo:
-    """The device an engine is built for or run on, as the CUDA driver reports it.
-
-    Attributes:
-        name: device name, e.g. ``"Orin"`` or ``"NVIDIA H200"``.
-        compute_capability: ``"major.minor"``, e.g. ``"8.7"``.
-        total_memory_mib: device (or, on Jetson, shared) memory.
-        integrated: True for a Jetson-style integrated GPU.
-        driver_cuda_version: the newest CUDA version the driver supports, e.g. ``"12.6"``.
-    """
-
-    name: str
-    compute_capability: str
-    total_memory_mib: int
-    integrated: bool
-    driver_cuda_version: str
-
-
-def probe_gpu(device: int = 0, *, library_names: tuple[str, ...] = _LIBCUDA_NAMES) -> GpuInfo:
-    """Ask the CUDA driver about ``device``; a one-sentence ``ReconadError`` when there is no driver or GPU."""
-    library = None
-    for name in library_names:
-        try:
-            library = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    if library is None:
-        raise ReconadError("No NVIDIA driver here (libcuda not found), so there is no GPU to build or run engines on.")
-
-    def call(what: str, function: str, *arguments: Any) -> None:
-        status = getattr(library, function)(*arguments)
-        if status != 0:
-            text = ctypes.c_char_p()
-            library.cuGetErrorName(status, ctypes.byref(text))
-            reason = text.value.decode() if text.value else f"error {status}"
-            raise ReconadError(f"The CUDA driver could not {what}: {reason}.")
-
-    call("initialise", "cuInit", 0)
-    handle = ctypes.c_int()
-    call(f"open device {device}", "cuDeviceGet", ctypes.byref(handle), device)
-    name = ctypes.create_string_buffer(256)
-    call("read the device name", "cuDeviceGetName", name, len(name), handle)
-    values = {}
-    for key, attribute in (
-        ("major", _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
-        ("minor", _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
-        ("integrated", _CU_DEVICE_ATTRIBUTE_INTEGRATED),
-    ):
-        value = ctypes.c_int()
-        call("read a device attribute", "cuDeviceGetAttribute", ctypes.byref(value), attribute, handle)
-        values[key] = value.value
-    total = ctypes.c_size_t()
-    call("read the device memory size", "cuDeviceTotalMem_v2", ctypes.byref(total), handle)
-    driver_version = ctypes.c_int()
-    call("read its version", "cuDriverGetVersion", ctypes.byref(driver_version))
-    return GpuInfo(
-        name=name.value.decode(errors="replace").strip(),
-        compute_capability=f"{values['major']}.{values['minor']}",
-        total_memory_mib=total.value // (1 << 20),
-        integrated=bool(values["integrated"]),
-        driver_cuda_version=format_cuda_version(driver_version.value),
-    )
-
 
 def host_array_at(address: int, nbytes: int) -> np.ndarray:
     """A flat uint8 numpy view of ``nbytes`` of host memory at ``address`` (the caller keeps it alive)."""
@@ -104,17 +27,38 @@ def host_array_at(address: int, nbytes: int) -> np.ndarray:
     return np.ctypeslib.as_array(pointer, (nbytes,))
 
 
-class PinnedBuffer:
+class Releasable:
+    """A CUDA resource freed exactly once, by ``free()`` (idempotent), never by the garbage collector.
+
+    The one release mechanism of every buffer, stream and graph: the binding-specific release
+    function is handed in at creation.
+    """
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    def free(self) -> None:
+        """Release the resource; idempotent."""
+        if self._release is not None:
+            release, self._release = self._release, None
+            self._on_free()
+            release()
+
+    def _on_free(self) -> None:
+        """Forget what refers to the memory before it is released (subclasses)."""
+
+
+class PinnedBuffer(Releasable):
     """Page-locked host memory, seen as a flat uint8 array; ``view`` reinterprets its start.
 
     Async copies only overlap with compute from pinned memory, and only its address stays fixed for a
-    captured CUDA graph.
+    captured CUDA graph. Views taken before ``free`` must not be used afterwards.
     """
 
     def __init__(self, array: np.ndarray, release: Callable[[], None]) -> None:
+        super().__init__(release)
         self.array = array  # uint8 [nbytes]
         self.nbytes = array.nbytes
-        self._release: Callable[[], None] | None = release
 
     @property
     def address(self) -> int:
@@ -126,54 +70,34 @@ class PinnedBuffer:
         count = int(np.prod(shape, dtype=np.int64))
         return self.array[: count * dtype.itemsize].view(dtype).reshape(shape)
 
-    def free(self) -> None:
-        """Release the memory; idempotent. Views taken before must not be used afterwards."""
-        if self._release is not None:
-            release, self._release = self._release, None
-            self.array = self.array[:0]
-            release()
+    def _on_free(self) -> None:
+        self.array = self.array[:0]
 
 
-class DeviceBuffer:
+class DeviceBuffer(Releasable):
     """Device memory at a fixed address (what ``IExecutionContext.set_tensor_address`` takes)."""
 
     def __init__(self, address: int, nbytes: int, release: Callable[[], None]) -> None:
+        super().__init__(release)
         self.address = address
         self.nbytes = nbytes
-        self._release: Callable[[], None] | None = release
-
-    def free(self) -> None:
-        """Release the memory; idempotent."""
-        if self._release is not None:
-            release, self._release = self._release, None
-            release()
 
 
-class Stream:
+class Stream(Releasable):
     """A CUDA stream; ``handle`` is the integer TensorRT's ``execute_async_v3`` takes."""
 
     def __init__(self, handle: int, native: Any, release: Callable[[], None]) -> None:
+        super().__init__(release)
         self.handle = handle
         self.native = native  # the binding's own stream object
-        self._release: Callable[[], None] | None = release
-
-    def free(self) -> None:
-        if self._release is not None:
-            release, self._release = self._release, None
-            release()
 
 
-class GraphExec:
+class GraphExec(Releasable):
     """An instantiated CUDA graph, replayed with ``CudaDriver.launch_graph``."""
 
     def __init__(self, native: Any, release: Callable[[], None]) -> None:
+        super().__init__(release)
         self.native = native
-        self._release: Callable[[], None] | None = release
-
-    def free(self) -> None:
-        if self._release is not None:
-            release, self._release = self._release, None
-            release()
 
 
 class CudaDriver:

@@ -12,13 +12,16 @@ import dataclasses
 import logging
 import os
 import re
+import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from reconad.runtime.backends.base import TensorInfo, infer_in_chunks
-from reconad.runtime.backends.cuda import CudaDriver, DeviceBuffer, GraphExec, PinnedBuffer, Stream, open_cuda, probe_gpu
+from reconad.runtime.backends.cuda import CudaDriver, DeviceBuffer, GraphExec, PinnedBuffer, Stream, open_cuda
+from reconad.runtime.backends.device import probe_gpu
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import EngineInfo, Manifest, manifest_path_for
 
@@ -133,6 +136,7 @@ class TrtBackend:
     """
 
     name = "trt"
+    metadata: Mapping[str, str] = types.MappingProxyType({})  # an engine embeds no manifest: it sits beside it
 
     def __init__(
         self,
@@ -212,6 +216,7 @@ class TrtBackend:
             engine_min = engine_max = input_shape[0]
         self.min_batch = engine_min
         self.max_batch = engine_max if max_batch is None else max(engine_min, min(max_batch, engine_max))
+        self._buffer_batch = self.max_batch  # the buffers below are sized for this many images
         self.input_hw = (input_shape[1], input_shape[2])
         dtypes = {name: np.dtype(trt.nptype(engine.get_tensor_dtype(name))) for name in names}
         self.inputs = (TensorInfo(self.input_name, input_shape, dtypes[self.input_name].name),)
@@ -230,6 +235,10 @@ class TrtBackend:
             if not self._context.set_tensor_address(name, device.address):
                 raise ReconadError(f"TensorRT refused the buffer of tensor {name} of {self.engine_path}.")
         self._stream = cuda.create_stream()
+
+    def use_batch_range(self, min_batch: int, max_batch: int) -> None:
+        """Lower the per-call maximum (e.g. to the manifest's); the engine's profile and buffers bound it."""
+        self.max_batch = max(self.min_batch, min(max_batch, self._buffer_batch))
 
     def _set_batch(self, batch: int) -> None:
         """Set the input shape for ``batch`` images and read every tensor's resulting shape."""

@@ -9,14 +9,10 @@ thread ends the run with a non-zero exit code.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import datetime
-import json
-import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,25 +22,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.folder import OVERLAY_MODES, VERDICTS_FILE
+from reconad.runtime.frames import Roi, check_frame, prepare_image
 from reconad.runtime.inspector import Verdict
-from reconad.runtime.atomic import write_text_atomic
-from reconad.runtime.manifest import Manifest
-from reconad.runtime.frames import Roi, crop_roi, prepare_image, resize_image, to_rgb_uint8
-from reconad.runtime.line.sinks import FrameFault, InspectionResult, JsonlSink, OverlaySink, Sink, WebhookSink, describe_error
-from reconad.runtime.line.sources import (
-    FrameReadError,
-    FrameSource,
-    ImageFolderSource,
-    SourceConfig,
-    SourceLostError,
-    open_source,
-)
+from reconad.runtime.line.queues import DropOldestQueue
+from reconad.runtime.line.report import RateLimitedReporter, report_stderr
+from reconad.runtime.line.sinks import OVERLAY_MODES, FrameFault, InspectionResult, OverlaySink, Sink, describe_error
+from reconad.runtime.line.sources import FrameReadError, FrameSource, SourceLostError
 from reconad.runtime.line.stats import LoopStats, StatsSnapshot
 
-SUMMARY_FILE = "summary.json"
 EXIT_INFERENCE_FAILED = 3  # the model raised or hung: not the operator's input (that is exit code 2)
-_WARNING_INTERVAL_S = 30.0  # a recurring fault (corrupt frames, a failing sink) is reported at most this often
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +77,7 @@ class LoopResult:
         failure: one sentence when the run failed, else None.
         exit_code: 0; 2 for bad input found while running (e.g. a ROI outside the frames);
             ``EXIT_INFERENCE_FAILED`` when inference raised or hung.
-        backend: the backend that ran, when known (``inspect_stream`` sets it).
+        backend: the backend that ran, when known (``reconad.runtime.line.session.inspect_stream`` sets it).
     """
 
     stop_reason: str
@@ -121,97 +107,6 @@ class FrameInspector(Protocol):
         ...
 
 
-class DropOldestQueue:
-    """A bounded FIFO: a full queue drops its oldest item to take a new one (``put``) or waits (``put_wait``).
-
-    ``close`` ends it: getters receive what is left, then None. ``on_drop`` is called with every item
-    that ``put`` or ``clear`` throws away.
-    """
-
-    def __init__(self, maxsize: int, on_drop: Callable[[Any], None] | None = None) -> None:
-        self.maxsize = maxsize
-        self._on_drop = on_drop
-        self._items: collections.deque[Any] = collections.deque()
-        self._condition = threading.Condition()
-        self._closed = False
-
-    def put(self, item: Any) -> int:
-        """Add ``item``; returns how many items were dropped to make room (0 or 1)."""
-        with self._condition:
-            dropped = 0
-            if len(self._items) >= self.maxsize:
-                oldest = self._items.popleft()
-                if self._on_drop is not None:
-                    self._on_drop(oldest)
-                dropped = 1
-            self._items.append(item)
-            self._condition.notify_all()
-            return dropped
-
-    def put_wait(self, item: Any, stop: threading.Event) -> bool:
-        """Add ``item`` once there is room (back-pressure for files); False if ``stop`` is set first."""
-        with self._condition:
-            while len(self._items) >= self.maxsize:
-                if stop.is_set() or self._closed:
-                    return False
-                self._condition.wait(0.05)
-            self._items.append(item)
-            self._condition.notify_all()
-            return True
-
-    def get_batch(self, max_items: int, timeout_s: float) -> list[Any] | None:
-        """Up to ``max_items`` items, waiting at most ``timeout_s`` for the first; [] on timeout, None when
-        closed and empty."""
-        with self._condition:
-            if not self._items and not self._closed:
-                self._condition.wait(timeout_s)
-            if not self._items:
-                return None if self._closed else []
-            count = min(max_items, len(self._items))
-            batch = [self._items.popleft() for _ in range(count)]
-            self._condition.notify_all()
-            return batch
-
-    def close(self) -> None:
-        with self._condition:
-            self._closed = True
-            self._condition.notify_all()
-
-    def clear(self) -> int:
-        """Drop every waiting item; returns how many."""
-        with self._condition:
-            count = len(self._items)
-            if self._on_drop is not None:
-                for item in self._items:
-                    self._on_drop(item)
-            self._items.clear()
-            self._condition.notify_all()
-            return count
-
-    def __len__(self) -> int:
-        with self._condition:
-            return len(self._items)
-
-
-class RateLimitedReporter:
-    """Reports a recurring fault at most once per ``_WARNING_INTERVAL_S``, with how often it recurred."""
-
-    def __init__(self, report: Callable[[str], None]) -> None:
-        self._report = report
-        self._lock = threading.Lock()
-        self._last: dict[str, tuple[float, int]] = {}  # key -> (time reported, occurrences since)
-
-    def __call__(self, key: str, message: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            reported_at, since = self._last.get(key, (None, 0))
-            if reported_at is not None and now - reported_at < _WARNING_INTERVAL_S:
-                self._last[key] = (reported_at, since + 1)
-                return
-            self._last[key] = (now, 0)
-        self._report(message + (f" ({since} more since the last report)" if since else ""))
-
-
 @dataclasses.dataclass(frozen=True)
 class _Captured:
     index: int
@@ -220,37 +115,6 @@ class _Captured:
     captured_s: float  # perf_counter when read
     image: concurrent.futures.Future  # -> uint8 [H, W, 3] RGB at the model's size, from a preprocess worker
     frame: np.ndarray  # the original frame in the source's colour order
-
-
-def check_frame(image: Any, blank_range: int | None) -> str | None:
-    """``"corrupt"`` for a malformed frame, ``"blank"`` for a flat one (``blank_range`` None: never), else None.
-
-    Flatness is judged on a grid of at most ~64k pixels, so the check costs little on large frames.
-    """
-    if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or 0 in image.shape:
-        return "corrupt"
-    if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
-        return "corrupt"
-    if blank_range is None or image.dtype != np.uint8:
-        return None
-    step = max(1, int((image.shape[0] * image.shape[1] / 65536) ** 0.5))
-    sample = image[::step, ::step]
-    return "blank" if int(sample.max()) - int(sample.min()) <= blank_range else None
-
-
-def prepare_frame(image: np.ndarray, input_hw: tuple[int, int], colour: str, roi: Roi | None) -> np.ndarray:
-    """``prepare_image`` with the colour conversion after the resize for uint8 colour frames.
-
-    Resizing acts per channel, so the result is identical, but the channel copy then touches the small
-    image: 3-4x faster on 480p-1080p camera frames, on the capture thread's budget.
-    """
-    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
-        return to_rgb_uint8(resize_image(crop_roi(image, roi), input_hw), colour=colour)
-    return prepare_image(image, input_hw, colour=colour, roi=roi)
-
-
-def report_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _iso_now_ms() -> str:
@@ -422,7 +286,7 @@ class InspectionLoop:
     def _prepare(self, image: np.ndarray, colour: str) -> np.ndarray:
         """On a preprocess worker: crop, resize and convert one frame (OpenCV releases the GIL meanwhile)."""
         started = time.perf_counter()
-        prepared = prepare_frame(image, self.inspector.input_hw, colour, self.config.roi)
+        prepared = prepare_image(image, self.inspector.input_hw, colour=colour, roi=self.config.roi)
         self.stats.add_latency("preprocess", (time.perf_counter() - started) * 1e3)
         return prepared
 
@@ -643,103 +507,11 @@ def run_inspection(
     Args:
         source: an unopened ``FrameSource``; it is closed on return.
         inspector: ``reconad.runtime.Inspector`` or anything with ``input_hw`` and ``inspect``.
-        config: loop settings (the sink fields are read by ``build_sinks``, not here).
-        sinks: where results go; see ``build_sinks``.
+        config: loop settings (the sink fields are read by ``session.build_sinks``, not here).
+        sinks: where results go; see ``session.build_sinks``.
         report: receives status lines and warnings.
         handle_signals: turn SIGINT/SIGTERM into a clean stop (main thread only).
     """
     return InspectionLoop(source, inspector, config, sinks, report).run(handle_signals)
 
 
-def build_sinks(
-    config: InspectConfig,
-    manifest: Manifest | None,
-    *,
-    live: bool = True,
-    name_by_file: bool = False,
-    run_id: str | None = None,
-    warn: Callable[[str], None] = report_stderr,
-) -> list[Sink]:
-    """The sinks ``config`` asks for: JSONL log and overlays in ``config.out``, and the webhook.
-
-    Args:
-        live: the source is a camera or stream, so overlays are rate-limited by default.
-        name_by_file: the source is an image folder: overlays are named after its files, not frame numbers.
-    """
-    sinks: list[Sink] = []
-    if config.out is not None:
-        out = Path(config.out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ReconadError(f"Cannot create the output folder {out}: {error.strerror}.") from None
-        sinks.append(JsonlSink(out / VERDICTS_FILE, run_id=run_id))
-        if config.overlays != "none":
-            normalization = manifest.score_normalization if manifest else None
-            pixel = manifest.pixel_threshold if manifest else None
-            sinks.append(
-                OverlaySink(
-                    out,
-                    mode=config.overlays,
-                    name_by_file=name_by_file,
-                    min_interval_s=config.overlay_interval_s if config.overlay_interval_s is not None else float(live),
-                    quota_mb=config.overlay_quota_mb,
-                    min_free_mb=config.overlay_min_free_mb,
-                    low=normalization.low if normalization else None,
-                    high=normalization.high if normalization else None,
-                    pixel_threshold=pixel.value if pixel else None,
-                    warn=warn,
-                )
-            )
-    if config.webhook:
-        sinks.append(WebhookSink(config.webhook, timeout_s=config.webhook_timeout_s))
-    return sinks
-
-
-def inspect_stream(
-    uri: str,
-    artifact: str | os.PathLike,
-    config: InspectConfig = InspectConfig(),
-    source_config: SourceConfig = SourceConfig(),
-    *,
-    backend: str = "auto",
-    threshold: float | None = None,
-    num_threads: int | None = None,
-    report: Callable[[str], None] = report_stderr,
-) -> LoopResult:
-    """``recon-inspect run``: open the artifact and the source, run the loop, write ``summary.json``.
-
-    Args:
-        uri: ``csi://N``, ``v4l2:///dev/videoN``, ``rtsp://...``, a video file or an image folder.
-        artifact: ``.onnx`` or ``.engine`` with its manifest.
-        backend: see ``reconad.runtime.backends.BACKEND_CHOICES``.
-        threshold: overrides the manifest's image threshold (raw score units).
-        num_threads: ONNX Runtime intra-op threads; None for all cores.
-    """
-    from reconad.runtime.inspector import Inspector
-
-    source = open_source(uri, source_config)
-    run_id = _iso_now_ms()
-    with Inspector.open(artifact, backend, threshold=threshold, num_threads=num_threads) as inspector:
-        if inspector.threshold is None:
-            report("No image threshold: is_anomalous is null; run recon-inspect calibrate or pass --threshold.")
-        by_file = isinstance(source, ImageFolderSource)
-        sinks = build_sinks(config, inspector.manifest, live=source.live, name_by_file=by_file, run_id=run_id, warn=report)
-        batch_size = min(config.batch_size, inspector.backend.max_batch)
-        result = run_inspection(source, inspector, dataclasses.replace(config, batch_size=batch_size), sinks, report=report)
-        result = dataclasses.replace(result, backend=inspector.backend.name)
-    if config.out is not None:
-        summary = {
-            "run": run_id,
-            "source": uri,
-            "model": str(artifact),
-            "backend": inspector.backend.name,
-            "stop_reason": result.stop_reason,
-            "failure": result.failure,
-            **result.stats.to_dict(),
-        }
-        try:
-            write_text_atomic(Path(config.out) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-        except OSError as error:
-            report(f"warning: cannot write {SUMMARY_FILE}: {describe_error(error)}")
-    return result

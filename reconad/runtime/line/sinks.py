@@ -22,10 +22,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.folder import OVERLAY_DIR, verdict_record
 from reconad.runtime.inspector import Verdict
 from reconad.runtime.overlay import overlay_heatmap, write_png
 from reconad.runtime.frames import Roi, to_rgb_uint8
+
+VERDICTS_FILE = "verdicts.jsonl"
+OVERLAY_DIR = "overlays"
+OVERLAY_MODES = ("anomalies", "all", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +58,9 @@ class InspectionResult:
     roi: Roi | None = None
 
     def record(self) -> dict[str, Any]:
-        """The JSON event: ``frame``, ``time``, ``latency_ms`` and the folder run's verdict fields."""
+        """The JSON event: ``frame``, ``time``, ``latency_ms``, ``file``, the verdict's fields and ``overlay``."""
         record = {"frame": self.index, "time": self.captured_at, "latency_ms": round(self.latency_ms, 3)}
-        record.update(verdict_record(self.name, self.verdict, self.overlay))
-        return record
+        return record | {"file": self.name} | self.verdict.record() | {"overlay": self.overlay}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,7 @@ class FrameFault:
     error: str
 
     def record(self) -> dict[str, Any]:
-        """The JSON event: ``{"time", "file", "error"}``, as the folder run writes for unreadable images."""
+        """The JSON event: ``{"time", "file", "error"}``."""
         return {"time": self.captured_at, "file": self.name, "error": self.error}
 
 
@@ -154,7 +156,7 @@ class JsonlSink:
 class OverlaySink:
     """PNG heatmap overlays in ``out_dir/overlays/<frame index>.png``, rate-limited and within a quota.
 
-    ``mode`` is ``"anomalies"``, ``"all"`` or ``"none"``, as ``--overlays`` of the folder run.
+    ``mode`` is one of ``OVERLAY_MODES``, as ``recon-inspect run --overlays``.
     ``plan`` runs on the inference thread: it picks which frames get an overlay (at most one per
     ``min_interval_s``, none once the folder holds ``quota_mb``) and names the file, so the JSONL line
     can point to it. ``write`` renders and saves it unless the quota filled up meanwhile (so the folder
@@ -203,8 +205,8 @@ class OverlaySink:
     def plan(self, index: int, name: str, is_anomalous: bool | None) -> str | None:
         """The overlay path (relative to ``out_dir``) for this frame, or None when none will be written.
 
-        ``overlays/<index>.png`` for camera frames; ``overlays/<name>.png`` with ``name_by_file``, as the
-        folder run names them (the image's suffix is kept, a.jpg -> a.jpg.png, so names cannot collide).
+        ``overlays/<index>.png`` for camera frames; ``overlays/<name>.png`` with ``name_by_file`` (an image
+        folder; the image's suffix is kept, a.jpg -> a.jpg.png, so names cannot collide).
         """
         if self.mode == "none" or (self.mode == "anomalies" and not is_anomalous):
             return None

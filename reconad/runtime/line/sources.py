@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from reconad.runtime.backends.device import is_jetson
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.frames import IMAGE_SUFFIXES, import_cv2, list_images, read_image
 
@@ -251,11 +252,6 @@ def has_gstreamer() -> bool:
         if line.strip().startswith("GStreamer:"):
             return "YES" in line.split(":", 1)[1]
     return False
-
-
-def is_jetson() -> bool:
-    """Whether this is an NVIDIA Jetson (L4T writes /etc/nv_tegra_release)."""
-    return Path("/etc/nv_tegra_release").exists()
 
 
 class ImageFolderSource(FrameSource):
