@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from reconad.runtime.config import decode_overrides, load_toml, resolve
 from reconad.runtime.errors import ReconadError
 
 PRECISIONS = ("fp16", "fp32")
@@ -61,21 +62,6 @@ class BuildConfig:
             object.__setattr__(self, "timing_cache", Path(self.timing_cache))
 
 
-_FIELD_TYPES: dict[str, type] = {
-    "precision": str,
-    "workspace_mib": int,
-    "min_batch": int,
-    "opt_batch": int,
-    "max_batch": int,
-    "timing_cache": str,
-    "dla_core": int,
-    "version_compatible": bool,
-    "hardware_compatible": bool,
-    "builder_optimization_level": int,
-    "network_typing": str,
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class BuildProfile:
     """A TOML build profile (``engines/profiles/*.toml``): a description plus ``BuildConfig`` fields."""
@@ -85,39 +71,13 @@ class BuildProfile:
     overrides: dict[str, Any]
 
 
-def _load_toml(text: str) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10 (JetPack 6): the tomli backport
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise ReconadError("Reading a build profile on Python 3.10 needs tomli; pip install tomli.") from None
-    return tomllib.loads(text)
-
-
 def load_build_profile(path: str | os.PathLike) -> BuildProfile:
-    """Read and check a profile; unknown keys and wrong types are refused in one sentence."""
+    """Read and check a profile; unknown keys and wrong types are refused in one sentence naming the file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ReconadError(f"Cannot read build profile {path}: {error.strerror or type(error).__name__}.") from None
-    try:
-        data = _load_toml(text)
-    except ValueError as error:  # tomllib.TOMLDecodeError
-        raise ReconadError(f"Build profile {path} is not valid TOML ({error}).") from None
+    data = load_toml(path, "build profile")
     description = data.pop("description", "")
-    unknown = sorted(set(data) - set(_FIELD_TYPES))
-    if unknown:
-        raise ReconadError(f"Build profile {path} has unknown key(s) {unknown}; known: {sorted(_FIELD_TYPES)}.")
-    for key, value in data.items():
-        wanted = _FIELD_TYPES[key]
-        if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
-            raise ReconadError(f"Build profile {path} key {key} must be {wanted.__name__}, got {value!r}.")
-    if "timing_cache" in data:
-        data["timing_cache"] = Path(data["timing_cache"])
-    return BuildProfile(name=path.stem, description=str(description), overrides=data)
+    overrides = decode_overrides(BuildConfig, data, f"build profile {path}")
+    return BuildProfile(name=path.stem, description=str(description), overrides=overrides)
 
 
 def resolve_build_config(profile: BuildProfile | None = None, **flags: Any) -> BuildConfig:
@@ -128,13 +88,9 @@ def resolve_build_config(profile: BuildProfile | None = None, **flags: Any) -> B
     """
     values: dict[str, Any] = dict(profile.overrides) if profile else {}
     given = {key: value for key, value in flags.items() if value is not None}
-    unknown = sorted(set(given) - set(_FIELD_TYPES))
-    if unknown:
-        raise TypeError(f"unknown build options {unknown}")
     if "max_batch" in given:
         defaults = BuildConfig()
         for key in ("opt_batch", "min_batch"):
             if key not in given:
                 values[key] = min(values.get(key, getattr(defaults, key)), given["max_batch"])
-    values.update(given)
-    return BuildConfig(**values)
+    return resolve(BuildConfig, values, given, what="build options")

@@ -8,11 +8,6 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 
 
-def _given(**options: object) -> dict[str, object]:
-    """The options the user set: None means "the dataclass default" (defaults live in the configs)."""
-    return {name: value for name, value in options.items() if value is not None}
-
-
 @app.command("calibrate")
 def calibrate(
     artifact: Annotated[Path, typer.Argument(help="The .onnx or .engine artifact; its <stem>.json manifest is updated.")],
@@ -39,19 +34,22 @@ def calibrate(
     import numpy as np
 
     from reconad.runtime.calibration import CalibrationConfig, calibrate_artifact
+    from reconad.runtime.config import resolve
     from reconad.runtime.errors import ReconadError, exit_with
     from reconad.runtime.frames import parse_roi
 
     try:
-        config = CalibrationConfig(
-            **_given(
+        config = resolve(
+            CalibrationConfig,
+            dict(
                 max_fpr=max_fpr,
                 pixel_max_fpr=pixel_max_fpr,
                 margin=margin,
                 normalize=normalize,
                 roi=parse_roi(roi) if roi else None,
                 batch_size=batch_size,
-            )
+            ),
+            what="calibrate options",
         )
         result = calibrate_artifact(
             artifact, good_dirs, config, backend=backend, report=lambda line: typer.echo(line, err=True)
@@ -126,6 +124,7 @@ def run(
     Exit codes: 0 at the end of the stream, --max-frames, SIGINT or SIGTERM; 2 for bad input; 3 when
     inference fails or hangs.
     """
+    from reconad.runtime.config import resolve
     from reconad.runtime.errors import ReconadError, exit_with
     from reconad.runtime.frames import parse_roi
     from reconad.runtime.line.loop import InspectConfig
@@ -136,8 +135,9 @@ def run(
         typer.echo(line, err=True)
 
     try:
-        config = InspectConfig(
-            **_given(
+        config = resolve(
+            InspectConfig,
+            dict(
                 out=out,
                 max_frames=max_frames,
                 roi=parse_roi(roi) if roi else None,
@@ -151,9 +151,12 @@ def run(
                 preprocess_threads=preprocess_threads,
                 stats_interval_s=stats_interval_s,
                 inference_timeout_s=inference_timeout_s,
-            )
+            ),
+            what="run options",
         )
-        source_config = SourceConfig(**_given(width=width, height=height, fps=fps, flip=flip, codec=codec, loop=loop))
+        source_config = resolve(
+            SourceConfig, dict(width=width, height=height, fps=fps, flip=flip, codec=codec, loop=loop), what="run options"
+        )
         result = inspect_stream(
             source, model, config, source_config, backend=backend, threshold=threshold, num_threads=num_threads, report=report
         )

@@ -2,7 +2,8 @@
 
 The names below are the only definition of the fused graph's I/O; every other module imports them.
 Every ``.onnx`` / ``.engine`` has a ``<stem>.json`` manifest (schema ``SCHEMA_VERSION``) described by
-the frozen dataclasses here; ``Manifest.from_dict`` validates a JSON document field by field.
+the frozen dataclasses here; ``Manifest.from_dict`` validates a JSON document field by field with the
+project's one record decoder (``reconad.runtime.config.decode``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import json
 import math
 import os
 import re
-import types
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from reconad.runtime.atomic import write_text_atomic
+from reconad.runtime.config import decode, encode
 from reconad.runtime.errors import ReconadError
 
 INPUT_NAME = "images"  # uint8 [N, H, W, 3] RGB
@@ -517,7 +517,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (tuples become lists); ``from_dict`` inverts it."""
-        return _to_json_value(self)
+        return encode(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
@@ -529,7 +529,7 @@ class Manifest:
             version == SCHEMA_VERSION,
             f"manifest schema version is {version!r} but this reconad reads version {SCHEMA_VERSION}",
         )
-        return _from_json_value(cls, data, "")
+        return decode(cls, data, "manifest")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -608,60 +608,3 @@ def _json_normalized(value: Any, key: str) -> Any:
         return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as error:
         raise ReconadError(f"manifest field {key} is not JSON-serialisable ({error})") from None
-
-
-def _to_json_value(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {field.name: _to_json_value(getattr(value, field.name)) for field in dataclasses.fields(value)}
-    if isinstance(value, (tuple, list)):
-        return [_to_json_value(item) for item in value]
-    return value
-
-
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object"}
-
-
-def _from_json_value(annotation: Any, value: Any, key: str) -> Any:
-    """Convert a JSON value to ``annotation`` (dataclass, tuple[T, ...], X | None, dict, scalars)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = [option for option in typing.get_args(annotation) if option is not type(None)]
-        if value is None:
-            return None
-        return _from_json_value(options[0], value, key)
-    if dataclasses.is_dataclass(annotation):
-        return _dataclass_from_json(annotation, value, key)
-    if origin is tuple:
-        _require(isinstance(value, list), f"manifest field {key} must be a list")
-        item_type = typing.get_args(annotation)[0]
-        return tuple(_from_json_value(item_type, item, f"{key}[{index}]") for index, item in enumerate(value))
-    base = origin or annotation
-    if value is None:
-        raise ReconadError(f"manifest field {key} must be {_TYPE_NAMES[base]}, not null")
-    if base is float:
-        _require(
-            isinstance(value, (int, float)) and not isinstance(value, bool),
-            f"manifest field {key} must be a number, got {value!r}",
-        )
-        return float(value)
-    well_typed = isinstance(value, base) and (base is bool or not isinstance(value, bool))
-    _require(well_typed, f"manifest field {key} must be {_TYPE_NAMES[base]}, got {value!r}")
-    return value
-
-
-def _dataclass_from_json(cls: type, value: Any, key: str) -> Any:
-    where = f"{key} " if key else ""
-    _require(isinstance(value, Mapping), f"manifest field {key} must be an object")
-    hints = typing.get_type_hints(cls)
-    fields = {field.name: field for field in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - set(fields))
-    _require(not unknown, f"manifest {where}has unknown key(s) {', '.join(map(repr, unknown))}")
-    arguments = {}
-    for name, field in fields.items():
-        child_key = f"{key}.{name}" if key else name
-        if name not in value:
-            has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
-            _require(has_default, f"manifest key {child_key!r} is missing")
-            continue
-        arguments[name] = _from_json_value(hints[name], value[name], child_key)
-    return cls(**arguments)

@@ -1,20 +1,22 @@
-"""Anomaly-detection metrics in numpy: AUROC, average precision, F1-max and AU-PRO.
+"""Anomaly-detection metrics: AUROC, average precision and F1-max on scikit-learn, AU-PRO after MVTec AD.
 
-Exact (tied scores form one threshold, as in scikit-learn), never flipped: an AUROC below 0.5 is
-reported as it is. AU-PRO follows MVTec AD's evaluation code (8-connected regions, integrated up to a
-false-positive rate of 0.3 and divided by 0.3). Undefined values (one class only) are NaN. Torch-free.
+The ranking metrics are scikit-learn's (tied scores form one threshold; an AUROC below 0.5 is reported
+as it is, never flipped); undefined values (one class only) are NaN instead of scikit-learn's warning
+or error. AU-PRO has no well-kept implementation, so it is written here after MVTec AD's evaluation code
+(8-connected regions, integrated up to a false-positive rate of 0.3 and divided by 0.3).
 """
 
 from bisect import bisect
 
 import numpy as np
+from sklearn import metrics as skm
 
 from reconad.runtime.errors import ReconadError
 
 PRO_FPR_LIMIT = 0.3
 
 
-def _check_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_inputs(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels).ravel()
     scores = np.asarray(scores).ravel()
     if labels.shape != scores.shape:
@@ -24,90 +26,59 @@ def _check_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
     return labels.astype(bool), scores
 
 
-def _binary_clf_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """True and false positives at each distinct score, thresholds descending (``score >= threshold``)."""
-    order = np.argsort(scores, kind="mergesort")[::-1]
-    sorted_scores = scores[order]
-    sorted_labels = labels[order]
-    last_of_each = np.r_[np.nonzero(np.diff(sorted_scores))[0], sorted_scores.size - 1]
-    tps = np.cumsum(sorted_labels, dtype=np.int64)[last_of_each]
-    fps = (last_of_each + 1) - tps
-    return tps, fps, sorted_scores[last_of_each]
+def _both_classes(labels: np.ndarray) -> bool:
+    return bool(labels.any()) and not bool(labels.all())
 
 
 def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(fpr, tpr, thresholds)`` starting at (0, 0) with threshold +inf; NaN rates for a missing class."""
+    """``(fpr, tpr, thresholds)`` at every distinct score, from (0, 0) at +inf; NaN rates for a missing class."""
     labels, scores = _check_inputs(labels, scores)
-    tps, fps, thresholds = _binary_clf_counts(labels, scores)
-    tps, fps = np.r_[0, tps], np.r_[0, fps]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return fps / fps[-1], tps / tps[-1], np.r_[np.inf, thresholds]
-
-
-def _area(x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+    if not _both_classes(labels):
+        thresholds = np.r_[np.inf, np.unique(scores)[::-1]]
+        return np.full(thresholds.size, np.nan), np.full(thresholds.size, np.nan), thresholds
+    return skm.roc_curve(labels, scores, drop_intermediate=False)
 
 
 def auroc(labels, scores) -> float:
     """Area under the ROC curve; NaN when only one class is present."""
-    fpr, tpr, _ = roc_curve(labels, scores)
-    if not (np.isfinite(fpr[-1]) and np.isfinite(tpr[-1])):
-        return float("nan")
-    return _area(fpr, tpr)
-
-
-def precision_recall(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(precision, recall, thresholds)`` with thresholds descending; NaN recall without positives."""
     labels, scores = _check_inputs(labels, scores)
-    tps, fps, thresholds = _binary_clf_counts(labels, scores)
-    return _precision_recall_from_counts(tps, fps) + (thresholds,)
-
-
-def _precision_recall_from_counts(tps: np.ndarray, fps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    precision = tps / (tps + fps)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = tps / tps[-1]
-    return precision, recall
-
-
-def _ap_from_pr(precision: np.ndarray, recall: np.ndarray) -> float:
-    if not np.isfinite(recall[-1]):
-        return float("nan")
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def _f1_from_pr(precision: np.ndarray, recall: np.ndarray) -> tuple[float, int]:
-    if not np.isfinite(recall[-1]):
-        return float("nan"), -1
-    denominator = precision + recall
-    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
-    best = int(np.argmax(f1))
-    return float(f1[best]), best
+    return float(skm.roc_auc_score(labels, scores)) if _both_classes(labels) else float("nan")
 
 
 def average_precision(labels, scores) -> float:
-    """Sum over thresholds of (recall step) x precision, as scikit-learn's; NaN without positives."""
-    precision, recall, _ = precision_recall(labels, scores)
-    return _ap_from_pr(precision, recall)
+    """scikit-learn's average precision (sum of recall steps x precision); NaN without both classes."""
+    labels, scores = _check_inputs(labels, scores)
+    return float(skm.average_precision_score(labels, scores)) if _both_classes(labels) else float("nan")
 
 
 def f1_max(labels, scores) -> tuple[float, float]:
-    """The best F1 over all thresholds and the threshold reaching it; (NaN, NaN) without positives."""
-    precision, recall, thresholds = precision_recall(labels, scores)
-    best_f1, best = _f1_from_pr(precision, recall)
-    return best_f1, (float(thresholds[best]) if best >= 0 else float("nan"))
+    """The best F1 over all thresholds and the threshold reaching it (rule ``score >= threshold``);
+    (NaN, NaN) without both classes."""
+    labels, scores = _check_inputs(labels, scores)
+    if not _both_classes(labels):
+        return float("nan"), float("nan")
+    precision, recall, thresholds = skm.precision_recall_curve(labels, scores)
+    f1 = _f1(precision[:-1], recall[:-1])  # the last point (recall 0) has no threshold
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(thresholds[best])
+
+
+def _f1(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
+    denominator = precision + recall
+    return np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
 
 
 def ranking_metrics(labels, scores) -> dict[str, float]:
-    """``auroc``, ``ap`` and ``f1_max`` from one sort (the pixel level has millions of scores)."""
+    """``auroc``, ``ap`` and ``f1_max`` of one set of labels and scores (NaN without both classes)."""
     labels, scores = _check_inputs(labels, scores)
-    tps, fps, _ = _binary_clf_counts(labels, scores)
-    precision, recall = _precision_recall_from_counts(tps, fps)
-    if tps[-1] == 0 or fps[-1] == 0:
-        area = float("nan")
-    else:
-        area = _area(np.r_[0, fps] / fps[-1], np.r_[0, tps] / tps[-1])
-    return {"auroc": area, "ap": _ap_from_pr(precision, recall), "f1_max": _f1_from_pr(precision, recall)[0]}
+    if not _both_classes(labels):
+        return dict.fromkeys(("auroc", "ap", "f1_max"), float("nan"))
+    precision, recall, _ = skm.precision_recall_curve(labels, scores)
+    return {
+        "auroc": float(skm.roc_auc_score(labels, scores)),
+        "ap": float(skm.average_precision_score(labels, scores)),
+        "f1_max": float(_f1(precision, recall).max()),
+    }
 
 
 def _label_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
