@@ -28,20 +28,7 @@ from reconad.export.islands import ISLAND_NAMES, find_fp32_island_groups
 from reconad.export.naming import artifact_name, artifact_stem
 from reconad.runtime.backends.ort import OrtBackend
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import (
-    ANOMALY_MAP_NAME,
-    IMAGE_SCORE_NAME,
-    INPUT_NAME,
-    METADATA_KEY,
-    OUTPUT_NAMES,
-    ExporterInfo,
-    Manifest,
-    Precision,
-    ScoreReducer,
-    manifest_path_for,
-    reference_path_for,
-    sha256_file,
-)
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ExporterInfo, Manifest, Precision, ScoreReducer, manifest_path_for, reference_path_for, sha256_file
 from reconad.runtime.verify import VerifyReport, compare_outputs
 
 logger = logging.getLogger(__name__)

@@ -17,14 +17,9 @@ import numpy as np
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Inspector
-from reconad.runtime.manifest import (
-    Calibration,
-    Manifest,
-    ScoreNormalization,
-    Threshold,
-    manifest_path_for,
-    utc_now_iso,
-)
+from reconad.runtime.manifest import Manifest, manifest_path_for
+from reconad.runtime.config import utc_now_iso
+from reconad.runtime.thresholds import Calibration, ScoreNormalization, Threshold
 from reconad.runtime.frames import Roi, list_images, prepare_image, read_image
 
 NORMALIZE_CHOICES = ("quantile", "minmax", "none")

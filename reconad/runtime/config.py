@@ -10,6 +10,7 @@ few small pure-Python modules on a Jetson; the decoder is ~100 lines over ``data
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import types
 import typing
@@ -103,6 +104,30 @@ def encode(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ``ReconadError(message)`` unless ``condition``: the validation step of every record."""
+    if not condition:
+        raise ReconadError(message)
+
+
+def check_choice(value: str, choices: tuple[str, ...], key: str, what: str = "manifest") -> None:
+    """Refuse a value outside ``choices``: ``"<what> field <key> must be one of [...]"``."""
+    require(value in choices, f"{what} field {key} must be one of {list(choices)}, got {value!r}")
+
+
+def check_iso_date(value: str, key: str) -> None:
+    """Refuse a date that is not ISO 8601 (the format of every date in a manifest)."""
+    try:
+        datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise ReconadError(f"manifest field {key} must be an ISO 8601 date, got {value!r}") from None
+
+
+def utc_now_iso() -> str:
+    """The current time as an ISO 8601 UTC string (seconds), the format of every date in a manifest."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _fail(message: str) -> typing.NoReturn:

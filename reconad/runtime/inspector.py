@@ -20,15 +20,8 @@ from reconad.runtime.backends.ort import OrtBackend
 from reconad.runtime.backends.trt import TrtBackend
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.frames import Frame, Roi, prepare_batch
-from reconad.runtime.manifest import (
-    ANOMALY_MAP_NAME,
-    IMAGE_SCORE_NAME,
-    METADATA_KEY,
-    Manifest,
-    Threshold,
-    check_artifact_sha256,
-    manifest_path_for,
-)
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, METADATA_KEY, Manifest, check_artifact_sha256, manifest_path_for
+from reconad.runtime.thresholds import Threshold
 
 BACKEND_CHOICES = ("auto", "ort", "ort-cpu", "ort-cuda", "ort-trt", "trt")
 

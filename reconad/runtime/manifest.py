@@ -9,21 +9,19 @@ project's one record decoder (``reconad.runtime.config.decode``).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from reconad.runtime.atomic import write_text_atomic
-from reconad.runtime.config import decode, encode
+from reconad.runtime.config import check_choice, check_iso_date, decode, encode, require, utc_now_iso
 from reconad.runtime.errors import ReconadError
+from reconad.runtime.thresholds import ScoreNormalization, Threshold
 
 INPUT_NAME = "images"  # uint8 [N, H, W, 3] RGB
 ANOMALY_MAP_NAME = "anomaly_map"  # float32 [N, 1, H, W]
@@ -35,37 +33,15 @@ METADATA_KEY = "reconad_manifest"  # ONNX metadata_props key holding the manifes
 ARTIFACT_KINDS = ("onnx", "engine")
 PRECISION_MODES = ("fp32", "fp16")
 SCORE_REDUCERS = ("max_avgpool", "mean")
-NORMALIZATION_METHODS = ("minmax", "quantile")
 
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ReconadError(message)
-
-
-def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
-    _require(value in choices, f"manifest field {key} must be one of {list(choices)}, got {value!r}")
-
-
-def _check_sha256(value: str | None, key: str) -> None:
-    _require(
+def check_sha256(value: str | None, key: str) -> None:
+    require(
         value is None or _SHA256_PATTERN.fullmatch(value) is not None,
         f"manifest field {key} must be 64 lowercase hex digits, got {value!r}",
     )
-
-
-def _check_iso_date(value: str, key: str) -> None:
-    try:
-        datetime.datetime.fromisoformat(value)
-    except ValueError:
-        raise ReconadError(f"manifest field {key} must be an ISO 8601 date, got {value!r}") from None
-
-
-def utc_now_iso() -> str:
-    """The current time as an ISO 8601 UTC string (seconds), the format of every date in a manifest."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,21 +67,21 @@ class InputTensor:
     max_batch: int
 
     def __post_init__(self) -> None:
-        _require(self.name == INPUT_NAME, f"manifest input_tensor.name must be {INPUT_NAME!r}, got {self.name!r}")
-        _require(
+        require(self.name == INPUT_NAME, f"manifest input_tensor.name must be {INPUT_NAME!r}, got {self.name!r}")
+        require(
             len(self.shape) == 4 and self.shape[3] == 3 and self.shape[1] > 0 and self.shape[2] > 0,
             f"manifest input_tensor.shape must be [N, H, W, 3], got {list(self.shape)}",
         )
-        _require(self.dtype == "uint8", f"manifest input_tensor.dtype must be 'uint8', got {self.dtype!r}")
-        _require(self.layout == "NHWC", f"manifest input_tensor.layout must be 'NHWC', got {self.layout!r}")
-        _require(self.colour == "RGB", f"manifest input_tensor.colour must be 'RGB', got {self.colour!r}")
-        _require(
+        require(self.dtype == "uint8", f"manifest input_tensor.dtype must be 'uint8', got {self.dtype!r}")
+        require(self.layout == "NHWC", f"manifest input_tensor.layout must be 'NHWC', got {self.layout!r}")
+        require(self.colour == "RGB", f"manifest input_tensor.colour must be 'RGB', got {self.colour!r}")
+        require(
             1 <= self.min_batch <= self.max_batch,
             f"manifest input_tensor batch range must satisfy 1 <= min_batch <= max_batch, "
             f"got {self.min_batch}..{self.max_batch}",
         )
         batch = self.shape[0]
-        _require(
+        require(
             batch == -1 or batch == self.min_batch == self.max_batch,
             f"manifest input_tensor.shape has fixed batch {batch} but min_batch/max_batch are "
             f"{self.min_batch}/{self.max_batch}",
@@ -135,8 +111,8 @@ class OutputTensor:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _check_choice(self.name, OUTPUT_NAMES, "output_tensors.name")
-        _require(self.dtype == "float32", f"manifest output {self.name} dtype must be 'float32', got {self.dtype!r}")
+        check_choice(self.name, OUTPUT_NAMES, "output_tensors.name")
+        require(self.dtype == "float32", f"manifest output {self.name} dtype must be 'float32', got {self.dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -154,101 +130,11 @@ class ScoreReducer:
     stride: int | None = None
 
     def __post_init__(self) -> None:
-        _check_choice(self.method, SCORE_REDUCERS, "score_reducer.method")
-        _require(
+        check_choice(self.method, SCORE_REDUCERS, "score_reducer.method")
+        require(
             self.method != "max_avgpool" or ((self.kernel_size or 0) >= 1 and (self.stride or 0) >= 1),
             "manifest score_reducer 'max_avgpool' needs a positive kernel_size and stride",
         )
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Calibration:
-    """Where a threshold or a score normalisation came from.
-
-    Attributes:
-        method: how it was computed, e.g. ``"max_fpr"`` (a quantile of defect-free scores),
-            ``"f1"`` (best F1 on labelled images) or ``"manual"``.
-        n_images: number of images it was computed from (0 for ``"manual"``).
-        max_fpr: the false-positive rate allowed on defect-free images, when the method uses one.
-        date: ISO 8601 date of the calibration.
-        source: what it was computed on: a folder, a dataset split, or who set it by hand.
-        margin: for ``"max_fpr"``, the fraction of the good-score spread added above the quantile
-            (``reconad.runtime.calibration.threshold_at_fpr``).
-    """
-
-    method: str
-    n_images: int
-    max_fpr: float | None = None
-    date: str
-    source: str
-    margin: float | None = None
-
-    def __post_init__(self) -> None:
-        _require(self.n_images >= 0, f"manifest calibration n_images must be >= 0, got {self.n_images}")
-        _require(
-            self.max_fpr is None or 0.0 <= self.max_fpr <= 1.0,
-            f"manifest calibration max_fpr must be in [0, 1], got {self.max_fpr}",
-        )
-        _check_iso_date(self.date, "calibration.date")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Threshold:
-    """A decision threshold in raw score units (not normalised): anomalous when ``score >= value``.
-
-    Attributes:
-        value: the threshold on ``image_score`` (image threshold) or on ``anomaly_map`` values
-            (pixel threshold, for defect masks).
-        calibration: how the value was obtained.
-    """
-
-    value: float
-    calibration: Calibration
-
-    def __post_init__(self) -> None:
-        _require(math.isfinite(self.value), f"manifest threshold value must be finite, got {self.value}")
-
-    def is_exceeded_by(self, scores: np.ndarray | float) -> np.ndarray:
-        """The one decision rule (Inspector, verify, calibration): ``scores >= value``; NaN is never anomalous."""
-        return np.asarray(scores) >= self.value
-
-    @classmethod
-    def manual(cls, value: float, source: str = "set by hand") -> Threshold:
-        """A threshold given by a person or a tool rather than calibrated (``method="manual"``)."""
-        return cls(value=float(value), calibration=Calibration(method="manual", n_images=0, date=utc_now_iso(), source=source))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ScoreNormalization:
-    """An affine map from raw image scores to 0..1 so operators read a familiar scale.
-
-    ``normalized = clip((score - low) / (high - low), 0, 1)``; the threshold stays in raw units.
-
-    Attributes:
-        method: ``"minmax"`` (low/high = min/max of calibration scores) or ``"quantile"``
-            (low/high = two quantiles of them, robust to outliers). ``recon-inspect calibrate`` takes
-            ``low`` = the min (minmax) or the ``max_fpr`` quantile (quantile) of the good scores and
-            ``high = 2 * threshold - low``, so the image threshold reads 0.5.
-        low: raw score mapped to 0.
-        high: raw score mapped to 1; greater than ``low``.
-        calibration: where low and high came from.
-    """
-
-    method: str
-    low: float
-    high: float
-    calibration: Calibration | None = None
-
-    def __post_init__(self) -> None:
-        _check_choice(self.method, NORMALIZATION_METHODS, "score_normalization.method")
-        _require(
-            math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low,
-            f"manifest score_normalization needs finite low < high, got {self.low} and {self.high}",
-        )
-
-    def apply(self, scores: np.ndarray | float) -> np.ndarray:
-        scores = np.asarray(scores, dtype=np.float64)
-        return np.clip((scores - self.low) / (self.high - self.low), 0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -268,7 +154,7 @@ class Precision:
     description: str = ""
 
     def __post_init__(self) -> None:
-        _check_choice(self.mode, PRECISION_MODES, "precision.mode")
+        check_choice(self.mode, PRECISION_MODES, "precision.mode")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -364,37 +250,37 @@ class Manifest:
     engine: EngineInfo | None = None
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.schema_version == SCHEMA_VERSION,
             f"manifest schema version is {self.schema_version} but this reconad reads version {SCHEMA_VERSION}",
         )
-        _check_choice(self.artifact_kind, ARTIFACT_KINDS, "artifact_kind")
-        _require(
+        check_choice(self.artifact_kind, ARTIFACT_KINDS, "artifact_kind")
+        require(
             bool(self.artifact_file) and Path(self.artifact_file).name == self.artifact_file,
             f"manifest artifact_file must be a bare file name, got {self.artifact_file!r}",
         )
         object.__setattr__(self, "model_config", _json_normalized(self.model_config, "model_config"))
         names = tuple(output.name for output in self.output_tensors)
-        _require(
+        require(
             names == OUTPUT_NAMES, f"manifest outputs must be {list(OUTPUT_NAMES)} in that order, got {list(names)}"
         )
         batch, height, width, _ = self.input_tensor.shape
         expected_shapes = {ANOMALY_MAP_NAME: (batch, 1, height, width), IMAGE_SCORE_NAME: (batch,)}
         for output in self.output_tensors:
-            _require(
+            require(
                 tuple(output.shape) == expected_shapes[output.name],
                 f"manifest output {output.name} shape {list(output.shape)} does not match the input "
                 f"(expected {list(expected_shapes[output.name])})",
             )
-        _check_iso_date(self.created_at, "created_at")
+        check_iso_date(self.created_at, "created_at")
         for key in ("checkpoint_sha256", "onnx_sha256", "engine_sha256"):
-            _check_sha256(getattr(self, key), key)
+            check_sha256(getattr(self, key), key)
         is_engine = self.artifact_kind == "engine"
-        _require(
+        require(
             is_engine == (self.engine is not None),
             "manifest field engine must be present for an engine artifact and absent for an ONNX artifact",
         )
-        _require(is_engine or self.engine_sha256 is None, "manifest of an ONNX artifact must not carry engine_sha256")
+        require(is_engine or self.engine_sha256 is None, "manifest of an ONNX artifact must not carry engine_sha256")
 
     @classmethod
     def for_onnx(
@@ -469,8 +355,8 @@ class Manifest:
             min_batch: the optimisation profile's smallest batch; defaults to the graph's.
             max_batch: the optimisation profile's largest batch; defaults to the graph's.
         """
-        _require(self.artifact_kind == "onnx", "an engine manifest can only be derived from an ONNX manifest")
-        _require(
+        require(self.artifact_kind == "onnx", "an engine manifest can only be derived from an ONNX manifest")
+        require(
             self.onnx_sha256 is not None,
             "the ONNX manifest has no onnx_sha256; load the sidecar JSON, not the embedded copy",
         )
@@ -522,10 +408,10 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         """Validate and build a manifest; any problem raises a one-sentence ``ReconadError``."""
-        _require(isinstance(data, Mapping), "manifest must be a JSON object")
-        _require("schema_version" in data, "manifest has no schema_version, so it is not a reconad manifest")
+        require(isinstance(data, Mapping), "manifest must be a JSON object")
+        require("schema_version" in data, "manifest has no schema_version, so it is not a reconad manifest")
         version = data["schema_version"]
-        _require(
+        require(
             version == SCHEMA_VERSION,
             f"manifest schema version is {version!r} but this reconad reads version {SCHEMA_VERSION}",
         )
@@ -592,11 +478,11 @@ def reference_path_for(artifact_path: str | os.PathLike) -> Path:
 def check_artifact_sha256(manifest: Manifest, artifact_path: str | os.PathLike) -> None:
     """Raise a ``ReconadError`` unless the file's sha256 is the one the manifest records."""
     expected = manifest.artifact_sha256
-    _require(
+    require(
         expected is not None, f"The manifest of {artifact_path} records no sha256 for it; re-export or re-stamp it."
     )
     actual = sha256_file(artifact_path)
-    _require(
+    require(
         actual == expected,
         f"{artifact_path} does not match its manifest (sha256 {actual[:12]}… instead of {expected[:12]}…): "
         "the file is corrupt or belongs to another manifest.",

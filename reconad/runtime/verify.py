@@ -15,7 +15,8 @@ import numpy as np
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Inspector
-from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, Manifest, Threshold, reference_path_for
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, Manifest, reference_path_for
+from reconad.runtime.thresholds import Threshold
 
 REFERENCE_KEYS = ("images", ANOMALY_MAP_NAME, IMAGE_SCORE_NAME)
 

@@ -21,17 +21,7 @@ from reconad.export.onnx import (
 )
 from reconad.model import PRESETS, build_detector, load_detector, save_checkpoint
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import (
-    ANOMALY_MAP_NAME,
-    IMAGE_SCORE_NAME,
-    INPUT_NAME,
-    METADATA_KEY,
-    OUTPUT_NAMES,
-    Manifest,
-    check_artifact_sha256,
-    manifest_path_for,
-    reference_path_for,
-)
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, Manifest, check_artifact_sha256, manifest_path_for, reference_path_for
 
 
 def session(path: Path) -> ort.InferenceSession:

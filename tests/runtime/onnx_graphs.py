@@ -10,18 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from reconad.runtime.manifest import (
-    ANOMALY_MAP_NAME,
-    IMAGE_SCORE_NAME,
-    INPUT_NAME,
-    METADATA_KEY,
-    ExporterInfo,
-    Manifest,
-    Precision,
-    ScoreReducer,
-    manifest_path_for,
-    reference_path_for,
-)
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, INPUT_NAME, METADATA_KEY, ExporterInfo, Manifest, Precision, ScoreReducer, manifest_path_for, reference_path_for
 
 SCALE = 1.0 / 255.0
 

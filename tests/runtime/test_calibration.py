@@ -11,7 +11,8 @@ from reconad.runtime.calibration import CalibrationConfig, calibrate_artifact, n
 from reconad.runtime.cli import app
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Inspector
-from reconad.runtime.manifest import Calibration, Manifest, manifest_path_for, sha256_file
+from reconad.runtime.manifest import Manifest, manifest_path_for, sha256_file
+from reconad.runtime.thresholds import Calibration
 from reconad.runtime.frames import list_images
 from tests.runtime.onnx_graphs import write_artifact
 

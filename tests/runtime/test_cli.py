@@ -7,7 +7,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from reconad.runtime.cli import app
-from reconad.runtime.manifest import Calibration, Threshold
+from reconad.runtime.thresholds import Calibration, Threshold
 from tests.runtime.onnx_graphs import write_artifact
 
 runner = CliRunner()

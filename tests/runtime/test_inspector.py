@@ -8,14 +8,9 @@ import pytest
 
 from reconad.runtime import Inspector, Manifest, Verdict
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import (
-    IMAGE_SCORE_NAME,
-    Calibration,
-    ScoreNormalization,
-    Threshold,
-    manifest_path_for,
-    utc_now_iso,
-)
+from reconad.runtime.manifest import IMAGE_SCORE_NAME, manifest_path_for
+from reconad.runtime.config import utc_now_iso
+from reconad.runtime.thresholds import Calibration, ScoreNormalization, Threshold
 from tests.runtime.onnx_graphs import expected_outputs, random_images, write_artifact
 
 

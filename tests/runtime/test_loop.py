@@ -16,7 +16,7 @@ from reconad.runtime.frames import check_frame
 from reconad.runtime.line.loop import EXIT_INFERENCE_FAILED, InspectConfig, run_inspection
 from reconad.runtime.line.queues import DropOldestQueue
 from reconad.runtime.line.session import build_sinks
-from reconad.runtime.manifest import Calibration, Threshold
+from reconad.runtime.thresholds import Calibration, Threshold
 from reconad.runtime.line.sinks import FrameFault, InspectionResult
 from reconad.runtime.line.sources import FrameReadError, ImageFolderSource, SourceConfig, SourceLostError, open_source
 from tests.runtime.fakes import Collector, FakeInspector, ScriptedSource, gray_frame, wait_for, write_image_folder

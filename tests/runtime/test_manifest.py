@@ -6,22 +6,8 @@ import os
 import pytest
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import (
-    OUTPUT_NAMES,
-    SCHEMA_VERSION,
-    Calibration,
-    EngineInfo,
-    ExporterInfo,
-    Manifest,
-    Precision,
-    ScoreNormalization,
-    ScoreReducer,
-    Threshold,
-    check_artifact_sha256,
-    manifest_path_for,
-    reference_path_for,
-    sha256_file,
-)
+from reconad.runtime.manifest import OUTPUT_NAMES, SCHEMA_VERSION, EngineInfo, ExporterInfo, Manifest, Precision, ScoreReducer, check_artifact_sha256, manifest_path_for, reference_path_for, sha256_file
+from reconad.runtime.thresholds import Calibration, ScoreNormalization, Threshold
 
 
 def make_manifest(**overrides) -> Manifest:

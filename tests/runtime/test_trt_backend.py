@@ -19,14 +19,7 @@ from reconad.runtime.backends.cuda import CudaDriver, DeviceBuffer, GraphExec, P
 from reconad.runtime.backends.device import GpuInfo
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Inspector
-from reconad.runtime.manifest import (
-    ANOMALY_MAP_NAME,
-    IMAGE_SCORE_NAME,
-    INPUT_NAME,
-    EngineInfo,
-    Manifest,
-    manifest_path_for,
-)
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, INPUT_NAME, EngineInfo, Manifest, manifest_path_for
 from reconad.runtime.backends.trt import TrtBackend, engine_mismatch, import_tensorrt, parse_version
 from tests.runtime.onnx_graphs import random_images, write_artifact
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, Calibration, Threshold, reference_path_for
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, reference_path_for
+from reconad.runtime.thresholds import Calibration, Threshold
 from reconad.runtime.verify import TOLERANCES, compare_outputs, load_reference, proxy_threshold, render_report, verify_artifact
 from tests.runtime.onnx_graphs import expected_outputs, random_images, write_artifact
 

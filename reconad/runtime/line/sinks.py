@@ -22,6 +22,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from reconad.runtime.errors import ReconadError
+from reconad.runtime.line.queues import DropOldestQueue
+from reconad.runtime.line.report import RateLimitedReporter
+from reconad.runtime.line.stats import LoopStats
 from reconad.runtime.inspector import Verdict
 from reconad.runtime.overlay import overlay_heatmap, write_png
 from reconad.runtime.frames import Roi, to_rgb_uint8
@@ -298,3 +301,52 @@ def describe_error(error: BaseException) -> str:
         return "disk full (No space left on device)"
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+class SinkWorker:
+    """One sink on its own thread behind a drop-oldest queue; failures are counted and reported."""
+
+    def __init__(self, sink: Sink, stats: LoopStats, warn: RateLimitedReporter, abort: threading.Event) -> None:
+        self.sink = sink
+        self.queue = DropOldestQueue(sink.queue_size)
+        self._stats = stats
+        self._warn = warn
+        self._abort = abort
+        self.thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
+        stats.update_sink(sink.name)
+
+    def submit(self, result: InspectionResult, wait: bool) -> None:
+        """Queue ``result``: drop the oldest when full, or with ``wait`` (files: lossless) wait for room."""
+        if wait:
+            self.queue.put_wait(result, self._abort)
+            return
+        dropped = self.queue.put(result)
+        if dropped:
+            self._stats.update_sink(self.sink.name, dropped=dropped)
+
+    def _run(self) -> None:
+        name = self.sink.name
+        try:
+            while not self._abort.is_set():
+                batch = self.queue.get_batch(1, timeout_s=0.2)
+                if batch is None:
+                    break
+                for result in batch:
+                    started = time.perf_counter()
+                    try:
+                        written = self.sink.write(result)
+                    except Exception as error:  # a sink must never take the loop down
+                        reason = describe_error(error)
+                        self._stats.update_sink(name, errors=1, last_error=reason)
+                        self._warn(f"sink:{name}", f"warning: sink {name} failed: {reason}; the loop goes on.")
+                        continue
+                    self._stats.update_sink(name, **({"written": 1} if written else {"skipped": 1}))
+                    self._stats.add_latency(f"sink:{name}", (time.perf_counter() - started) * 1e3)
+        finally:
+            lost = self.queue.clear()
+            if lost:
+                self._stats.update_sink(name, dropped=lost)
+            try:
+                self.sink.close()
+            except Exception as error:
+                self._stats.update_sink(name, errors=1, last_error=describe_error(error))
