@@ -1,4 +1,4 @@
-"""Self-describing artifact names, for ONNX graphs and engines side by side (STYLE.md, "Naming").
+"""Self-describing artifact names, for ONNX graphs and engines side by side (docs/architecture.md, "Artifacts and the manifest").
 
 ``<run>-<H>x<W>-<precision>.onnx`` from ``to-onnx``; ``<run>-<H>x<W>-<precision>-trt<version>-<device>.engine``
 from ``build-engine``; each with a ``.json`` manifest of the same stem.
@@ -42,7 +42,7 @@ def device_slug(gpu_name: str) -> str:
 
 
 def engine_file_name(run: str, input_hw: tuple[int, int], precision: str, tensorrt_version: str, gpu_name: str) -> str:
-    """``<run>-<H>x<W>-<precision>-trt<major.minor.patch>-<device>.engine`` (STYLE.md, "Naming")."""
+    """``<run>-<H>x<W>-<precision>-trt<major.minor.patch>-<device>.engine`` (docs/architecture.md, "Artifacts and the manifest")."""
     version = ".".join(str(part) for part in parse_version(tensorrt_version)[:3])
     height, width = input_hw
     return f"{run}-{height}x{width}-{precision}-trt{version}-{device_slug(gpu_name)}.engine"

@@ -1,6 +1,6 @@
 """The precision policy: what each TensorRT version (8.5 to 11) parses and sets for an fp16 or fp32 engine.
 
-``plan_precision`` is the one place that knows it (STYLE.md, "One function owns the precision policy");
+``plan_precision`` is the one place that knows it (docs/architecture.md, "Precision plan");
 the builder only carries the plan out, and ``precision_check`` verifies the built engine against it.
 """
 
