@@ -21,6 +21,10 @@ from reconad.runtime.atomic import write_bytes_atomic
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import INPUT_NAME
 
+# trt.DataType names -> numpy dtype names, as the manifest and the runtime's TensorInfo write them.
+NUMPY_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
+                "INT32": "int32", "INT64": "int64", "BOOL": "bool"}  # fmt: skip
+
 
 def describe_parser_errors(onnx_name: str, tensorrt_version: str, errors: list[Mapping[str, Any]]) -> str:
     """One sentence from ``OnnxParser`` errors (dicts with ``desc`` and, when known, ``node_name``/``operator``)."""
@@ -93,6 +97,7 @@ class EngineBuilder:
         self.network: Any = None
         self.parser: Any = None
         self.builder_config: Any = None
+        self.output_dtypes: dict[str, str] = {}  # the network's (so the engine's) output dtypes, numpy names
         self._monitor: Any = None  # must outlive the build: TensorRT holds only a raw pointer
 
     def parse(self, onnx_path: Path, model_bytes: bytes | None = None) -> list[NetworkLayer]:
@@ -129,6 +134,8 @@ class EngineBuilder:
         for index in range(self.network.num_outputs):
             tensor = self.network.get_output(index)
             self.log(f"  output {tensor.name} {tuple(tensor.shape)} {tensor.dtype.name}")
+            # 8.x maps an int64 ONNX output to INT32 (its ArgMin is a TopK with INT32 indices); 10.x keeps INT64.
+            self.output_dtypes[tensor.name] = NUMPY_DTYPES.get(tensor.dtype.name, tensor.dtype.name.lower())
         return self.network_layers()
 
     @staticmethod

@@ -155,8 +155,12 @@ def write_engine(
     engine_info: EngineInfo,
     precision: Precision,
     batch_range: tuple[int, int, int],
+    output_dtypes: dict[str, str] | None = None,
 ) -> tuple[Manifest, Path]:
-    """Write the engine, then its manifest (each atomically); no engine stays behind without its manifest."""
+    """Write the engine, then its manifest (each atomically); no engine stays behind without its manifest.
+
+    ``output_dtypes``: the engine's real output dtypes (``category`` is int32 on TensorRT 8.x).
+    """
     write_bytes_atomic(target, serialized)
     try:
         manifest = onnx_manifest.for_engine(
@@ -165,6 +169,7 @@ def write_engine(
             precision=precision,
             min_batch=batch_range[0],
             max_batch=batch_range[2],
+            output_dtypes=output_dtypes,
         )
         manifest_path = manifest_path_for(target)
         manifest.save(manifest_path)
@@ -231,6 +236,12 @@ def build_engine(
         island_kinds = graph.island_kinds
     builder = EngineBuilder(trt, config, plan, log)
     layers = builder.parse(source_path, graph.model_bytes)
+    promised = [output.name for output in onnx_manifest.output_tensors]
+    if sorted(builder.output_dtypes) != sorted(promised):
+        raise ReconadError(
+            f"{source_path.name} parsed into a network with outputs {sorted(builder.output_dtypes)} but its manifest "
+            f"promises {promised}; re-export it with recon-export to-onnx."
+        )
     if plan.constrain_islands:
         chosen, missing = select_island_layers(layers, node_outputs, islands)
         builder.constrain(chosen)
@@ -288,6 +299,8 @@ def build_engine(
         ),
     )
     precision = Precision(mode=config.precision, fp32_islands=island_kinds, description=plan.description)
-    manifest, manifest_path = write_engine(target, serialized, onnx_manifest, engine_info, precision, batch_range)
+    manifest, manifest_path = write_engine(
+        target, serialized, onnx_manifest, engine_info, precision, batch_range, builder.output_dtypes
+    )
     log(f"Wrote {target} ({len(serialized) >> 20} MiB) and {manifest_path.name} in {build_seconds:.0f} s")
     return BuildResult(target, manifest_path, manifest, report, build_seconds)

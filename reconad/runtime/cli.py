@@ -1,19 +1,46 @@
 """recon-inspect: calibrate thresholds and run the inspection loop on an exported artifact."""
 
+import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 
 
-@app.command("calibrate")
+class _PairOptionCommand(TyperCommand):
+    """``--category NAME DIR``: Typer has no repeatable two-value option, so the option is given two values here."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.name == "category":
+                param.nargs = 2
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.1%}"
+
+
+@app.command("calibrate", cls=_PairOptionCommand)
 def calibrate(
     artifact: Annotated[Path, typer.Argument(help="The .onnx or .engine artifact; its <stem>.json manifest is updated.")],
-    good_dirs: Annotated[
-        list[Path], typer.Argument(help="Folder(s) of defect-free images from the line (recursive); goods of every product.")
-    ],
+    folders: Annotated[
+        Optional[list[Path]],
+        typer.Argument(
+            help="An MVTec-layout data root (each category on its test/good, the global thresholds on all), "
+            "or folder(s) of defect-free images for the global thresholds (recursive).",
+            show_default=False,
+        ),
+    ] = None,
+    category: Annotated[
+        Optional[list[Any]],
+        typer.Option(
+            "--category", metavar="NAME DIR", help="Thresholds of category NAME from the good images in DIR (repeatable)."
+        ),
+    ] = None,
     max_fpr: Annotated[
         Optional[float], typer.Option(help="False-positive rate allowed on good images [default: 0.01].")
     ] = None,
@@ -30,7 +57,11 @@ def calibrate(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per inference call.")] = None,
     backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
 ) -> None:
-    """Write thresholds computed from defect-free images into the manifest."""
+    """Write thresholds computed from defect-free images into the manifest: per category and global.
+
+    A data root's test split (its defect folders) reports each category's operating point: the
+    threshold, recall and false-alarm rate at it, and the confusion counts.
+    """
     import numpy as np
 
     from reconad.runtime.calibration import CalibrationConfig, calibrate_artifact
@@ -52,24 +83,40 @@ def calibrate(
             what="calibrate options",
         )
         result = calibrate_artifact(
-            artifact, good_dirs, config, backend=backend, report=lambda line: typer.echo(line, err=True)
+            artifact,
+            folders or [],
+            config,
+            categories=[(str(name), Path(folder)) for name, folder in category or []],
+            backend=backend,
+            report=lambda line: typer.echo(line, err=True),
         )
     except ReconadError as error:
         exit_with(error)
-    manifest = result.manifest
-    scores = result.scores
-    typer.echo(
-        f"{result.n_images} good images ({result.n_unreadable} unreadable): scores min {scores.min():.6g}, "
-        f"median {float(np.median(scores)):.6g}, max {scores.max():.6g}"
-    )
-    typer.echo(
-        f"image threshold {manifest.image_threshold.value:.6g} (max_fpr {config.max_fpr:g}, "
-        f"{result.false_positive_rate:.2%} of the good images at or above it); "
-        f"pixel threshold {manifest.pixel_threshold.value:.6g}"
-    )
-    if manifest.score_normalization is not None:
-        normalization = manifest.score_normalization
-        typer.echo(f"score normalisation {normalization.method}: {normalization.low:.6g} -> 0, threshold -> 0.5")
+    for point in result.points:
+        name = "global" if point.category is None else point.category
+        scores, thresholds = point.scores, point.point
+        line = (
+            f"{name}: {point.n_images} good images ({point.n_unreadable} unreadable), scores min {scores.min():.6g}, "
+            f"median {float(np.median(scores)):.6g}, max {scores.max():.6g}; image threshold "
+            f"{thresholds.image_threshold.value:.6g} ({point.false_positive_rate:.2%} of these good images at or "
+            f"above it), pixel threshold {thresholds.pixel_threshold.value:.6g}"
+        )
+        if thresholds.distance_limit is not None:
+            line += f", distance limit {thresholds.distance_limit.value:.4g}"
+        if point.recognized is not None:
+            line += f", {_percent(point.recognized)} of them recognised as {name}"
+        typer.echo(line)
+        if point.counts is not None:
+            counts = point.counts
+            typer.echo(
+                f"  {name} operating point on its test split: recall {_percent(counts.recall)}, false-alarm rate "
+                f"{_percent(counts.false_alarm_rate)} (on the good images it was calibrated on); "
+                f"TP {counts.true_positives} FN {counts.false_negatives} FP {counts.false_positives} "
+                f"TN {counts.true_negatives}, {counts.unknown} unknown"
+                + (f"; recognition {_percent(point.recognition_accuracy)}" if point.recognition_accuracy is not None else "")
+            )
+        if point.replaced is not None:
+            typer.echo(f"  replaced {name}: {point.replaced.describe()}")
     typer.echo(f"wrote {result.manifest_path}")
 
 
@@ -87,7 +134,13 @@ def run(
     roi: Annotated[Optional[str], typer.Option(help="Crop X,Y,W,H (pixels) of every frame before inference.")] = None,
     backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
     threshold: Annotated[
-        Optional[float], typer.Option(help="Image threshold in raw score units; overrides the manifest's.")
+        Optional[float], typer.Option(help="One image threshold for every image (raw score units), not the manifest's.")
+    ] = None,
+    no_threshold: Annotated[
+        bool, typer.Option("--no-threshold", help="Scores only: judge no image (no calibration needed).")
+    ] = False,
+    category: Annotated[
+        Optional[str], typer.Option(help="Judge every image as this category (its thresholds), whatever the model names.")
     ] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Frames per inference call [default: 1].")] = None,
     overlays: Annotated[Optional[str], typer.Option(help="Heatmap overlays for: anomalies, all or none.")] = None,
@@ -120,6 +173,10 @@ def run(
     num_threads: Annotated[Optional[int], typer.Option(min=1, help="ONNX Runtime threads [default: all cores].")] = None,
 ) -> None:
     """Inspect frames from a camera, stream, video file or image folder until it ends or Ctrl+C.
+
+    The model names each image's category and judges it with that category's thresholds (or the
+    global ones); an image unlike every category is UNKNOWN. Without a calibration for every category
+    it may judge, run refuses (exit 2) unless --threshold or --no-threshold is given.
 
     Exit codes: 0 at the end of the stream, --max-frames, SIGINT or SIGTERM; 2 for bad input; 3 when
     inference fails or hangs.
@@ -158,8 +215,9 @@ def run(
             SourceConfig, dict(width=width, height=height, fps=fps, flip=flip, codec=codec, loop=loop), what="run options"
         )
         result = inspect_stream(
-            source, model, config, source_config, backend=backend, threshold=threshold, num_threads=num_threads, report=report
-        )
+            source, model, config, source_config, backend=backend, threshold=threshold, category=category,
+            no_threshold=no_threshold, num_threads=num_threads, report=report,
+        )  # fmt: skip
     except ReconadError as error:
         exit_with(error)
     except KeyboardInterrupt:  # before the loop took over SIGINT (e.g. while the model loads)

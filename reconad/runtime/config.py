@@ -37,7 +37,8 @@ def decode(cls: type[Record], data: Any, what: str) -> Record:
 
     Field types understood: ``int``, ``float`` (an integer is taken), ``str``, ``bool`` (never taken
     for a number, nor a number for it), ``Path`` (from a string), ``dict``, ``tuple[T, ...]`` and
-    fixed ``tuple[A, B]`` (from a list), ``X | None``, and nested dataclasses. A missing key takes the
+    fixed ``tuple[A, B]`` (from a list), ``dict[str, T]`` (each value checked as T), ``X | None``, and
+    nested dataclasses. A missing key takes the
     field's default. The dataclass's own ``__post_init__`` checks values afterwards.
 
     Args:
@@ -101,6 +102,8 @@ def encode(value: Any) -> Any:
         return {field.name: encode(getattr(value, field.name)) for field in dataclasses.fields(value)}
     if isinstance(value, (tuple, list)):
         return [encode(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: encode(item) for key, item in value.items()}
     if isinstance(value, Path):
         return str(value)
     return value
@@ -176,6 +179,13 @@ def _decode_value(annotation: Any, value: Any, what: str, key: str) -> Any:
         else:
             item_types = list(arguments)
         return tuple(_decode_value(kind, item, what, f"{key}[{i}]") for i, (kind, item) in enumerate(zip(item_types, value)))
+    if origin is dict and typing.get_args(annotation):
+        if not isinstance(value, Mapping):
+            _fail(f"{what} key {key} must be an object, got {value!r}")
+        key_type, value_type = typing.get_args(annotation)
+        if key_type is str and any(not isinstance(name, str) for name in value):
+            _fail(f"{what} key {key} must have string keys")
+        return {name: _decode_value(value_type, item, what, f"{key}.{name}") for name, item in value.items()}
     base = origin or annotation
     if base is Any:
         return value

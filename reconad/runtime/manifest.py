@@ -21,14 +21,24 @@ from typing import Any
 from reconad.runtime.atomic import write_text_atomic
 from reconad.runtime.config import check_choice, check_iso_date, decode, encode, require, utc_now_iso
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.thresholds import ScoreNormalization, Threshold
+from reconad.runtime.thresholds import OperatingPoint, ScoreNormalization, Threshold
 
 INPUT_NAME = "images"  # uint8 [N, H, W, 3] RGB
 ANOMALY_MAP_NAME = "anomaly_map"  # float32 [N, 1, H, W]
 IMAGE_SCORE_NAME = "image_score"  # float32 [N]
-OUTPUT_NAMES = (ANOMALY_MAP_NAME, IMAGE_SCORE_NAME)
+CATEGORY_NAME = "category"  # int64 [N] (int32 from TensorRT 8.x engines): index into category_head.names
+CATEGORY_DISTANCE_NAME = "category_distance"  # float32 [N]: cosine distance to that category's centroid
+SCORE_OUTPUT_NAMES = (ANOMALY_MAP_NAME, IMAGE_SCORE_NAME)
+CATEGORY_OUTPUT_NAMES = (CATEGORY_NAME, CATEGORY_DISTANCE_NAME)
+OUTPUT_NAMES = (*SCORE_OUTPUT_NAMES, *CATEGORY_OUTPUT_NAMES)  # the graph's outputs, in this order
+# TensorRT 8.5/8.6 have no INT64 tensors: their ONNX parser maps an int64 graph output to INT32 and makes
+# ArgMin a TopK whose indices are INT32; 10.x casts them to INT64 (onnx-tensorrt argMinMaxHelper).
+CATEGORY_DTYPES = ("int64", "int32")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # schema 1 (no category head, global thresholds only) migrates on load
+CATEGORY_METHODS = ("nearest_centroid", "none")
+UNNAMED_CATEGORY = "all"  # the one category of a graph whose checkpoint had no centroids
 METADATA_KEY = "reconad_manifest"  # ONNX metadata_props key holding the manifest JSON
 ARTIFACT_KINDS = ("onnx", "engine")
 PRECISION_MODES = ("fp32", "fp16")
@@ -102,8 +112,10 @@ class OutputTensor:
 
     Attributes:
         name: one of ``OUTPUT_NAMES``.
-        shape: ``[N, 1, H, W]`` for ``anomaly_map``, ``[N]`` for ``image_score``; N as in the input.
-        dtype: ``"float32"`` (also for fp16 artifacts: their I/O types are unchanged).
+        shape: ``[N, 1, H, W]`` for ``anomaly_map``, ``[N]`` for the others; N as in the input.
+        dtype: ``"float32"`` (also for fp16 artifacts: their I/O types are unchanged); ``category`` is
+            ``"int64"``, or ``"int32"`` in an engine of a TensorRT without INT64 tensors (8.x): the
+            dtype the artifact really returns.
     """
 
     name: str
@@ -112,7 +124,72 @@ class OutputTensor:
 
     def __post_init__(self) -> None:
         check_choice(self.name, OUTPUT_NAMES, "output_tensors.name")
-        require(self.dtype == "float32", f"manifest output {self.name} dtype must be 'float32', got {self.dtype!r}")
+        if self.name == CATEGORY_NAME:
+            check_choice(self.dtype, CATEGORY_DTYPES, f"output {CATEGORY_NAME} dtype")
+        else:
+            require(self.dtype == "float32", f"manifest output {self.name} dtype must be 'float32', got {self.dtype!r}")
+
+
+def output_tensors_for(
+    input_shape: tuple[int, ...], with_category: bool, dtypes: Mapping[str, str] | None = None
+) -> tuple[OutputTensor, ...]:
+    """The graph outputs for an input of ``input_shape`` ``[N, H, W, 3]``, in ``OUTPUT_NAMES`` order.
+
+    Args:
+        with_category: the graph has the ``category`` and ``category_distance`` outputs.
+        dtypes: dtype per output name where it is not the default (``category``: int64).
+    """
+    batch, height, width, _ = input_shape
+    shapes = {ANOMALY_MAP_NAME: (batch, 1, height, width), IMAGE_SCORE_NAME: (batch,)}
+    if with_category:
+        shapes |= {CATEGORY_NAME: (batch,), CATEGORY_DISTANCE_NAME: (batch,)}
+    defaults = {CATEGORY_NAME: "int64"}
+    chosen = {**defaults, **(dtypes or {})}
+    return tuple(OutputTensor(name=name, shape=shape, dtype=chosen.get(name, "float32")) for name, shape in shapes.items())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CategoryHead:
+    """How the graph's ``category`` output names the product in front of the camera (``reconad.model.detector``).
+
+    Attributes:
+        method: ``"nearest_centroid"``: the image's backbone features, average-pooled over the token grid
+            and L2-normalised, against one L2-normalised centroid per category fitted on the training
+            images; ``category`` is the nearest centroid's index and ``category_distance`` its cosine
+            distance (1 - cosine similarity, 0..2). ``"none"``: the checkpoint had no centroids (an older
+            run, ``import-uniad``): the graph outputs ``category`` 0 (``"all"``) and distance 0 for every
+            image, and the runtime judges every image with the global thresholds (or the ``--category``
+            it is given).
+        names: category names in the order of the ``category`` index; ``("all",)`` for ``"none"``.
+        n_images: training images each centroid was fitted on, parallel to ``names``; empty for ``"none"``.
+        separation: per name, the cosine distance from its centroid to the nearest other one (how far
+            the next product is); empty with fewer than two centroids. The calibrated distance limit
+            sits between a category's good images and half this (``reconad.runtime.calibration``).
+        source: what the centroids were fitted on, e.g. ``"160 training images of /data"``.
+    """
+
+    method: str
+    names: tuple[str, ...]
+    n_images: tuple[int, ...] = ()
+    separation: tuple[float, ...] = ()
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, CATEGORY_METHODS, "category_head.method")
+        require(bool(self.names) and len(set(self.names)) == len(self.names),
+                f"manifest category_head.names must be distinct and not empty, got {list(self.names)}")
+        if self.method == "none":
+            require(self.names == (UNNAMED_CATEGORY,),
+                    f"manifest category_head 'none' names only {UNNAMED_CATEGORY!r}, got {list(self.names)}")
+        require(not self.n_images or len(self.n_images) == len(self.names),
+                "manifest category_head.n_images must have one count per name")
+        require(not self.separation or len(self.separation) == len(self.names),
+                "manifest category_head.separation must have one distance per name")
+
+    @property
+    def recognizes(self) -> bool:
+        """Whether the graph really tells the categories apart (``"nearest_centroid"``)."""
+        return self.method == "nearest_centroid"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -208,21 +285,28 @@ class Manifest:
     ``onnx_sha256 = None`` (a file cannot contain its own hash) and the sidecar JSON wins when both exist.
 
     Attributes:
-        schema_version: ``SCHEMA_VERSION``; other versions are refused.
+        schema_version: ``SCHEMA_VERSION``; schema 1 is migrated on load (its graph has no category
+            outputs and its thresholds are global), other versions are refused.
         artifact_kind: ``"onnx"`` or ``"engine"``.
         artifact_file: file name of the model, relative to the manifest's folder.
         preset: ``reconad.model`` preset name, or None for a custom config.
         model_config: the full ``ModelConfig`` as a JSON dict.
         input_tensor: the graph input.
-        output_tensors: the graph outputs, ``anomaly_map`` then ``image_score``.
+        output_tensors: the graph outputs in ``OUTPUT_NAMES`` order; a graph exported before schema 2
+            has only ``anomaly_map`` and ``image_score``.
         score_reducer: how the graph computes ``image_score`` from ``anomaly_map``.
         precision: fp32 / fp16 recipe.
         exporter: versions of the exporting software.
         created_at: ISO 8601 UTC time the artifact was written.
-        image_threshold: threshold on ``image_score``; None until calibrated.
-        pixel_threshold: threshold on ``anomaly_map`` values for defect masks; None until calibrated.
-        score_normalization: optional map of raw scores to 0..1 for display.
+        image_threshold: the global threshold on ``image_score``; None until calibrated.
+        pixel_threshold: the global threshold on ``anomaly_map`` values for defect masks; None until calibrated.
+        score_normalization: optional global map of raw scores to 0..1 for display.
+        distance_limit: the global out-of-distribution limit on ``category_distance``; None: no limit.
+        category_thresholds: per category name, its own ``OperatingPoint`` (image and pixel threshold,
+            normalisation, distance limit, each with its provenance); a category without one is judged
+            with the global fields above (``operating_point``).
         categories: the training categories (one model for all of them).
+        category_head: how the ``category`` output names the product; None for a graph without it.
         checkpoint_sha256: sha256 of the checkpoint the graph was exported from.
         onnx_sha256: sha256 of the ONNX file (for an engine: the ONNX it was built from).
         engine_sha256: sha256 of the engine file; engines only.
@@ -243,7 +327,10 @@ class Manifest:
     image_threshold: Threshold | None = None
     pixel_threshold: Threshold | None = None
     score_normalization: ScoreNormalization | None = None
+    distance_limit: Threshold | None = None
+    category_thresholds: dict[str, OperatingPoint] = dataclasses.field(default_factory=dict)
     categories: tuple[str, ...] = ()
+    category_head: CategoryHead | None = None
     checkpoint_sha256: str | None = None
     onnx_sha256: str | None = None
     engine_sha256: str | None = None
@@ -262,16 +349,27 @@ class Manifest:
         object.__setattr__(self, "model_config", _json_normalized(self.model_config, "model_config"))
         names = tuple(output.name for output in self.output_tensors)
         require(
-            names == OUTPUT_NAMES, f"manifest outputs must be {list(OUTPUT_NAMES)} in that order, got {list(names)}"
+            names in (OUTPUT_NAMES, SCORE_OUTPUT_NAMES),
+            f"manifest outputs must be {list(OUTPUT_NAMES)} (or, before schema 2, {list(SCORE_OUTPUT_NAMES)}) "
+            f"in that order, got {list(names)}",
         )
-        batch, height, width, _ = self.input_tensor.shape
-        expected_shapes = {ANOMALY_MAP_NAME: (batch, 1, height, width), IMAGE_SCORE_NAME: (batch,)}
+        expected = {t.name: t.shape for t in output_tensors_for(self.input_tensor.shape, names == OUTPUT_NAMES)}
         for output in self.output_tensors:
             require(
-                tuple(output.shape) == expected_shapes[output.name],
+                tuple(output.shape) == expected[output.name],
                 f"manifest output {output.name} shape {list(output.shape)} does not match the input "
-                f"(expected {list(expected_shapes[output.name])})",
+                f"(expected {list(expected[output.name])})",
             )
+        require(
+            (self.category_head is not None) == (names == OUTPUT_NAMES),
+            f"manifest category_head must be present exactly when the graph has the {CATEGORY_NAME} output",
+        )
+        known = self.known_categories
+        unknown = sorted(set(self.category_thresholds) - set(known))
+        require(
+            not known or not unknown,
+            f"manifest category_thresholds name {unknown}, which are not categories of this model ({list(known)})",
+        )
         check_iso_date(self.created_at, "created_at")
         for key in ("checkpoint_sha256", "onnx_sha256", "engine_sha256"):
             check_sha256(getattr(self, key), key)
@@ -296,6 +394,7 @@ class Manifest:
         dynamic_batch: bool = True,
         preset: str | None = None,
         categories: tuple[str, ...] = (),
+        category_head: CategoryHead | None = None,
         checkpoint_sha256: str | None = None,
         image_threshold: Threshold | None = None,
         pixel_threshold: Threshold | None = None,
@@ -309,6 +408,7 @@ class Manifest:
             input_hw: the graph's static (H, W).
             max_batch: largest batch; with ``dynamic_batch=False`` the fixed batch size.
             dynamic_batch: whether the batch axis is dynamic (1..max_batch).
+            category_head: the graph's category head; None for a graph without ``category`` outputs.
         """
         height, width = input_hw
         batch = -1 if dynamic_batch else max_batch
@@ -322,10 +422,7 @@ class Manifest:
                 min_batch=1 if dynamic_batch else max_batch,
                 max_batch=max_batch,
             ),
-            output_tensors=(
-                OutputTensor(name=ANOMALY_MAP_NAME, shape=(batch, 1, height, width)),
-                OutputTensor(name=IMAGE_SCORE_NAME, shape=(batch,)),
-            ),
+            output_tensors=output_tensors_for((batch, height, width, 3), category_head is not None),
             score_reducer=score_reducer,
             precision=precision,
             exporter=exporter,
@@ -334,6 +431,7 @@ class Manifest:
             pixel_threshold=pixel_threshold,
             score_normalization=score_normalization,
             categories=tuple(categories),
+            category_head=category_head,
             checkpoint_sha256=checkpoint_sha256,
         )
 
@@ -345,6 +443,7 @@ class Manifest:
         precision: Precision | None = None,
         min_batch: int | None = None,
         max_batch: int | None = None,
+        output_dtypes: Mapping[str, str] | None = None,
     ) -> Manifest:
         """The manifest of an engine built from this ONNX manifest's graph, stamped with its sha256.
 
@@ -354,6 +453,8 @@ class Manifest:
             precision: the engine's recipe; defaults to the ONNX graph's.
             min_batch: the optimisation profile's smallest batch; defaults to the graph's.
             max_batch: the optimisation profile's largest batch; defaults to the graph's.
+            output_dtypes: the engine's real output dtypes (numpy names) where they differ from the
+                graph's, e.g. ``{"category": "int32"}`` on TensorRT 8.x.
         """
         require(self.artifact_kind == "onnx", "an engine manifest can only be derived from an ONNX manifest")
         require(
@@ -366,16 +467,13 @@ class Manifest:
             high = tensor.max_batch if max_batch is None else max_batch
             batch = -1 if low != high or tensor.dynamic_batch else low
             tensor = dataclasses.replace(tensor, shape=(batch, *tensor.shape[1:]), min_batch=low, max_batch=high)
-        batch, height, width, _ = tensor.shape
+        dtypes = {output.name: output.dtype for output in self.output_tensors} | dict(output_dtypes or {})
         derived = dataclasses.replace(
             self,
             artifact_kind="engine",
             artifact_file=Path(engine_file).name,
             input_tensor=tensor,
-            output_tensors=(
-                OutputTensor(name=ANOMALY_MAP_NAME, shape=(batch, 1, height, width)),
-                OutputTensor(name=IMAGE_SCORE_NAME, shape=(batch,)),
-            ),
+            output_tensors=output_tensors_for(tensor.shape, self.category_head is not None, dtypes),
             precision=precision or self.precision,
             engine=engine,
             created_at=utc_now_iso(),
@@ -401,6 +499,45 @@ class Manifest:
     def input_hw(self) -> tuple[int, int]:
         return self.input_tensor.input_hw
 
+    @property
+    def recognizes_categories(self) -> bool:
+        """Whether the graph names the category of each image (a fitted ``category_head``)."""
+        return self.category_head is not None and self.category_head.recognizes
+
+    @property
+    def known_categories(self) -> tuple[str, ...]:
+        """The category names thresholds may be calibrated for: the head's, else the training categories."""
+        if self.recognizes_categories:
+            return self.category_head.names
+        return tuple(self.categories)
+
+    @property
+    def global_operating_point(self) -> OperatingPoint:
+        """The global thresholds, for images of a category without its own."""
+        return OperatingPoint(
+            image_threshold=self.image_threshold,
+            pixel_threshold=self.pixel_threshold,
+            score_normalization=self.score_normalization,
+            distance_limit=self.distance_limit,
+        )
+
+    def operating_point(self, category: str | None) -> OperatingPoint:
+        """The thresholds an image of ``category`` is judged with: its own when calibrated, else the global ones."""
+        own = self.category_thresholds.get(category) if category is not None else None
+        return own if own is not None and own.image_threshold is not None else self.global_operating_point
+
+    def with_operating_point(self, category: str | None, point: OperatingPoint) -> Manifest:
+        """A copy with ``point`` as the thresholds of ``category`` (None: the global ones)."""
+        if category is None:
+            return dataclasses.replace(
+                self,
+                image_threshold=point.image_threshold,
+                pixel_threshold=point.pixel_threshold,
+                score_normalization=point.score_normalization,
+                distance_limit=point.distance_limit,
+            )
+        return dataclasses.replace(self, category_thresholds={**self.category_thresholds, category: point})
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (tuples become lists); ``from_dict`` inverts it."""
         return encode(self)
@@ -412,9 +549,12 @@ class Manifest:
         require("schema_version" in data, "manifest has no schema_version, so it is not a reconad manifest")
         version = data["schema_version"]
         require(
-            version == SCHEMA_VERSION,
-            f"manifest schema version is {version!r} but this reconad reads version {SCHEMA_VERSION}",
+            version in READABLE_SCHEMA_VERSIONS and not isinstance(version, bool),
+            f"manifest schema version is {version!r} but this reconad reads versions "
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}",
         )
+        if version == 1:
+            data = migrate_schema_1(data)
         return decode(cls, data, "manifest")
 
     def to_json(self) -> str:
@@ -445,6 +585,12 @@ class Manifest:
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a temp file in the same folder, then ``os.replace``."""
         write_text_atomic(path, self.to_json())
+
+
+def migrate_schema_1(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A schema-1 manifest as schema 2: the same fields; its graph has no category outputs (so no
+    ``category_head``) and its thresholds are the global ones. Written back as schema 2."""
+    return {**data, "schema_version": SCHEMA_VERSION}
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:

@@ -1,8 +1,9 @@
 """Where the verdict is decided: thresholds with their provenance, the one decision rule, and the 0..1 score scale.
 
 Every threshold in raw score units sits in the manifest with where it came from (``Calibration``);
-``Threshold.is_exceeded_by`` is the rule the Inspector, verify and calibration all apply. Computed from
-good images by ``reconad.runtime.calibration``.
+``Threshold.is_exceeded_by`` is the rule the Inspector, verify and calibration all apply. The thresholds
+one verdict is judged with form an ``OperatingPoint``: a category's own, or the global one. Computed from
+good images by ``reconad.runtime.calibration``; ``OperatingPointCounts`` scores a rule on labelled images.
 """
 
 from __future__ import annotations
@@ -105,3 +106,94 @@ class ScoreNormalization:
     def apply(self, scores: np.ndarray | float) -> np.ndarray:
         scores = np.asarray(scores, dtype=np.float64)
         return np.clip((scores - self.low) / (self.high - self.low), 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OperatingPoint:
+    """The thresholds a verdict is judged with: one category's (``Manifest.category_thresholds``) or the global ones.
+
+    Attributes:
+        image_threshold: on ``image_score``; None: not calibrated.
+        pixel_threshold: on ``anomaly_map`` values (defect masks, overlays).
+        score_normalization: the 0..1 display scale, with ``image_threshold`` at 0.5.
+        distance_limit: the out-of-distribution limit on ``category_distance`` (cosine distance of the
+            image's pooled features to the nearest category centroid): at or beyond it the image is
+            UNKNOWN, not judged. None: no limit (the model names no category, or it was not calibrated).
+    """
+
+    image_threshold: Threshold | None = None
+    pixel_threshold: Threshold | None = None
+    score_normalization: ScoreNormalization | None = None
+    distance_limit: Threshold | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return all(getattr(self, field.name) is None for field in dataclasses.fields(self))
+
+    def describe(self) -> str:
+        """One line naming the image threshold and where it came from, e.g. for "replaced ..." reports."""
+        if self.image_threshold is None:
+            return "no image threshold"
+        calibration = self.image_threshold.calibration
+        text = f"image threshold {self.image_threshold.value:.6g} ({calibration.method}"
+        if calibration.n_images:
+            text += f" on {calibration.n_images} images of {calibration.source}"
+        else:
+            text += f", {calibration.source}"
+        return text + f", {calibration.date})"
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatingPointCounts:
+    """A threshold's confusion counts on labelled images (defective = positive), with the rule ``score >= value``.
+
+    Images flagged UNKNOWN (beyond the distance limit) are not judged, so they count in ``unknown`` and in
+    neither rate.
+
+    Attributes:
+        threshold: the image threshold, raw score units.
+        true_positives: defective images at or above it; ``false_negatives`` below it.
+        false_positives: good images at or above it (false alarms); ``true_negatives`` below it.
+        unknown: images left unjudged as out of distribution.
+    """
+
+    threshold: float
+    true_positives: int
+    false_negatives: int
+    false_positives: int
+    true_negatives: int
+    unknown: int = 0
+
+    @classmethod
+    def count(
+        cls, threshold: Threshold, labels: np.ndarray, scores: np.ndarray, unknown: np.ndarray | None = None
+    ) -> OperatingPointCounts:
+        """Counts of ``threshold`` on ``labels`` (1 = defective) [N] and ``scores`` [N]; ``unknown`` bool [N]."""
+        labels = np.asarray(labels).astype(bool)
+        flagged = threshold.is_exceeded_by(np.asarray(scores, dtype=np.float64))
+        judged = np.ones(len(labels), bool) if unknown is None else ~np.asarray(unknown, bool)
+        return cls(
+            threshold=float(threshold.value),
+            true_positives=int((flagged & labels & judged).sum()),
+            false_negatives=int((~flagged & labels & judged).sum()),
+            false_positives=int((flagged & ~labels & judged).sum()),
+            true_negatives=int((~flagged & ~labels & judged).sum()),
+            unknown=int((~judged).sum()),
+        )
+
+    @property
+    def recall(self) -> float:
+        """Defective images caught: TP / (TP + FN); NaN without defective images."""
+        positives = self.true_positives + self.false_negatives
+        return self.true_positives / positives if positives else math.nan
+
+    @property
+    def false_alarm_rate(self) -> float:
+        """Good images flagged: FP / (FP + TN); NaN without good images."""
+        negatives = self.false_positives + self.true_negatives
+        return self.false_positives / negatives if negatives else math.nan
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """JSON-able, NaN as None."""
+        rates = {"recall": self.recall, "false_alarm_rate": self.false_alarm_rate}
+        return dataclasses.asdict(self) | {k: (None if math.isnan(v) else v) for k, v in rates.items()}

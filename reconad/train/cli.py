@@ -105,16 +105,23 @@ def evaluate_command(
     num_heatmaps: Annotated[int, typer.Option("--num-heatmaps", help="Overlays per category.")] = 6,
     skip_bad_files: Annotated[bool, typer.Option("--skip-bad-files")] = False,
     device: Annotated[str, typer.Option("--device")] = "auto",
+    manifest: Annotated[Optional[Path], typer.Option("--manifest", help="A calibrated artifact manifest (.json): "
+                        "report the operating points at its thresholds.")] = None,
+    max_fpr: Annotated[float, typer.Option("--max-fpr", help="Without --manifest: the calibration rule's "
+                       "false-positive rate on the good test images.")] = 0.01,
 ) -> None:
-    """Image/pixel AUROC, AU-PRO, AP and F1-max per category and mean; prints the table, writes the report."""
+    """Image/pixel AUROC, AU-PRO, AP and F1-max per category and mean, and the operating point per category
+    (threshold, recall, false-alarm rate, confusion counts, recognition); prints the tables, writes the report."""
     from reconad.train.evaluate import evaluate_checkpoint
 
     try:
         report = evaluate_checkpoint(checkpoint, data, out, _split_names(categories), batch_size, device,
-                                     num_heatmaps, skip_bad_files)
+                                     num_heatmaps, skip_bad_files, manifest=manifest, max_fpr=max_fpr)
     except ReconadError as error:
         exit_with(error, prefix="error: ")
     typer.echo(report.table)
+    typer.echo("")
+    typer.echo(report.points_table)
     for note in report.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")

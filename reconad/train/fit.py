@@ -122,6 +122,40 @@ def extract_all_features(
     return torch.cat(chunks)
 
 
+@torch.no_grad()
+def fit_category_head(
+    detector: AnomalyDetector,
+    train_set: ImageDataset,
+    features: torch.Tensor | None,
+    batch_size: int,
+    device: torch.device,
+    data_root: str | os.PathLike,
+) -> dict:
+    """Fit the detector's category centroids on the training images (``AnomalyDetector.fit_category_centroids``).
+
+    Args:
+        features: the cached backbone features of ``train_set`` [N, C, h, w], or None to extract them
+            (one more backbone pass over the training images).
+
+    Returns:
+        The checkpoint provenance entry ``category_head``: ``names`` (centroid order), ``n_images``, ``source``.
+    """
+    pooled = []
+    for start in range(0, len(train_set), batch_size):
+        if features is not None:
+            batch = features[start : start + batch_size].to(device)
+        else:
+            batch = detector.extract_features(torch.from_numpy(train_set.images[start : start + batch_size]).to(device))
+        pooled.append(detector.pooled_features(batch).cpu())
+    names = train_set.category_names
+    detector.fit_category_centroids(torch.cat(pooled), train_set.categories, names)
+    return {
+        "names": list(names),
+        "n_images": [train_set.categories.count(name) for name in names],
+        "source": f"{len(train_set)} training images of {Path(data_root).resolve()}",
+    }
+
+
 def _flip(images: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal / vertical flips of uint8 [N, H, W, 3], each with probability 0.5 per image."""
     for enabled, axis in ((config.hflip, 2), (config.vflip, 1)):
@@ -351,6 +385,9 @@ def fit(
                        f"({len(train_set) / extract_seconds:.1f} img/s, {cache_bytes / 2**20:.0f} MiB)")
     else:
         source = torch.from_numpy(train_set.images)
+    category_head = fit_category_head(
+        detector.eval(), train_set, source if use_cache else None, config.batch_size, context.device, data_root
+    )
     val_features = None
     if val_set is not None and use_cache:
         val_features = extract_all_features(detector.eval(), val_set.images, config.batch_size, context.device)
@@ -378,12 +415,14 @@ def fit(
 
     provenance = {
         "categories": list(train_set.category_names),
+        "category_head": category_head,
         "data": str(Path(data_root).resolve()),
         "normal_classes": list(config.normal_classes) if not train_set.has_masks else None,
         "train_config": config.to_dict(),
         "world_size": context.world_size,
         "torch_version": str(torch.__version__),
     }
+    detector.provenance = dict(provenance)  # as load_detector gives it back (category_names reads it)
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(run_dir / CONFIG_NAME, {

@@ -24,9 +24,10 @@ class FakeInspector:
         hang: when set, calls after the warm-up block until the event is set.
     """
 
-    def __init__(self, input_hw=(16, 16), threshold=0.5, delay_s=0.0, fail_on_call=None, hang=None):
+    def __init__(self, input_hw=(16, 16), threshold=0.5, delay_s=0.0, fail_on_call=None, hang=None, unknown_above=None):
         self.input_hw = input_hw
         self.threshold = threshold
+        self.unknown_above = unknown_above  # scores above this are UNKNOWN parts (unlike every category)
         self.delay_s = delay_s
         self.fail_on_call = fail_on_call
         self.hang = hang
@@ -46,12 +47,14 @@ class FakeInspector:
         verdicts = []
         for image in frames:
             score = float(image.mean() / 255.0)
+            unknown = self.unknown_above is not None and score > self.unknown_above
             verdicts.append(
                 Verdict(
                     image_score=score,
-                    is_anomalous=score >= self.threshold,
+                    is_anomalous=None if unknown else score >= self.threshold,
                     threshold=self.threshold,
                     anomaly_map=image.mean(axis=2).astype(np.float32) / 255.0,
+                    is_unknown=unknown,
                 )
             )
         return verdicts

@@ -103,6 +103,22 @@ def test_folder_end_to_end_in_order_with_jsonl(tmp_path):
     assert latency["capture_to_decision"]["p99"] >= latency["capture_to_decision"]["p50"] > 0
 
 
+def test_unknown_parts_are_counted_logged_and_get_an_overlay(tmp_path):
+    folder = tmp_path / "frames"
+    write_image_folder(folder, [30, 200, 250, 90])
+    out = tmp_path / "out"
+    config = InspectConfig(out=out, **QUIET)
+    sinks = build_sinks(config, None, live=False, name_by_file=True)
+    result = run_inspection(ImageFolderSource(folder), FakeInspector(unknown_above=0.9), config, sinks, handle_signals=False)
+    counters = result.stats.counters
+    assert (counters["inspected"], counters["anomalous"], counters["unknown"]) == (4, 1, 1)
+    assert "1 anomalous, 1 unknown" in result.headline() and "1 unknown" in result.stats.summary_lines()[0]
+    lines = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
+    assert [line["decision"] for line in lines] == ["good", "anomalous", "unknown", "good"]
+    assert lines[2]["is_anomalous"] is None and lines[2]["overlay"] == "overlays/0002.png"
+    assert (out / "overlays" / "0002.png").is_file()
+
+
 def test_max_frames_on_a_looping_folder_and_roi(tmp_path):
     folder = tmp_path / "frames"
     write_image_folder(folder, [10, 250])  # ROI below picks a region of each
@@ -334,7 +350,7 @@ def test_cli_run_on_a_video_file_with_the_onnx_contract_graph(tmp_path):
     arguments = ["run", str(video), "--model", str(artifact), "--out", str(out), "--roi", "8,8,32,32", "--max-frames", "5"]
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
-    assert "5 frames inspected on ort-cpu: 2 anomalous, 0 unreadable" in result.stdout
+    assert "5 frames inspected on ort-cpu: 2 anomalous, 0 unknown, 0 unreadable" in result.stdout
     assert "stopped: max frames" in result.stdout
     records = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
     assert [record["is_anomalous"] for record in records] == [False, True, False, True, False]

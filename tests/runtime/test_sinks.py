@@ -1,5 +1,6 @@
 """Sinks: the JSONL log (incl. a full disk), overlays (naming, rate limit, quota) and the webhook (local server)."""
 
+import dataclasses
 import errno
 import http.server
 import json
@@ -45,9 +46,14 @@ def test_jsonl_lines_are_written_at_once_and_appended(tmp_path):
         "time": "2026-01-01T00:00:00.000+00:00",
         "latency_ms": 3.25,
         "file": "cam#0",
+        "decision": "good",
         "image_score": 0.2,
         "is_anomalous": False,
         "threshold": 0.5,
+        "category": None,
+        "recognized_category": None,
+        "category_distance": None,
+        "is_unknown": False,
         "normalized_score": None,
         "overlay": None,
     }
@@ -154,6 +160,17 @@ def test_webhook_posts_anomalies_as_json(server):
     content_type, body = handler.bodies[0]
     assert content_type == "application/json"
     assert body["event"] == "anomaly" and body["frame"] == 5 and body["image_score"] == 0.93 and body["is_anomalous"]
+
+
+def test_webhook_posts_unknown_parts_as_their_own_event(server):
+    _, handler, url = server
+    sink = WebhookSink(url, timeout_s=2)
+    unknown = result(6, 0.1, anomalous=None)
+    unknown = dataclasses.replace(unknown, verdict=dataclasses.replace(unknown.verdict, is_unknown=True, category_distance=0.7))
+    assert sink.accepts(unknown) and sink.write(unknown) is True
+    body = handler.bodies[0][1]
+    assert body["event"] == "unknown" and body["decision"] == "unknown" and body["is_anomalous"] is None
+    assert body["category_distance"] == 0.7
 
 
 def test_webhook_failures_are_one_line_errors(server):

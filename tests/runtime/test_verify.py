@@ -114,8 +114,12 @@ def test_verify_artifact_end_to_end(tmp_path):
 def test_load_reference_validation(tmp_path):
     path = tmp_path / "r.npz"
     images = random_images(2)
-    np.savez(path, images=images, **expected_outputs(images))
+    np.savez(path, images=images, **expected_outputs(images, with_category=False))
     assert set(load_reference(path, (16, 16))) == {"images", ANOMALY_MAP_NAME, IMAGE_SCORE_NAME}
+    with pytest.raises(ReconadError, match="lacks category, category_distance, category_margin; re-run"):
+        load_reference(path, (16, 16), with_category=True)
+    np.savez(path, images=images, **expected_outputs(images))
+    assert len(load_reference(path, (16, 16), with_category=True)) == 6
     with pytest.raises(ReconadError, match="images has shape \\[2, 16, 16, 3\\]; the artifact needs \\[2, 8, 8, 3\\]"):
         load_reference(path, (8, 8))
     np.savez(path, images=images)

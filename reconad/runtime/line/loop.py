@@ -87,11 +87,12 @@ class LoopResult:
     backend: str | None = None
 
     def headline(self) -> str:
-        """``3 frames inspected on ort-cpu: 2 anomalous, 1 unreadable, 0 blank, 0 dropped, 2 overlays``."""
+        """``3 frames inspected on ort-cpu: 2 anomalous, 0 unknown, 1 unreadable, 0 blank, 0 dropped, 2 overlays``."""
         counters = self.stats.counters
         overlays = self.stats.sinks.get(OverlaySink.name)
         text = f"{counters['inspected']} frames inspected on {self.backend or 'an inspector'}: "
-        text += f"{counters['anomalous']} anomalous, {counters['corrupt']} unreadable, {counters['blank']} blank, "
+        text += f"{counters['anomalous']} anomalous, {counters['unknown']} unknown, "
+        text += f"{counters['corrupt']} unreadable, {counters['blank']} blank, "
         text += f"{counters['dropped']} dropped"
         return text + (f", {overlays.written} overlays" if overlays is not None else "")
 
@@ -338,8 +339,11 @@ class InspectionLoop:
         self.stats.count("inspected")
         if verdict.is_anomalous:
             self.stats.count("anomalous")
-        overlay = self.overlay_sink.plan(item.index, item.name, verdict.is_anomalous) if self.overlay_sink else None
-        if overlay is None and verdict.is_anomalous and self.overlay_sink is not None:
+        if verdict.is_unknown:
+            self.stats.count("unknown")
+        needs_look = bool(verdict.is_anomalous or verdict.is_unknown)  # an UNKNOWN part needs a person too
+        overlay = self.overlay_sink.plan(item.index, item.name, needs_look) if self.overlay_sink else None
+        if overlay is None and needs_look and self.overlay_sink is not None:
             self.stats.update_sink(self.overlay_sink.name, skipped=1)
         # Only an overlay needs the map and the frame; dropping them keeps queued results small.
         kept_map = np.array(verdict.anomaly_map, copy=True) if overlay else None

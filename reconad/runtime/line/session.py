@@ -16,6 +16,7 @@ from pathlib import Path
 from reconad.runtime.atomic import write_text_atomic
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Inspector
+from reconad.runtime.thresholds import OperatingPoint
 from reconad.runtime.line.loop import InspectConfig, LoopResult, run_inspection
 from reconad.runtime.line.report import report_stderr
 from reconad.runtime.line.sinks import VERDICTS_FILE, JsonlSink, OverlaySink, Sink, WebhookSink, describe_error
@@ -27,6 +28,16 @@ SUMMARY_FILE = "summary.json"
 
 def _iso_now_ms() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def overlay_scales(point: OperatingPoint) -> tuple[float | None, float | None, float | None]:
+    """(low, high, pixel threshold) of an overlay's heat scale, from an operating point."""
+    normalization, pixel = point.score_normalization, point.pixel_threshold
+    return (
+        normalization.low if normalization else None,
+        normalization.high if normalization else None,
+        pixel.value if pixel else None,
+    )
 
 
 def build_sinks(
@@ -53,8 +64,7 @@ def build_sinks(
             raise ReconadError(f"Cannot create the output folder {out}: {error.strerror}.") from None
         sinks.append(JsonlSink(out / VERDICTS_FILE, run_id=run_id))
         if config.overlays != "none":
-            normalization = manifest.score_normalization if manifest else None
-            pixel = manifest.pixel_threshold if manifest else None
+            low, high, pixel = overlay_scales(manifest.global_operating_point) if manifest else (None, None, None)
             sinks.append(
                 OverlaySink(
                     out,
@@ -63,9 +73,10 @@ def build_sinks(
                     min_interval_s=config.overlay_interval_s if config.overlay_interval_s is not None else float(live),
                     quota_mb=config.overlay_quota_mb,
                     min_free_mb=config.overlay_min_free_mb,
-                    low=normalization.low if normalization else None,
-                    high=normalization.high if normalization else None,
-                    pixel_threshold=pixel.value if pixel else None,
+                    low=low,
+                    high=high,
+                    pixel_threshold=pixel,
+                    scales=(lambda category: overlay_scales(manifest.operating_point(category))) if manifest else None,
                     warn=warn,
                 )
             )
@@ -82,6 +93,8 @@ def inspect_stream(
     *,
     backend: str = "auto",
     threshold: float | None = None,
+    category: str | None = None,
+    no_threshold: bool = False,
     num_threads: int | None = None,
     report: Callable[[str], None] = report_stderr,
 ) -> LoopResult:
@@ -91,14 +104,23 @@ def inspect_stream(
         uri: ``csi://N``, ``v4l2:///dev/videoN``, ``rtsp://...``, a video file or an image folder.
         artifact: ``.onnx`` or ``.engine`` with its manifest.
         backend: see ``reconad.runtime.inspector.BACKEND_CHOICES``.
-        threshold: overrides the manifest's image threshold (raw score units).
+        threshold: one image threshold for every image (raw score units), instead of the manifest's.
+        category: judge every image as this category, whatever the model names.
+        no_threshold: scores only: no image is judged.
         num_threads: ONNX Runtime intra-op threads; None for all cores.
+
+    Raises:
+        ReconadError: among others, the artifact carries no calibration for some image it may judge
+            (``Inspector.missing_calibration``) and neither ``threshold`` nor ``no_threshold`` is given.
     """
-    source = open_source(uri, source_config)
-    run_id = _iso_now_ms()
-    with Inspector.open(artifact, backend, threshold=threshold, num_threads=num_threads) as inspector:
-        if inspector.threshold is None:
-            report("No image threshold: is_anomalous is null; run recon-inspect calibrate or pass --threshold.")
+    with Inspector.open(
+        artifact, backend, threshold=threshold, category=category, no_threshold=no_threshold, num_threads=num_threads
+    ) as inspector:
+        inspector.require_calibration()  # before the source opens: a camera is not claimed for nothing
+        source = open_source(uri, source_config)
+        run_id = _iso_now_ms()
+        if no_threshold:
+            report("Scores only (--no-threshold): no image is judged; decision and is_anomalous are null.")
         by_file = isinstance(source, ImageFolderSource)
         sinks = build_sinks(config, inspector.manifest, live=source.live, name_by_file=by_file, run_id=run_id, warn=report)
         batch_size = min(config.batch_size, inspector.backend.max_batch)

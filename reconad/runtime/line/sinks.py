@@ -164,7 +164,8 @@ class OverlaySink:
     ``min_interval_s``, none once the folder holds ``quota_mb``) and names the file, so the JSONL line
     can point to it. ``write`` renders and saves it unless the quota filled up meanwhile (so the folder
     exceeds the quota by at most one file) or the disk has under ``min_free_mb`` free; a JSONL line may
-    then name an overlay that was not written.
+    then name an overlay that was not written. The heat scale (``low``, ``high``) and the pixel threshold
+    are the global ones, or, with ``scales``, those of each verdict's category.
     """
 
     name = "overlays"
@@ -182,6 +183,7 @@ class OverlaySink:
         low: float | None = None,
         high: float | None = None,
         pixel_threshold: float | None = None,
+        scales: Callable[[str | None], tuple[float | None, float | None, float | None]] | None = None,
         warn: Callable[[str], None] = print,
     ) -> None:
         self.out_dir = Path(out_dir)
@@ -194,6 +196,7 @@ class OverlaySink:
         self.min_free_bytes = int(min_free_mb * 1e6)
         self.queue_size = queue_size
         self.low, self.high, self.pixel_threshold = low, high, pixel_threshold
+        self.scales = scales  # category -> (low, high, pixel threshold)
         self._lock = threading.Lock()
         self._used_bytes = sum(path.stat().st_size for path in self.folder.rglob("*") if path.is_file())
         self._last_planned: float | None = None
@@ -237,14 +240,17 @@ class OverlaySink:
             self._warn_once("disk", f"under {self.min_free_bytes / 1e6:.0f} MB free on the disk of {self.folder}: overlays paused.")
             return False
         verdict = result.verdict
+        low, high, pixel_threshold = (
+            self.scales(verdict.category) if self.scales is not None else (self.low, self.high, self.pixel_threshold)
+        )
         image = overlay_heatmap(
             to_rgb_uint8(result.frame, colour=result.colour),
             verdict.anomaly_map,
-            low=self.low,
-            high=self.high,
+            low=low,
+            high=high,
             roi=result.roi,
-            pixel_threshold=self.pixel_threshold,
-            label=f"#{result.index} score {verdict.image_score:.4g}",
+            pixel_threshold=pixel_threshold,
+            label=f"#{result.index} " + ("UNKNOWN" if verdict.is_unknown else f"score {verdict.image_score:.4g}"),
         )
         path = self.out_dir / result.overlay
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +264,8 @@ class OverlaySink:
 
 
 class WebhookSink:
-    """POSTs the JSON event of each anomalous frame to ``url`` (``"event": "anomaly"``), with a timeout.
+    """POSTs the JSON event of each anomalous frame to ``url`` (``"event": "anomaly"``), and of each
+    UNKNOWN one (``"event": "unknown"``: unlike every training category, not judged), with a timeout.
 
     Any status other than 2xx, a refused connection or a timeout raises; the worker counts it. Only
     http(s) URLs are accepted.
@@ -274,10 +281,11 @@ class WebhookSink:
         self.queue_size = queue_size
 
     def accepts(self, result: InspectionResult | FrameFault) -> bool:
-        return isinstance(result, InspectionResult) and bool(result.verdict.is_anomalous)
+        return isinstance(result, InspectionResult) and bool(result.verdict.is_anomalous or result.verdict.is_unknown)
 
     def write(self, result: InspectionResult) -> bool:
-        body = json.dumps({"event": "anomaly", **result.record()}).encode("utf-8")
+        event = "unknown" if result.verdict.is_unknown else "anomaly"
+        body = json.dumps({"event": event, **result.record()}).encode("utf-8")
         request = urllib.request.Request(
             self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
         )

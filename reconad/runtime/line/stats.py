@@ -19,6 +19,7 @@ COUNTER_NAMES = (
     "captured",  # frames read from the source and queued for inference
     "inspected",  # frames with a verdict
     "anomalous",
+    "unknown",  # frames not judged: unlike every training category (beyond the distance limit)
     "dropped",  # frames dropped unseen because inference fell behind a live source
     "corrupt",  # unreadable, undecodable or malformed frames, skipped
     "blank",  # frames of one flat colour (lens cap, dead sensor), skipped
@@ -95,7 +96,7 @@ class StatsSnapshot:
         counters = self.counters
         parts = [
             f"{self.fps:.1f} fps",
-            f"{counters['inspected']} inspected, {counters['anomalous']} anomalous",
+            f"{counters['inspected']} inspected, {counters['anomalous']} anomalous, {counters['unknown']} unknown",
             f"dropped {counters['dropped']}",
         ]
         skipped = {name: counters[name] for name in ("corrupt", "blank") if counters[name]}
@@ -117,7 +118,7 @@ class StatsSnapshot:
         counters = self.counters
         lines = [
             f"inspected {counters['inspected']} frames in {self.elapsed_s:.1f} s ({self.mean_fps:.1f} fps), "
-            f"{counters['anomalous']} anomalous",
+            f"{counters['anomalous']} anomalous, {counters['unknown']} unknown",
             f"captured {counters['captured']}, dropped {counters['dropped']}, corrupt {counters['corrupt']}, "
             f"blank {counters['blank']}, source lost {counters['source_lost']} times, reconnected {counters['reconnects']}",
         ]
