@@ -25,10 +25,14 @@ def to_onnx(
         Optional[Path],
         typer.Option(help="Folder of images for <stem>.reference.npz (up to 16); default 4 synthetic images."),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace manifests in --out that hold a calibration (it is discarded).")
+    ] = False,
 ) -> None:
     """Export a checkpoint to the fused ONNX graph, checked against PyTorch with ONNX Runtime before writing.
 
-    Exit 1 when a graph is over tolerance (nothing is written), 2 for bad input.
+    A calibrated manifest already in --out is never replaced without --overwrite: the new graph's scores
+    need a new calibration. Exit 1 when a graph is over tolerance (nothing is written), 2 for bad input.
     """
     import logging
 
@@ -49,6 +53,7 @@ def to_onnx(
             max_batch=max_batch,
             opset=opset,
             reference_images=reference_images,
+            overwrite=overwrite,
         )
     except ReconadError as error:
         exit_with(error)

@@ -358,3 +358,5 @@ def test_cli_run_on_a_video_file_with_the_onnx_contract_graph(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "max frames" and summary["backend"] == "ort-cpu"
     assert summary["counters"]["inspected"] == 5 and summary["latency_ms"]["capture_to_decision"]["p99"] > 0
+    assert summary["counters"]["unknown"] == 0
+    assert summary["judged"] == {"category": None, "threshold": None, "no_threshold": False}

@@ -132,6 +132,7 @@ def inspect_stream(
             "source": uri,
             "model": str(artifact),
             "backend": inspector.backend.name,
+            "judged": {"category": category, "threshold": threshold, "no_threshold": no_threshold},
             "stop_reason": result.stop_reason,
             "failure": result.failure,
             **result.stats.to_dict(),
