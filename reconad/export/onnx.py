@@ -28,7 +28,7 @@ from reconad.export.islands import ISLAND_NAMES, find_fp32_island_groups
 from reconad.export.naming import artifact_name, artifact_stem
 from reconad.runtime.backends.ort import OrtBackend
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import ANOMALY_MAP_NAME, CATEGORY_DISTANCE_NAME, CATEGORY_NAME, IMAGE_SCORE_NAME, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, UNNAMED_CATEGORY, CategoryHead, ExporterInfo, Manifest, Precision, ScoreReducer, manifest_path_for, reference_path_for, sha256_file
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, UNNAMED_CATEGORY, CategoryHead, ExporterInfo, Manifest, Precision, ScoreReducer, manifest_path_for, reference_path_for, sha256_file
 from reconad.runtime.verify import CATEGORY_MARGIN_KEY, VerifyReport, compare_outputs
 
 logger = logging.getLogger(__name__)
@@ -395,13 +395,13 @@ def check_no_calibration(manifest_path: Path) -> None:
         raise ReconadError(
             f"{manifest_path} exists and is not a manifest this reconad reads; pass --overwrite to replace it."
         ) from None
-    calibrated = [name for name in existing.category_thresholds if not existing.category_thresholds[name].is_empty]
-    if not existing.global_operating_point.is_empty:
-        calibrated.insert(0, "global")
+    points = {"global": existing.global_operating_point, **existing.category_thresholds}
+    calibrated = {name: point for name, point in points.items() if not point.is_empty}
     if calibrated:
+        first = next(iter(calibrated.values()))
         raise ReconadError(
-            f"{manifest_path} holds a calibration ({', '.join(calibrated)}; {existing.global_operating_point.describe()}"
-            f"), which a new export would discard: pass --overwrite to replace it, or export into another folder."
+            f"{manifest_path} holds a calibration ({', '.join(calibrated)}; {first.describe()}), which a new export "
+            "would discard: pass --overwrite to replace it, or export into another folder."
         )
 
 

@@ -16,7 +16,7 @@ from reconad.runtime.inspector import Inspector
 from reconad.runtime.manifest import Manifest, manifest_path_for, sha256_file
 from reconad.runtime.thresholds import Calibration
 from reconad.runtime.frames import list_images
-from tests.runtime.onnx_graphs import CATEGORIES, write_artifact
+from tests.runtime.onnx_graphs import write_artifact
 
 runner = CliRunner()
 
