@@ -51,6 +51,7 @@ for test_dir in "$DEMO_DIR"/data/*/test; do
     "$BIN/recon-inspect" run "$test_dir" --model "$ONNX_FP16" --out "$DEMO_DIR/inspect/$category"
 done
 
+# Lossless (FFV1): the loop sees the pixels the thresholds were calibrated on (see scripts/make_video.py).
 stage "camera loop: a video of the sample test images through the pipelined loop -> $DEMO_DIR/video"
 "$PY" scripts/make_video.py "$DEMO_DIR"/data/*/test --out "$DEMO_DIR/line.avi" --fps 5
 rm -rf "$DEMO_DIR/video"

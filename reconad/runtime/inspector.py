@@ -27,7 +27,6 @@ from reconad.runtime.manifest import ANOMALY_MAP_NAME, CATEGORY_DISTANCE_NAME, C
 from reconad.runtime.thresholds import OperatingPoint, Threshold
 
 BACKEND_CHOICES = ("auto", "ort", "ort-cpu", "ort-cuda", "ort-trt", "trt")
-DECISIONS = ("good", "anomalous", "unknown")  # Verdict.decision; None: not judged (no threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +61,7 @@ class Verdict:
 
     @property
     def decision(self) -> str | None:
-        """``"unknown"``, ``"anomalous"`` or ``"good"`` (``DECISIONS``); None when not judged (no threshold)."""
+        """``"unknown"``, ``"anomalous"`` or ``"good"``; None when not judged (no threshold)."""
         if self.is_unknown:
             return "unknown"
         if self.is_anomalous is None:
