@@ -334,3 +334,56 @@ def require_ffmpeg_rtsp_client() -> None:
     build = cv2.getBuildInformation()
     if not any(line.strip().startswith("FFMPEG:") and "YES" in line for line in build.splitlines()):
         pytest.skip("this OpenCV cannot read RTSP: it has no FFmpeg (pip install opencv-python-headless)")
+
+
+# A virtual screen ------------------------------------------------------------------------------------
+
+
+class XvfbDisplay(ChildService):
+    """An X server without a screen (Xvfb), so ``display://0`` has a desktop; ``grab()`` reads it back."""
+
+    name = "xvfb"
+
+    def __init__(self, workdir: Path, size: tuple[int, int] = (800, 600)) -> None:
+        super().__init__(workdir, port=1)  # X listens on a socket file, not a TCP port
+        self.size = size
+        self.number = next(n for n in range(90, 400) if not Path(f"/tmp/.X{n}-lock").exists()
+                           and not Path(f"/tmp/.X11-unix/X{n}").exists())
+        self.display = f":{self.number}"
+
+    def command(self) -> list[str]:
+        width, height = self.size
+        return [shutil.which("Xvfb"), self.display, "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp"]
+
+    def ready(self) -> bool:
+        return Path(f"/tmp/.X11-unix/X{self.number}").exists()
+
+    def grab(self, path: Path):
+        """The whole screen as uint8 [H, W, 3] RGB, through ffmpeg's x11grab."""
+        import cv2
+
+        width, height = self.size
+        subprocess.run([shutil.which("ffmpeg"), "-v", "error", "-f", "x11grab", "-video_size", f"{width}x{height}",
+                        "-i", self.display, "-frames:v", "1", "-y", str(path)], check=True, capture_output=True,
+                       timeout=30)
+        return cv2.imread(str(path))[:, :, ::-1]
+
+
+def require_display(workdir: Path) -> XvfbDisplay:
+    if shutil.which("Xvfb") is None:
+        pytest.skip("needs a virtual X server: apt-get install xvfb gstreamer1.0-x")
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("needs ffmpeg (x11grab) to read the screen back: apt-get install ffmpeg")
+    return XvfbDisplay(workdir).start()
+
+
+def require_gst_outputs() -> None:
+    """Our process must import GStreamer (PyGObject) for RTSP and display outputs."""
+    probe = (
+        "import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0');"
+        "from gi.repository import Gst, GstRtspServer"
+    )
+    try:
+        exec(probe, {})
+    except (ImportError, ValueError):
+        pytest.skip(f"needs GStreamer for Python in this interpreter: pip install 'reconad[gst]' and {DEBIAN_RTSP}")
