@@ -157,8 +157,12 @@ def fit_text(text: str, max_width: int, max_height: int, thickness: int = 1) -> 
     (width, height), baseline = cv2.getTextSize(text, FONT, 1.0, thickness)
     scale = min(max_height / max(1, height + baseline), max_width / max(1, width))
     minimum = min(0.35, max_height / max(1, height + baseline))
-    if scale >= minimum:
-        return text, scale
+    while scale >= minimum:
+        # Hershey text is not exactly linear in the scale (integer rounding): check, and shrink if needed.
+        (width, height), baseline = cv2.getTextSize(text, FONT, scale, thickness)
+        if width <= max_width and height + baseline <= max_height:
+            return text, scale
+        scale *= 0.97
     scale = minimum
     while len(text) > 1:
         text = text[:-1]

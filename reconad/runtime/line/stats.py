@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -131,9 +132,15 @@ class StatsSnapshot:
 
 
 class LoopStats:
-    """Thread-safe counters, latency windows and sink counters of one run."""
+    """Thread-safe counters, latency windows and sink counters of one run.
 
-    def __init__(self) -> None:
+    Args:
+        on_latency: called with (stage, latency_ms) for every sample, outside the lock (e.g. a Prometheus
+            histogram's observe, which needs every sample where the window keeps only the recent ones).
+    """
+
+    def __init__(self, on_latency: Callable[[str, float], None] | None = None) -> None:
+        self.on_latency = on_latency
         self._lock = threading.Lock()  # every method takes it: counters are written from several threads
         self._counters = dict.fromkeys(COUNTER_NAMES, 0)
         self._latencies: dict[str, LatencyWindow] = {}
@@ -159,6 +166,8 @@ class LoopStats:
             if window is None:
                 window = self._latencies[stage] = LatencyWindow()
             window.add(latency_ms)
+        if self.on_latency is not None:
+            self.on_latency(stage, latency_ms)
 
     def update_sink(self, name: str, **changes: Any) -> None:
         """Add to a sink's counters (``written=1``, ``errors=1``...); ``last_error`` is replaced."""
@@ -169,14 +178,18 @@ class LoopStats:
             }
             self._sinks[name] = dataclasses.replace(sink, **values)
 
-    def snapshot(self) -> StatsSnapshot:
-        """The current state; the ``fps`` field covers the time since the previous snapshot."""
+    def snapshot(self, mark_rate: bool = True) -> StatsSnapshot:
+        """The current state; the ``fps`` field covers the time since the previous marking snapshot.
+
+        ``mark_rate=False`` leaves that mark alone, for readers other than the status line (metrics).
+        """
         with self._lock:
             now = time.perf_counter()
             inspected = self._counters["inspected"]
             mark_time, mark_inspected = self._rate_mark
             fps = (inspected - mark_inspected) / (now - mark_time) if now > mark_time else 0.0
-            self._rate_mark = (now, inspected)
+            if mark_rate:
+                self._rate_mark = (now, inspected)
             mean_fps = 0.0
             if self._last_verdict is not None and self._last_verdict > self._started:
                 mean_fps = inspected / (self._last_verdict - self._started)
