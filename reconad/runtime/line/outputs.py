@@ -27,7 +27,7 @@ import numpy as np
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.line.render import render_result
-from reconad.runtime.preprocess import import_cv2
+from reconad.runtime.frames import import_cv2
 
 FILE_FOURCCS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 DEFAULT_RTSP_PORT = 8554

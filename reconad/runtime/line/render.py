@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from reconad.runtime.preprocess import Roi, import_cv2, to_rgb_uint8
+from reconad.runtime.frames import Roi, import_cv2, to_rgb_uint8
 
 # RGB. Red/green as the line's lamps; amber for "not a product we know"; gray for "not judged".
 VERDICT_COLOURS = {

@@ -21,7 +21,7 @@ from tests.runtime.line.services import Subscriber, require_broker, wait_until
 pytest.importorskip("paho.mqtt.client", reason="needs paho-mqtt: pip install 'reconad[line]'")
 
 from reconad.runtime.inspector import Verdict  # noqa: E402
-from reconad.runtime.sinks import FrameFault, InspectionResult  # noqa: E402
+from reconad.runtime.line.sinks import FrameFault, InspectionResult  # noqa: E402
 
 TOPIC = "line1/verdicts"
 
@@ -242,7 +242,7 @@ def test_username_password_and_tls(tmp_path):
 
 
 def test_the_loop_publishes_one_message_per_frame(mqtt_broker, tmp_path):
-    from reconad.runtime.loop import InspectConfig, run_inspection
+    from reconad.runtime.line.loop import InspectConfig, run_inspection
     from tests.runtime.fakes import FakeInspector, ScriptedSource, gray_frame
 
     subscriber = Subscriber(mqtt_broker.port, TOPIC)

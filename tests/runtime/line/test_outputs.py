@@ -23,7 +23,7 @@ from reconad.runtime.line.outputs import (
     parse_output_uri,
 )
 from reconad.runtime.line.render import VERDICT_COLOURS
-from reconad.runtime.sinks import InspectionResult
+from reconad.runtime.line.sinks import InspectionResult
 from tests.runtime.line.services import (
     free_port,
     require_display,

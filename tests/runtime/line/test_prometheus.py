@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from reconad.runtime.errors import ReconadError  # noqa: E402
 from reconad.runtime.inspector import Verdict  # noqa: E402
 from reconad.runtime.line.prometheus import LineMetrics, serve_metrics  # noqa: E402
-from reconad.runtime.sinks import InspectionResult  # noqa: E402
-from reconad.runtime.sources import SourceLostError  # noqa: E402
-from reconad.runtime.stats import LoopStats  # noqa: E402
+from reconad.runtime.line.sinks import InspectionResult  # noqa: E402
+from reconad.runtime.line.sources import SourceLostError  # noqa: E402
+from reconad.runtime.line.stats import LoopStats  # noqa: E402
 from tests.runtime.fakes import FakeInspector, ScriptedSource, gray_frame  # noqa: E402
 from tests.runtime.line.test_outputs import _non_loopback_address  # noqa: E402
 
@@ -93,8 +93,8 @@ def test_counters_latencies_and_verdicts_per_product(metrics_server):
 
 
 def test_a_loop_run_feeds_the_endpoint(metrics_server, monkeypatch):
-    import reconad.runtime.loop as loop_module
-    from reconad.runtime.loop import InspectConfig, run_inspection
+    import reconad.runtime.line.loop as loop_module
+    from reconad.runtime.line.loop import InspectConfig, run_inspection
 
     metrics, server = metrics_server
 

@@ -16,7 +16,7 @@ from reconad.runtime.line.render import (
     render_inspection,
     render_result,
 )
-from reconad.runtime.sinks import InspectionResult
+from reconad.runtime.line.sinks import InspectionResult
 
 cv2 = pytest.importorskip("cv2")
 

@@ -15,15 +15,13 @@ import time
 
 import pytest
 
-from reconad.runtime.manifest import Calibration, Threshold
+from reconad.runtime.thresholds import Calibration, Threshold
 from tests.runtime.line.services import require_ffmpeg_rtsp_client, require_rtsp_server, wait_until
 from tests.runtime.onnx_graphs import write_artifact
 
-# Where the loop lives. After the re-cut of issue 9: reconad.runtime.line.session (inspect_stream),
-# reconad.runtime.line.loop (InspectConfig) and reconad.runtime.line.sources (SourceConfig).
-SESSION_MODULE = "reconad.runtime.loop"
-CONFIG_MODULE = "reconad.runtime.loop"
-SOURCES_MODULE = "reconad.runtime.sources"
+SESSION_MODULE = "reconad.runtime.line.session"  # inspect_stream
+CONFIG_MODULE = "reconad.runtime.line.loop"  # InspectConfig
+SOURCES_MODULE = "reconad.runtime.line.sources"  # SourceConfig
 
 DRIVER = f"""
 import json, sys
