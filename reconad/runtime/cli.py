@@ -8,6 +8,11 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 
 
+def _given(**options: object) -> dict[str, object]:
+    """The options the user gave (not None): the layer ``config.resolve`` puts over the defaults."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 @app.command("calibrate")
 def calibrate(
     artifact: Annotated[Path, typer.Argument(help="The .onnx or .engine artifact; its <stem>.json manifest is updated.")],
@@ -97,8 +102,72 @@ def run(
     overlay_quota_mb: Annotated[
         Optional[float], typer.Option(help="Stop saving overlays once overlays/ holds this much [default: 500].")
     ] = None,
-    webhook: Annotated[Optional[str], typer.Option(help="http(s) URL receiving a JSON POST per anomaly.")] = None,
+    webhook: Annotated[
+        Optional[str], typer.Option(help="http(s) URL receiving a JSON POST per anomaly and camera-blind episode.")
+    ] = None,
     webhook_timeout_s: Annotated[Optional[float], typer.Option(help="Webhook timeout [default: 2].")] = None,
+    webhook_retries: Annotated[
+        Optional[int], typer.Option(min=0, help="Webhook attempts after a failure, with backoff [default: 3].")
+    ] = None,
+    webhook_header: Annotated[
+        Optional[list[str]], typer.Option(help="'Name: value' request header for the webhook; repeatable.")
+    ] = None,
+    webhook_auth_file: Annotated[
+        Optional[Path],
+        typer.Option(help="File (chmod 600) whose first line is the webhook's Authorization header "
+                          "[default: $RECONAD_WEBHOOK_AUTHORIZATION]."),
+    ] = None,
+    output: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Annotated video out: display://0, rtsp://@:8554/inspect (loopback; "
+                          "rtsp://0.0.0.0:8554/inspect for the network), or FILE.mp4/.mkv/.avi; repeatable."),
+    ] = None,
+    mqtt: Annotated[
+        Optional[str], typer.Option(help="Publish verdicts to mqtt://[user@]host[:port]/topic (mqtts:// for TLS).")
+    ] = None,
+    mqtt_qos: Annotated[Optional[int], typer.Option(min=0, max=2, help="MQTT QoS 0, 1 or 2 [default: 1].")] = None,
+    mqtt_events: Annotated[
+        Optional[str], typer.Option(help="MQTT messages for: all (every frame) or anomalies [default: all].")
+    ] = None,
+    mqtt_retain: Annotated[
+        Optional[bool], typer.Option("--mqtt-retain", help="The broker keeps the last verdict for new subscribers.")
+    ] = None,
+    mqtt_client_id: Annotated[Optional[str], typer.Option(help="MQTT client id [default: reconad-<host>-<pid>].")] = None,
+    mqtt_password_file: Annotated[
+        Optional[Path],
+        typer.Option(help="File (chmod 600) holding the MQTT password [default: $RECONAD_MQTT_PASSWORD]."),
+    ] = None,
+    mqtt_ca_file: Annotated[Optional[Path], typer.Option(help="mqtts: CA bundle for the broker [default: system's].")] = None,
+    mqtt_cert_file: Annotated[Optional[Path], typer.Option(help="mqtts: client certificate.")] = None,
+    mqtt_key_file: Annotated[Optional[Path], typer.Option(help="mqtts: the client certificate's key.")] = None,
+    metrics_port: Annotated[
+        Optional[int], typer.Option(min=0, max=65535, help="Serve Prometheus metrics at http://ADDRESS:PORT/metrics.")
+    ] = None,
+    metrics_address: Annotated[
+        Optional[str], typer.Option(help="Address the metrics endpoint binds [default: 127.0.0.1, loopback only].")
+    ] = None,
+    jsonl_max_mb: Annotated[
+        Optional[float], typer.Option(help="Rotate verdicts.jsonl past this size; 0 never [default: 100].")
+    ] = None,
+    jsonl_keep: Annotated[Optional[int], typer.Option(min=0, help="Rotated verdict logs kept [default: 20].")] = None,
+    summary_interval_s: Annotated[
+        Optional[float], typer.Option(help="Rewrite summary.json this often while running; 0 at the end only [default: 10].")
+    ] = None,
+    blind_checks: Annotated[
+        Optional[str], typer.Option(help="Camera-blind checks for: live (sources), always or never [default: live].")
+    ] = None,
+    black_level: Annotated[
+        Optional[int], typer.Option(help="Black frame: 99% of gray levels at or below this [default: 30].")
+    ] = None,
+    saturated_level: Annotated[
+        Optional[int], typer.Option(help="Saturated frame: 99% of gray levels at or above this [default: 225].")
+    ] = None,
+    flat_range: Annotated[
+        Optional[int], typer.Option(help="Flat frame: 98% of gray levels within this range [default: 6].")
+    ] = None,
+    frozen_s: Annotated[
+        Optional[float], typer.Option(help="Frozen camera: the identical frame for this long; 0 off [default: 3].")
+    ] = None,
     width: Annotated[Optional[int], typer.Option(min=1, help="Capture width (files: rescale); with --height.")] = None,
     height: Annotated[Optional[int], typer.Option(min=1, help="Capture height.")] = None,
     fps: Annotated[Optional[float], typer.Option(help="Camera frame rate to request.")] = None,
@@ -135,9 +204,31 @@ def run(
         typer.echo(line, err=True)
 
     try:
+        blind = _given(black_level=black_level, saturated_level=saturated_level, flat_range=flat_range,
+                       frozen_s=frozen_s)
+        mqtt_config = None
+        if mqtt is not None:
+            mqtt_config = _given(uri=mqtt, qos=mqtt_qos, events=mqtt_events, retain=mqtt_retain,
+                                 client_id=mqtt_client_id, password_file=mqtt_password_file, ca_file=mqtt_ca_file,
+                                 cert_file=mqtt_cert_file, key_file=mqtt_key_file)
+        elif any(value is not None for value in (mqtt_qos, mqtt_events, mqtt_retain, mqtt_client_id,
+                                                 mqtt_password_file, mqtt_ca_file, mqtt_cert_file, mqtt_key_file)):
+            raise ReconadError("The --mqtt-* options need --mqtt URI.")
         config = resolve(
             InspectConfig,
             dict(
+                blind=blind or None,
+                blind_checks=blind_checks,
+                mqtt=mqtt_config,
+                outputs=tuple(output) if output else None,
+                metrics_port=metrics_port,
+                metrics_address=metrics_address,
+                webhook_retries=webhook_retries,
+                webhook_headers=tuple(webhook_header) if webhook_header else None,
+                webhook_auth_file=webhook_auth_file,
+                jsonl_max_mb=jsonl_max_mb,
+                jsonl_keep=jsonl_keep,
+                summary_interval_s=summary_interval_s,
                 out=out,
                 max_frames=max_frames,
                 roi=parse_roi(roi) if roi else None,

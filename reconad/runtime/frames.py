@@ -1,6 +1,6 @@
 """The one image path: from any frame or image file to the graph input, uint8 [N, H, W, 3] RGB.
 
-Decode (files), checks (corrupt or blank frames), colour, ROI, resize (one filter rule): what the loop,
+Decode (files), checks (corrupt frames), colour, ROI, resize (one filter rule): what the loop,
 calibration, the export's reference images and training all call. Accepts gray, RGB/BGR, RGBA/BGRA,
 8- or 16-bit or float images, arrays or paths. Cast and normalisation stay in the graph. OpenCV is
 imported on first use so that importing the runtime stays light.
@@ -183,18 +183,13 @@ def parse_roi(text: str) -> Roi:
     return (x, y, width, height)
 
 
-def check_frame(image: Any, blank_range: int | None) -> str | None:
-    """``"corrupt"`` for a malformed frame, ``"blank"`` for a flat one (``blank_range`` None: never), else None.
+def check_frame(image: Any) -> str | None:
+    """``"corrupt"`` for a malformed frame (not an array, empty, or an impossible channel count), else None.
 
-    A frame is blank when its gray levels span at most ``blank_range``. Flatness is judged on a grid
-    of at most ~64k pixels, so the check costs little on large frames.
+    Frames that are well formed but show nothing (black, flat, frozen) are for ``line/blind.py``.
     """
     if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or 0 in image.shape:
         return "corrupt"
     if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
         return "corrupt"
-    if blank_range is None or image.dtype != np.uint8:
-        return None
-    step = max(1, int((image.shape[0] * image.shape[1] / 65536) ** 0.5))
-    sample = image[::step, ::step]
-    return "blank" if int(sample.max()) - int(sample.min()) <= blank_range else None
+    return None

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from reconad.runtime.errors import ReconadError
+from reconad.runtime.line.secrets import secret_from
 
 PASSWORD_ENV = "RECONAD_MQTT_PASSWORD"
 USERNAME_ENV = "RECONAD_MQTT_USERNAME"
@@ -98,7 +98,7 @@ class MqttConfig:
     uri: str
     qos: int = 1  # 0 at most once, 1 at least once (a PLC may see a repeat after a reconnect), 2 exactly once
     retain: bool = False  # the broker keeps the last verdict for subscribers that connect later
-    events: str = "all"  # "all": every verdict and skipped frame; "anomalies": anomalous verdicts only
+    events: str = "all"  # "all": every verdict and skipped frame; "anomalies": anomalies and camera-blind episodes
     client_id: str | None = None  # None: reconad-<host>-<pid>
     username: str | None = None  # overrides the URI's user; else $RECONAD_MQTT_USERNAME
     password_file: Path | None = None  # first line is the password; else $RECONAD_MQTT_PASSWORD
@@ -124,29 +124,10 @@ class MqttConfig:
             raise ReconadError("MQTT reconnect delays must satisfy 0 < min <= max.")
 
 
-def read_secret(path: str | os.PathLike, what: str) -> str:
-    """The first line of a secret file; refuses one that others may read (it would not stay secret)."""
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ReconadError(f"Cannot read the {what} file {path}: {error.strerror}.") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO) and os.name == "posix":
-        raise ReconadError(f"The {what} file {path} is readable by other users: chmod 600 it.")
-    lines = text.splitlines()
-    if not lines or not lines[0]:
-        raise ReconadError(f"The {what} file {path} is empty.")
-    return lines[0]
-
-
 def resolve_credentials(target: MqttTarget, config: MqttConfig, environ=os.environ) -> tuple[str | None, str | None]:
     """(username, password): the config's, the URI's or the environment's user; the file's or env password."""
     username = config.username or target.username or environ.get(USERNAME_ENV) or None
-    if config.password_file is not None:
-        password = read_secret(config.password_file, "MQTT password")
-    else:
-        password = environ.get(PASSWORD_ENV) or None
+    password = secret_from(config.password_file, PASSWORD_ENV, "MQTT password", environ)
     if password is not None and username is None:
         raise ReconadError(f"An MQTT password is set but no user: put it in the URI (mqtt://user@host/...) or {USERNAME_ENV}.")
     return username, password
@@ -180,15 +161,15 @@ class MqttCounters:
 
 
 def message_for(result: Any) -> dict[str, Any]:
-    """The JSON message of a loop result: ``{"event": "verdict"|"fault", ...result.record()}``.
+    """The JSON message of a loop result: ``{"event": "verdict"|"fault"|"camera_blind", ...result.record()}``.
 
     ``category`` (the product) is added from the verdict when it has one (issue 11's graph output).
     """
     record = result.record()
     verdict = getattr(result, "verdict", None)
+    message = {"event": getattr(result, "event", "verdict" if verdict is not None else "fault"), **record}
     if verdict is None:
-        return {"event": "fault", **record}
-    message = {"event": "verdict", **record}
+        return message
     category = getattr(verdict, "category", None)
     if category is not None and "category" not in message:
         message["category"] = category
@@ -285,9 +266,9 @@ class MqttSink:
     # the loop's sink worker ------------------------------------------------------------------------
 
     def accepts(self, result: Any) -> bool:
-        if self.config.events == "anomalies":
+        if self.config.events == "anomalies":  # and the start of each camera-blind episode
             verdict = getattr(result, "verdict", None)
-            return verdict is not None and bool(verdict.is_anomalous)
+            return bool(verdict.is_anomalous) if verdict is not None else bool(getattr(result, "episode_start", False))
         return True
 
     def write(self, result: Any) -> bool:

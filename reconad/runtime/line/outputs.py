@@ -13,9 +13,11 @@ interface), encodes only while a client watches, and on Jetson uses the hardware
 from __future__ import annotations
 
 import abc
+import ctypes
 import dataclasses
 import ipaddress
 import os
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -176,8 +178,24 @@ class FileOutput(VideoOutput):
             raise ReconadError(f"Cannot finish {self.path}: {error.strerror}.") from None
 
 
+def _keep_gcc_unwinder() -> None:
+    """Put GCC's unwinder into the global symbol scope before GStreamer is loaded.
+
+    libgstreamer links libunwind, which also exports the ``_Unwind_*`` functions C++ exceptions are
+    thrown with; PyGObject loads libgstreamer globally, so without this a C++ exception raised later
+    by another library (ONNX Runtime refusing a corrupt model, once the onnx package is loaded) goes
+    through libunwind's copy and the process aborts.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libgcc_s.so.1", mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass  # not glibc/GCC (musl): nothing to protect
+
+
 def import_gst(feature: str, rtsp_server: bool = False) -> tuple[Any, Any, Any]:
     """(Gst, GLib, GstRtspServer or None), initialised; a ``ReconadError`` naming what to install."""
+    _keep_gcc_unwinder()
     try:
         import gi
 

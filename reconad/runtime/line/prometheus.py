@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from reconad.runtime.errors import ReconadError
+from reconad.runtime.line.blind import BLIND_REASONS
 
 LOOPBACK = "127.0.0.1"
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -29,7 +30,7 @@ FRAME_COUNTERS = {  # LoopStats counter -> (metric name, help)
     "source_lost": ("reconad_source_lost", "Times the live source stopped delivering."),
     "reconnects": ("reconad_camera_reconnects", "Times the live source was reopened."),
 }
-SKIP_REASONS = ("corrupt", "blank")
+SKIP_REASONS = ("corrupt",)
 SOURCE_STATES = ("ok", "stalled", "reconnecting", "ended")
 
 
@@ -56,14 +57,15 @@ class LineMetrics:
 
     Exposed (all prefixed ``reconad_``): ``frames_{captured,inspected,anomalous,dropped}_total``,
     ``frames_skipped_total{reason}``, ``source_lost_total``, ``camera_reconnects_total``, ``fps``
-    (inspected frames per second since the previous scrape), ``source_state{state}``, ``uptime_seconds``,
+    (inspected frames per second since the previous scrape), ``camera_blind_total{reason}``,
+    ``source_state{state}``, ``uptime_seconds``,
     ``sink_results_total{sink,outcome}``, ``stage_latency_seconds{stage}`` (histogram),
     ``verdicts_total{category,verdict}``, ``score_to_threshold_ratio{category}`` (histogram), and for an
     MQTT sink given to ``watch_mqtt``: ``mqtt_messages_total{outcome}``, ``mqtt_buffered``,
     ``mqtt_connected``, ``mqtt_disconnects_total``.
 
-    Usage: ``LoopStats(on_latency=metrics.observe_latency)``, ``metrics.bind(stats)``, the object among
-    the loop's sinks, and ``serve_metrics(metrics, port)``.
+    Usage: among the loop's sinks and as ``run_inspection(..., metrics=metrics)`` (which binds the run's
+    ``LoopStats`` and feeds its latencies), with ``serve_metrics(metrics, port)``.
     """
 
     name = "metrics"
@@ -141,6 +143,11 @@ class LineMetrics:
             for reason in SKIP_REASONS:
                 skipped.add_metric([reason], counters[reason])
             yield skipped
+            blind = counter_family("reconad_camera_blind", "Camera-blind frames (not judged), by reason.",
+                                   labels=["reason"])
+            for reason in BLIND_REASONS:
+                blind.add_metric([reason], counters[f"blind_{reason}"])
+            yield blind
             now = time.monotonic()
             with self._lock:
                 mark, self._rate_mark = self._rate_mark, (now, counters["inspected"])

@@ -1,4 +1,5 @@
-"""The one renderer of inspected frames: live video outputs, saved overlays and the evaluation report.
+"""The one renderer of inspected frames: live video outputs, saved overlays (and the evaluation report's
+heatmaps, which use ``heat_overlay``).
 
 An annotated frame an operator reads at a glance: a banner with the verdict (OK / NG, UNKNOWN for a part
 unlike every trained product, NO THRESHOLD when uncalibrated), the product, the score against its
@@ -12,10 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from reconad.runtime.atomic import write_bytes_atomic
+from reconad.runtime.errors import ReconadError
 from reconad.runtime.frames import Roi, import_cv2, to_rgb_uint8
 
 # RGB. Red/green as the line's lamps; amber for "not a product we know"; gray for "not judged".
@@ -24,6 +29,7 @@ VERDICT_COLOURS = {
     "OK": (26, 150, 65),
     "UNKNOWN": (255, 176, 0),
     "NO THRESHOLD": (110, 110, 110),
+    "CAMERA BLIND": (150, 60, 210),  # not a verdict on the part: the camera shows no part at all
 }
 BANNER_BACKGROUND = (24, 24, 24)
 TEXT = (240, 240, 240)
@@ -45,6 +51,7 @@ class Annotation:
         category: the product's name, when the model (issue 11) or the operator named it.
         known_product: False when the part is unlike every trained product: the verdict is UNKNOWN.
         caption: small text at the banner's right, e.g. the frame's name or time.
+        blind: for a camera-blind frame (``blind.py``), its reason and measurement; the frame was not judged.
     """
 
     image_score: float
@@ -53,10 +60,13 @@ class Annotation:
     category: str | None = None
     known_product: bool = True
     caption: str | None = None
+    blind: str | None = None
 
     @property
     def word(self) -> str:
-        """``"NG"``, ``"OK"``, ``"UNKNOWN"`` or ``"NO THRESHOLD"``."""
+        """``"NG"``, ``"OK"``, ``"UNKNOWN"``, ``"NO THRESHOLD"`` or ``"CAMERA BLIND"``."""
+        if self.blind is not None:
+            return "CAMERA BLIND"
         if not self.known_product:
             return "UNKNOWN"
         if self.is_anomalous is None or self.threshold is None:
@@ -198,7 +208,7 @@ def _banner(canvas: np.ndarray, annotation: Annotation, height: int) -> None:
     gauge_height = max(4, height // 8)
     text_height = height - gauge_height
     pad = max(2, height // 12)
-    box_width = min(width // 3, max(int(text_height * (2.2 if len(word) <= 2 else 4.5)), 1))
+    box_width = min(width // 3, max(int(text_height * (2.2 if len(word) <= 2 else 4.5 if len(word) <= 7 else 6.0)), 1))
     cv2.rectangle(canvas, (0, 0), (box_width - 1, text_height - 1), colour, thickness=-1)
     ink = (0, 0, 0) if word == "UNKNOWN" else (255, 255, 255)
     _put(canvas, word, (pad, pad, box_width - 2 * pad, text_height - 2 * pad), ink, thickness=max(1, height // 24),
@@ -207,12 +217,16 @@ def _banner(canvas: np.ndarray, annotation: Annotation, height: int) -> None:
     caption_width = (width - left) // 4 if annotation.caption else 0
     middle = width - left - caption_width - 2 * pad
     line = (text_height - 2 * pad) // 2
-    if not annotation.known_product:
+    if annotation.blind is not None:
+        product = "not judged: the camera shows no part"
+    elif not annotation.known_product:
         product = "unknown product" + (f" (nearest: {annotation.category})" if annotation.category else "")
     else:
         product = annotation.category or "product not named"
     _put(canvas, product, (left, pad, middle, line), TEXT, thickness=max(1, height // 40))
-    if annotation.threshold is not None:
+    if annotation.blind is not None:
+        score = annotation.blind
+    elif annotation.threshold is not None:
         ratio = annotation.image_score / annotation.threshold if annotation.threshold > 0 else float("inf")
         score = f"score {_format(annotation.image_score)} / threshold {_format(annotation.threshold)} ({ratio:.0%})"
     else:
@@ -224,7 +238,9 @@ def _banner(canvas: np.ndarray, annotation: Annotation, height: int) -> None:
     # The gauge: the bar fills with the score, the white tick is the threshold (half-way).
     top = text_height
     canvas[top:height] = (60, 60, 60)
-    if annotation.threshold is not None and annotation.threshold > 0:
+    if annotation.blind is not None:
+        canvas[top:height] = colour
+    elif annotation.threshold is not None and annotation.threshold > 0:
         fill = int(np.clip(annotation.image_score / (2.0 * annotation.threshold), 0.0, 1.0) * width)
         canvas[top:height, :fill] = colour
         tick = width // 2
@@ -272,7 +288,7 @@ def render_inspection(
     Args:
         image: uint8 [H, W, 3] RGB, the original frame.
         anomaly_map: float [h, w] at the graph's size, over ``roi`` (or the whole frame); None draws the
-            banner over the plain frame (no heat, no bar).
+            plain frame (no heat; the bar stays, empty).
         annotation: score, threshold, verdict and product.
         low, high: fixed heat scale (the manifest's score normalisation); see ``map_scale`` otherwise.
         roi: (x, y, width, height) of ``image`` the map covers.
@@ -297,10 +313,11 @@ def render_inspection(
             roi = tuple(int(round(value * factor)) for value in roi)
         height, width = image.shape[:2]
     banner_height = max(36, round(height * 0.09))
-    bar_width = 0 if anomaly_map is None else max(44, round(width * 0.06))
+    bar_width = max(44, round(width * 0.06))
     canvas = np.empty((banner_height + height, width + bar_width, 3), dtype=np.uint8)
-    if anomaly_map is None:
+    if anomaly_map is None:  # a frame that was not judged: no heat, an empty bar (same size as the others)
         canvas[banner_height:, :width] = image
+        canvas[banner_height:, width:] = BANNER_BACKGROUND
     else:
         scale_low, scale_high = map_scale(anomaly_map, low, high, annotation.threshold)
         outline = pixel_threshold if annotation.word == "NG" else None
@@ -313,13 +330,18 @@ def render_inspection(
 
 def render_result(result: Any, *, low: float | None = None, high: float | None = None,
                   pixel_threshold: float | None = None) -> np.ndarray:
-    """``render_inspection`` of a loop result (``InspectionResult``: frame in ``result.colour`` order,
-    verdict with its map, ROI), captioned with the frame's name and capture time.
+    """``render_inspection`` of a loop event: an ``InspectionResult`` (frame in ``result.colour`` order,
+    verdict with its map, ROI) or a ``CameraBlind`` frame, captioned with its name and capture time.
 
     The product comes from the verdict's ``category`` and ``known_product`` when it has them (issue 11).
     """
-    verdict = result.verdict
     time_of_day = result.captured_at[11:23] if len(result.captured_at) >= 23 else result.captured_at
+    frame = to_rgb_uint8(result.frame, colour=result.colour)
+    verdict = getattr(result, "verdict", None)
+    if verdict is None:  # camera-blind
+        annotation = Annotation(0.0, None, None, caption=f"{result.name}  {time_of_day}",
+                                blind=f"{result.reason}: {result.detail}")
+        return render_inspection(frame, None, annotation)
     annotation = Annotation(
         image_score=float(verdict.image_score),
         threshold=verdict.threshold,
@@ -328,6 +350,18 @@ def render_result(result: Any, *, low: float | None = None, high: float | None =
         known_product=getattr(verdict, "known_product", True) is not False,
         caption=f"{result.name}  {time_of_day}",
     )
-    frame = to_rgb_uint8(result.frame, colour=result.colour)
     return render_inspection(frame, verdict.anomaly_map, annotation, low=low, high=high, roi=result.roi,
                              pixel_threshold=pixel_threshold)
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write an RGB uint8 image as PNG atomically (temp file in the same folder, then rename)."""
+    cv2 = import_cv2()
+    path = Path(path)
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]))
+    if not ok:
+        raise ReconadError(f"OpenCV could not encode {path} as PNG.")
+    try:
+        write_bytes_atomic(path, encoded.tobytes())
+    except OSError as error:
+        raise ReconadError(f"Cannot write {path}: {error.strerror or type(error).__name__}.") from None

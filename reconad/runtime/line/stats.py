@@ -22,10 +22,16 @@ COUNTER_NAMES = (
     "anomalous",
     "dropped",  # frames dropped unseen because inference fell behind a live source
     "corrupt",  # unreadable, undecodable or malformed frames, skipped
-    "blank",  # frames of one flat colour (lens cap, dead sensor), skipped
+    "blind",  # camera-blind frames (black, saturated, flat or frozen: see line/blind.py), not judged
+    "blind_black",
+    "blind_saturated",
+    "blind_flat",
+    "blind_frozen",
     "source_lost",  # times a live source stopped delivering
     "reconnects",  # times it was reopened
 )
+
+BLIND_COUNTERS = tuple(name for name in COUNTER_NAMES if name.startswith("blind_"))
 
 
 class LatencyWindow:
@@ -99,9 +105,11 @@ class StatsSnapshot:
             f"{counters['inspected']} inspected, {counters['anomalous']} anomalous",
             f"dropped {counters['dropped']}",
         ]
-        skipped = {name: counters[name] for name in ("corrupt", "blank") if counters[name]}
-        if skipped:
-            parts.append(", ".join(f"{value} {name}" for name, value in skipped.items()))
+        if counters["corrupt"]:
+            parts.append(f"{counters['corrupt']} corrupt")
+        if counters["blind"]:
+            reasons = ", ".join(f"{counters[name]} {name[6:]}" for name in BLIND_COUNTERS if counters[name])
+            parts.append(f"{counters['blind']} camera-blind ({reasons})")
         for stage in ("inference", "capture_to_decision"):
             latency = self.latency_ms.get(stage)
             if latency:
@@ -120,8 +128,11 @@ class StatsSnapshot:
             f"inspected {counters['inspected']} frames in {self.elapsed_s:.1f} s ({self.mean_fps:.1f} fps), "
             f"{counters['anomalous']} anomalous",
             f"captured {counters['captured']}, dropped {counters['dropped']}, corrupt {counters['corrupt']}, "
-            f"blank {counters['blank']}, source lost {counters['source_lost']} times, reconnected {counters['reconnects']}",
+            f"camera-blind {counters['blind']}, source lost {counters['source_lost']} times, "
+            f"reconnected {counters['reconnects']}",
         ]
+        if counters["blind"]:
+            lines.append("camera-blind: " + ", ".join(f"{name[6:]} {counters[name]}" for name in BLIND_COUNTERS))
         for stage, latency in self.latency_ms.items():
             if latency:
                 lines.append(f"latency {stage}: p50 {latency['p50']:.2f} ms, p99 {latency['p99']:.2f} ms, max {latency['max']:.2f} ms")

@@ -347,16 +347,19 @@ class XvfbDisplay(ChildService):
     def __init__(self, workdir: Path, size: tuple[int, int] = (800, 600)) -> None:
         super().__init__(workdir, port=1)  # X listens on a socket file, not a TCP port
         self.size = size
-        self.number = next(n for n in range(90, 400) if not Path(f"/tmp/.X{n}-lock").exists()
-                           and not Path(f"/tmp/.X11-unix/X{n}").exists())
-        self.display = f":{self.number}"
+        self.display: str | None = None
 
     def command(self) -> list[str]:
         width, height = self.size
-        return [shutil.which("Xvfb"), self.display, "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp"]
+        # -displayfd: Xvfb picks a free display itself and writes its number once it accepts connections.
+        return [shutil.which("Xvfb"), "-displayfd", "1", "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp"]
 
     def ready(self) -> bool:
-        return Path(f"/tmp/.X11-unix/X{self.number}").exists()
+        for line in self.log(since_start=True).splitlines():
+            if line.strip().isdigit():
+                self.display = f":{line.strip()}"
+                return True
+        return False
 
     def grab(self, path: Path):
         """The whole screen as uint8 [H, W, 3] RGB, through ffmpeg's x11grab."""
@@ -379,11 +382,10 @@ def require_display(workdir: Path) -> XvfbDisplay:
 
 def require_gst_outputs() -> None:
     """Our process must import GStreamer (PyGObject) for RTSP and display outputs."""
-    probe = (
-        "import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0');"
-        "from gi.repository import Gst, GstRtspServer"
-    )
+    from reconad.runtime.errors import ReconadError
+    from reconad.runtime.line.outputs import import_gst
+
     try:
-        exec(probe, {})
-    except (ImportError, ValueError):
-        pytest.skip(f"needs GStreamer for Python in this interpreter: pip install 'reconad[gst]' and {DEBIAN_RTSP}")
+        import_gst("this test", rtsp_server=True)
+    except ReconadError as error:
+        pytest.skip(str(error))

@@ -61,7 +61,8 @@ def test_counters_latencies_and_verdicts_per_product(metrics_server):
     stats.count("captured", 12)
     stats.count("inspected", 10)
     stats.count("dropped", 2)
-    stats.count("blank", 3)
+    stats.count("blind", 3)
+    stats.count("blind_frozen", 3)
     stats.count("reconnects")
     stats.update_sink("jsonl", written=10, errors=1)
     for latency_ms in (0.3, 4.0, 40.0, 400.0):
@@ -73,7 +74,8 @@ def test_counters_latencies_and_verdicts_per_product(metrics_server):
     assert value(samples, "reconad_frames_captured_total") == 12
     assert value(samples, "reconad_frames_inspected_total") == 10
     assert value(samples, "reconad_frames_dropped_total") == 2
-    assert value(samples, "reconad_frames_skipped_total", reason="blank") == 3
+    assert value(samples, "reconad_camera_blind_total", reason="frozen") == 3
+    assert value(samples, "reconad_camera_blind_total", reason="black") == 0
     assert value(samples, "reconad_camera_reconnects_total") == 1
     assert value(samples, "reconad_sink_results_total", sink="jsonl", outcome="errors") == 1
     assert value(samples, "reconad_source_state", state="ok") == 1
@@ -92,23 +94,16 @@ def test_counters_latencies_and_verdicts_per_product(metrics_server):
     assert stats.snapshot().fps > 0
 
 
-def test_a_loop_run_feeds_the_endpoint(metrics_server, monkeypatch):
-    import reconad.runtime.line.loop as loop_module
+def test_a_loop_run_feeds_the_endpoint(metrics_server):
     from reconad.runtime.line.loop import InspectConfig, run_inspection
 
     metrics, server = metrics_server
-
-    def stats_factory():  # what the loop will do when --metrics-port is wired (a later phase)
-        stats = LoopStats(on_latency=metrics.observe_latency)
-        metrics.bind(stats)
-        return stats
-
-    monkeypatch.setattr(loop_module, "LoopStats", stats_factory)
     script = [gray_frame(60 + n) for n in range(4)] + [SourceLostError("fake://camera stopped delivering frames.")]
     script += [gray_frame(200 + n) for n in range(6)]
     source = ScriptedSource(script)
     config = InspectConfig(stats_interval_s=0, reconnect_initial_s=0.01, queue_size=100)
-    outcome = run_inspection(source, FakeInspector(), config, [metrics], report=lambda line: None, handle_signals=False)
+    outcome = run_inspection(source, FakeInspector(), config, [metrics], report=lambda line: None, handle_signals=False,
+                             metrics=metrics)
     assert outcome.stats.counters["inspected"] == 10
     samples = scrape(server)
     assert value(samples, "reconad_frames_inspected_total") == 10

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Verdict
 from reconad.runtime.line.render import (
     FONT,
@@ -15,6 +16,7 @@ from reconad.runtime.line.render import (
     map_scale,
     render_inspection,
     render_result,
+    write_png,
 )
 from reconad.runtime.line.sinks import InspectionResult
 
@@ -143,3 +145,20 @@ def test_render_result_reads_a_loop_result_in_bgr():
 def test_a_non_rgb_frame_is_refused():
     with pytest.raises(ValueError, match="uint8"):
         render_inspection(np.zeros((8, 8), np.float32), None, Annotation(0.1, 0.5, False))
+
+
+def test_a_camera_blind_frame_keeps_the_size_and_says_so():
+    frame = part()
+    blind = render_inspection(frame, None, Annotation(0.0, None, None, blind="black: 99% of pixels <= 3 (black <= 30)"))
+    judged = render_inspection(frame, defect_map(), Annotation(0.1, 0.5, False))
+    assert blind.shape == judged.shape
+    assert tuple(blind[3, 3]) == VERDICT_COLOURS["CAMERA BLIND"]
+
+
+def test_write_png_round_trip(tmp_path):
+    image = np.zeros((8, 6, 3), np.uint8)
+    image[..., 0] = 200  # red in RGB
+    write_png(tmp_path / "x.png", image)
+    assert np.array_equal(cv2.imread(str(tmp_path / "x.png"))[:, :, ::-1], image)
+    with pytest.raises(ReconadError, match="Cannot write"):
+        write_png(tmp_path / "missing" / "x.png", image)
