@@ -94,6 +94,7 @@ class BlindDetector:
     def __init__(self, config: BlindConfig = BlindConfig()) -> None:
         self.config = config
         self._previous: np.ndarray | None = None
+        self._previous_s = 0.0
         self._repeats = 0  # frames identical to their predecessor, in a row
         self._repeat_since: float | None = None
         self._blind = False
@@ -133,6 +134,7 @@ class BlindDetector:
     def _frozen(self, gray: np.ndarray, time_s: float) -> str | None:
         config = self.config
         previous, self._previous = self._previous, gray
+        previous_s, self._previous_s = self._previous_s, time_s
         if config.frozen_s <= 0 or previous is None or previous.shape != gray.shape:
             self._repeats, self._repeat_since = 0, None
             return None
@@ -141,7 +143,7 @@ class BlindDetector:
             self._repeats, self._repeat_since = 0, None
             return None
         if self._repeats == 0:
-            self._repeat_since = time_s
+            self._repeat_since = previous_s  # the content has been on show since the previous frame
         self._repeats += 1
         held_s = time_s - self._repeat_since
         if self._repeats + 1 >= config.frozen_frames and held_s >= config.frozen_s:

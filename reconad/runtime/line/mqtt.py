@@ -114,6 +114,7 @@ class MqttConfig:
     close_timeout_s: float = 5.0  # at stop, how long buffered messages may take to go out
 
     def __post_init__(self) -> None:
+        parse_mqtt_uri(self.uri)  # a bad URI is refused with the options, before any model is loaded
         if self.qos not in (0, 1, 2):
             raise ReconadError(f"MQTT QoS must be 0, 1 or 2, got {self.qos}.")
         if self.events not in EVENTS:

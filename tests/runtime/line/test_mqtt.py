@@ -74,17 +74,17 @@ def test_bad_mqtt_uris_are_one_sentence_errors(uri, words):
 
 def test_credentials_come_from_a_private_file_or_the_environment(tmp_path):
     target = parse_mqtt_uri("mqtt://plc@broker/t")
-    assert resolve_credentials(target, MqttConfig(uri="x"), environ={PASSWORD_ENV: "from-env"}) == ("plc", "from-env")
+    assert resolve_credentials(target, MqttConfig(uri="mqtt://broker/t"), environ={PASSWORD_ENV: "from-env"}) == ("plc", "from-env")
     secret = tmp_path / "password"
     secret.write_text("from-file\n")
     secret.chmod(0o600)
-    config = MqttConfig(uri="x", password_file=secret)
+    config = MqttConfig(uri="mqtt://broker/t", password_file=secret)
     assert resolve_credentials(target, config, environ={PASSWORD_ENV: "ignored"}) == ("plc", "from-file")
     secret.chmod(0o644)
     with pytest.raises(ReconadError, match="readable by other users"):
         resolve_credentials(target, config, environ={})
     with pytest.raises(ReconadError, match="no user"):
-        resolve_credentials(parse_mqtt_uri("mqtt://broker/t"), MqttConfig(uri="x"), environ={PASSWORD_ENV: "p"})
+        resolve_credentials(parse_mqtt_uri("mqtt://broker/t"), MqttConfig(uri="mqtt://broker/t"), environ={PASSWORD_ENV: "p"})
 
 
 def test_bad_options_are_refused():
