@@ -138,18 +138,19 @@ def _plot_roc(path: Path, category: str, labels, scores, masks=None, maps=None) 
 
 def _write_overlay(path: Path, image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None,
                    value_range: tuple[float, float], score: float) -> None:
-    """Image | heatmap over the image (ground-truth outline in green), side by side."""
+    """Image | heatmap over the image (ground-truth outline in green), side by side.
+
+    The heat is drawn by the line's renderer (``reconad.runtime.line.render.heat_overlay``), so the report
+    shows anomalies as an operator sees them live.
+    """
     import cv2
 
+    from reconad.runtime.line.render import heat_overlay
+
     low, high = value_range
-    scaled = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0, 1)
-    heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR
-    bgr = np.ascontiguousarray(image[..., ::-1])
-    overlay = cv2.addWeighted(bgr, 0.5, heat, 0.5, 0)
-    if mask is not None and mask.any():
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(overlay, contours, -1, (0, 255, 0), 1)
-    panel = np.concatenate([bgr, overlay], axis=1)
+    truth = mask if mask is not None and mask.any() else None
+    overlay = heat_overlay(image, anomaly_map, low=low, high=max(high, low + 1e-12), truth_mask=truth)  # RGB
+    panel = np.ascontiguousarray(np.concatenate([image, overlay], axis=1)[..., ::-1])  # BGR for imwrite
     cv2.putText(panel, f"score {score:.3g}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), panel)
