@@ -111,3 +111,18 @@ def test_the_loop_reconnects_to_an_rtsp_stream_that_drops_and_comes_back(tmp_pat
     }
     print("RTSP reconnect timeline:", json.dumps(timeline))
     assert counters["captured"] == counters["inspected"] + counters["dropped"]
+
+
+def test_ffmpeg_options_are_set_for_the_open_only_and_the_users_win(monkeypatch):
+    import os
+
+    from reconad.runtime.line.sources import FFMPEG_OPTIONS_VARIABLE, _ffmpeg_capture_options
+
+    monkeypatch.delenv(FFMPEG_OPTIONS_VARIABLE, raising=False)
+    with _ffmpeg_capture_options("analyzeduration;500000"):
+        assert os.environ[FFMPEG_OPTIONS_VARIABLE] == "analyzeduration;500000"
+    assert FFMPEG_OPTIONS_VARIABLE not in os.environ
+    monkeypatch.setenv(FFMPEG_OPTIONS_VARIABLE, "rtsp_transport;tcp")
+    with _ffmpeg_capture_options("analyzeduration;500000"):
+        assert os.environ[FFMPEG_OPTIONS_VARIABLE] == "rtsp_transport;tcp"
+    assert os.environ[FFMPEG_OPTIONS_VARIABLE] == "rtsp_transport;tcp"
