@@ -121,6 +121,11 @@ class VideoOutput(abc.ABC):
     uri: str
     frames_written: int = 0
 
+    @property
+    def wants_frames(self) -> bool:
+        """False while a frame would be thrown away (an RTSP output nobody watches): not worth rendering."""
+        return True
+
     @abc.abstractmethod
     def write(self, frame: np.ndarray) -> None:
         """Show or send one uint8 [H, W, 3] RGB frame; raises ``ReconadError`` when the output failed."""
@@ -306,6 +311,10 @@ class RtspOutput(VideoOutput):
         with self._lock:
             return len(self._appsrcs)
 
+    @property
+    def wants_frames(self) -> bool:
+        return self._shape is None or self.clients > 0  # the first frame mounts the stream
+
     def write(self, frame: np.ndarray) -> None:
         if self._shape is None:
             self._mount(frame.shape)
@@ -425,7 +434,9 @@ class VideoOutputSink:
     """The loop's sink for video outputs: render each inspected frame once, write it to every output.
 
     Needs results that carry their frame and anomaly map (``needs_frames``); others are not accepted.
-    A failing output does not stop the others: ``write`` raises the first failure after trying them all.
+    Nothing is rendered while no output wants frames (RTSP outputs without a client): ``write`` returns
+    False, which the loop counts as skipped. A failing output does not stop the others: ``write`` raises
+    the first failure after trying them all.
 
     Args:
         outputs: from ``open_outputs``; closed by ``close``.
@@ -449,6 +460,8 @@ class VideoOutputSink:
         return verdict is not None and getattr(result, "frame", None) is not None
 
     def write(self, result: Any) -> bool:
+        if not any(getattr(output, "wants_frames", True) for output in self.outputs):
+            return False  # only RTSP outputs, and nobody watches: counted as skipped, nothing rendered
         started = time.perf_counter()
         image = render_result(result, low=self.low, high=self.high, pixel_threshold=self.pixel_threshold)
         self.render_ms = (time.perf_counter() - started) * 1e3

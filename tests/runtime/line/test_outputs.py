@@ -298,3 +298,17 @@ def test_a_failing_output_does_not_starve_the_others(tmp_path):
 def test_open_outputs_closes_what_it_opened_when_one_fails(tmp_path):
     with pytest.raises(ReconadError):
         open_outputs([str(tmp_path / "a.avi"), "webrtc://x"])
+
+
+def test_nothing_is_rendered_for_an_rtsp_output_nobody_watches(rtsp_output):
+    sink = VideoOutputSink([rtsp_output])
+    assert sink.write(inspection(0, 0.1)) is True  # the first frame mounts the stream
+    assert not rtsp_output.wants_frames
+    sink.render_ms = 0.0
+    assert sink.write(inspection(1, 0.1)) is False and sink.render_ms == 0.0  # skipped, not rendered
+    feeder = Feeder(sink, inspection(2, 0.9))
+    try:
+        frames = read_frames(rtsp_output.url, 3)  # a client comes: frames are rendered again
+    finally:
+        feeder.stop()
+    assert near(frames[-1][4, 4], VERDICT_COLOURS["NG"]) and sink.render_ms > 0
