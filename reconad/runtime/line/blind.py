@@ -6,8 +6,10 @@ frame. Each raises a ``camera_blind`` event (every sink sees it) and a counter, 
 an all-black frame scored by the model is judged OK, which is the one answer a line must never get
 from a blind camera.
 
-Thresholds (gray levels 0..255 of a grid of at most ~64k pixels of the frame, so 4K frames cost the
-same as VGA; percentiles make one hot pixel or a timestamp overlay irrelevant):
+Thresholds (gray levels 0..255 of a grid of at most ~64k pixels of the ROI, or of the frame without
+one, so 4K frames cost the same as VGA; percentiles make hot pixels or a timestamp overlay covering
+under 1 % of it irrelevant; and, the other way round, a part covering under 1 % of it looks like its
+background: set a ROI around the part):
 - black:     99th percentile <= ``black_level`` (30): nothing in the frame is brighter than deep shadow;
 - saturated: 1st percentile >= ``saturated_level`` (225): nothing in the frame is darker than glare;
 - flat:      99th - 1st percentile <= ``flat_range`` (6): one colour, whatever its level;

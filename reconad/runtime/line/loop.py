@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.frames import Roi, check_frame, prepare_image
+from reconad.runtime.frames import Roi, check_frame, crop_roi, prepare_image
 from reconad.runtime.inspector import Verdict
 from reconad.runtime.line.blind import BLIND_CHECKS, BlindConfig, BlindDetector, Blindness
 from reconad.runtime.line.mqtt import MqttConfig
@@ -267,7 +267,7 @@ class InspectionLoop:
             if problem is not None:
                 self._skip(problem, raw.name, f"{raw.name} is {problem}.", captured_at)
                 continue
-            blindness = self.blind.check(raw.image, read_s) if self.blind is not None else None
+            blindness = self.blind.check(self._checked_region(raw.image), read_s) if self.blind is not None else None
             if blindness is not None:
                 self._camera_blind(raw.name, raw.image, captured_at, blindness)
                 continue
@@ -286,6 +286,13 @@ class InspectionLoop:
         prepared = prepare_image(image, self.inspector.input_hw, colour=colour, roi=self.config.roi)
         self.stats.add_latency("preprocess", (time.perf_counter() - started) * 1e3)
         return prepared
+
+    def _checked_region(self, image: np.ndarray) -> np.ndarray:
+        """What the blind checks judge: the ROI (what the model sees), or the whole frame."""
+        try:
+            return crop_roi(image, self.config.roi)
+        except ReconadError:
+            return image  # a ROI outside the frame: preprocessing reports it, as the run's error
 
     def _camera_blind(self, name: str, image: np.ndarray, captured_at: str, blindness: Blindness) -> None:
         """Count a camera-blind frame and tell every sink (a distinct event, not a verdict)."""

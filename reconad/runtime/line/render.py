@@ -339,7 +339,7 @@ def render_result(result: Any, *, low: float | None = None, high: float | None =
     frame = to_rgb_uint8(result.frame, colour=result.colour)
     verdict = getattr(result, "verdict", None)
     if verdict is None:  # camera-blind
-        annotation = Annotation(0.0, None, None, caption=f"{result.name}  {time_of_day}",
+        annotation = Annotation(0.0, None, None, caption=f"{time_of_day}  {result.name}",
                                 blind=f"{result.reason}: {result.detail}")
         return render_inspection(frame, None, annotation)
     annotation = Annotation(
@@ -348,7 +348,7 @@ def render_result(result: Any, *, low: float | None = None, high: float | None =
         is_anomalous=verdict.is_anomalous,
         category=getattr(verdict, "category", None),
         known_product=getattr(verdict, "known_product", True) is not False,
-        caption=f"{result.name}  {time_of_day}",
+        caption=f"{time_of_day}  {result.name}",  # the time first: a long name is cut, never the time
     )
     return render_inspection(frame, verdict.anomaly_map, annotation, low=low, high=high, roi=result.roi,
                              pixel_threshold=pixel_threshold)

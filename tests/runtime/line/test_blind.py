@@ -101,3 +101,18 @@ def test_folders_are_not_checked_unless_asked():
                              InspectConfig(blind_checks="always", **quiet), report=lambda line: None,
                              handle_signals=False)
     assert checked.stats.counters["blind"] == 2
+
+
+def test_the_roi_is_what_is_checked():
+    frame = np.zeros((120, 160, 3), np.uint8)
+    frame[56:64, 76:84] = scene(hw=(8, 8), level=180)  # a small lit part on a black belt: 0.3 % of the frame
+    quiet = dict(stats_interval_s=0, queue_size=10, blind=BlindConfig(frozen_s=0))
+
+    def run(**config):
+        return run_inspection(ScriptedSource([frame] * 3), FakeInspector(), InspectConfig(**quiet, **config),
+                              report=lambda line: None, handle_signals=False).stats.counters
+
+    whole = run()
+    assert whole["blind_black"] == 3 and whole["inspected"] == 0  # under 1 % lit: the frame looks black
+    around = run(roi=(70, 50, 20, 20))  # 16 % of the ROI is the part
+    assert around["inspected"] == 3 and around["blind"] == 0
