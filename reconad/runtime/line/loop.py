@@ -3,8 +3,9 @@
 Shaped like jetson-inference's my-detection.py (source -> process -> sink, FPS on screen, stop at end of
 stream) but pipelined: with a live source the camera never waits for the model nor the model for a disk
 or a network (full queues drop their oldest item, counted); files and folders wait instead, losing
-nothing. Bad frames, camera loss and failing sinks are counted and survived; a failed or hung inference
-thread ends the run with a non-zero exit code.
+nothing. Bad frames, camera loss and failing sinks are counted and survived; camera-blind frames
+(``blind.py``) become events for every sink instead of verdicts; a failed or hung inference thread ends
+the run with a non-zero exit code.
 """
 
 from __future__ import annotations
