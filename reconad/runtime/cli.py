@@ -28,6 +28,9 @@ def calibrate(
     ] = None,
     roi: Annotated[Optional[str], typer.Option(help="Crop X,Y,W,H (pixels), the same as for run.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per inference call.")] = None,
+    bit_depth: Annotated[
+        Optional[int], typer.Option(min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk (e.g. 12).")
+    ] = None,
     backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
 ) -> None:
     """Write thresholds computed from defect-free images into the manifest."""
@@ -48,6 +51,7 @@ def calibrate(
                 normalize=normalize,
                 roi=parse_roi(roi) if roi else None,
                 batch_size=batch_size,
+                bit_depth=bit_depth,
             ),
             what="calibrate options",
         )
@@ -107,6 +111,9 @@ def run(
         typer.Option(help="none, counterclockwise, rotate-180, clockwise, horizontal, vertical, upper-right-diagonal, upper-left-diagonal."),
     ] = None,
     codec: Annotated[Optional[str], typer.Option(help="v4l2 cameras: raw or mjpeg [default: raw].")] = None,
+    bit_depth: Annotated[
+        Optional[int], typer.Option(min=1, max=16, help="Image files: real bit depth of 16-bit images without an sBIT chunk.")
+    ] = None,
     queue_size: Annotated[
         Optional[int], typer.Option(min=1, help="Frames waiting for inference before a camera drops the oldest.")
     ] = None,
@@ -155,7 +162,7 @@ def run(
             what="run options",
         )
         source_config = resolve(
-            SourceConfig, dict(width=width, height=height, fps=fps, flip=flip, codec=codec, loop=loop), what="run options"
+            SourceConfig, dict(width=width, height=height, fps=fps, flip=flip, codec=codec, loop=loop, bit_depth=bit_depth), what="run options"
         )
         result = inspect_stream(
             source, model, config, source_config, backend=backend, threshold=threshold, num_threads=num_threads, report=report

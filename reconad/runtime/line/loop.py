@@ -367,7 +367,8 @@ class InspectionLoop:
             self.inspector.inspect(np.zeros((1, height, width, 3), dtype=np.uint8))  # warm-up: lazy init off the clock
         except Exception as error:
             raise ReconadError(f"Inference failed on a warm-up frame: {describe_error(error)}.") from None
-        self.source.open()
+        if not self.source.is_open:
+            self.source.open()
         self.stats = LoopStats()  # the clock starts once model and source are ready
         self.workers = [SinkWorker(sink, self.stats, self.warn, self.abort) for sink in self.sinks]
         previous = self._install_signal_handlers() if handle_signals else {}

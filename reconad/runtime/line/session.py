@@ -87,6 +87,9 @@ def inspect_stream(
 ) -> LoopResult:
     """``recon-inspect run``: open the artifact and the source, run the loop, write ``summary.json``.
 
+    The source is opened before any sink creates a file. When the run cannot start (bad artifact,
+    source that does not open), ``summary.json`` says it failed and why, and the error is raised.
+
     Args:
         uri: ``csi://N``, ``v4l2:///dev/videoN``, ``rtsp://...``, a video file or an image folder.
         artifact: ``.onnx`` or ``.engine`` with its manifest.
@@ -94,28 +97,41 @@ def inspect_stream(
         threshold: overrides the manifest's image threshold (raw score units).
         num_threads: ONNX Runtime intra-op threads; None for all cores.
     """
-    source = open_source(uri, source_config)
     run_id = _iso_now_ms()
-    with Inspector.open(artifact, backend, threshold=threshold, num_threads=num_threads) as inspector:
-        if inspector.threshold is None:
-            report("No image threshold: is_anomalous is null; run recon-inspect calibrate or pass --threshold.")
-        by_file = isinstance(source, ImageFolderSource)
-        sinks = build_sinks(config, inspector.manifest, live=source.live, name_by_file=by_file, run_id=run_id, warn=report)
-        batch_size = min(config.batch_size, inspector.backend.max_batch)
-        result = run_inspection(source, inspector, dataclasses.replace(config, batch_size=batch_size), sinks, report=report)
-        result = dataclasses.replace(result, backend=inspector.backend.name)
-    if config.out is not None:
-        summary = {
-            "run": run_id,
-            "source": uri,
-            "model": str(artifact),
-            "backend": inspector.backend.name,
-            "stop_reason": result.stop_reason,
-            "failure": result.failure,
-            **result.stats.to_dict(),
-        }
-        try:
-            write_text_atomic(Path(config.out) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-        except OSError as error:
-            report(f"warning: cannot write {SUMMARY_FILE}: {describe_error(error)}")
+    summary = {"run": run_id, "source": uri, "model": str(artifact)}
+    try:
+        source = open_source(uri, source_config)
+        with Inspector.open(artifact, backend, threshold=threshold, num_threads=num_threads) as inspector:
+            summary["backend"] = inspector.backend.name
+            if inspector.threshold is None:
+                report("No image threshold: is_anomalous is null; run recon-inspect calibrate or pass --threshold.")
+            source.open()  # before any output exists: a source that cannot open leaves no empty verdict log
+            try:
+                by_file = isinstance(source, ImageFolderSource)
+                sinks = build_sinks(
+                    config, inspector.manifest, live=source.live, name_by_file=by_file, run_id=run_id, warn=report
+                )
+            except BaseException:
+                source.close()
+                raise
+            batch_size = min(config.batch_size, inspector.backend.max_batch)
+            result = run_inspection(source, inspector, dataclasses.replace(config, batch_size=batch_size), sinks, report=report)
+            result = dataclasses.replace(result, backend=inspector.backend.name)
+    except ReconadError as error:
+        # Nothing was inspected: say so where monitoring looks, rather than leave no summary at all.
+        _write_summary(config.out, {**summary, "stop_reason": "failure", "failure": str(error)}, report)
+        raise
+    summary.update(stop_reason=result.stop_reason, failure=result.failure, **result.stats.to_dict())
+    _write_summary(config.out, summary, report)
     return result
+
+
+def _write_summary(out: Path | None, summary: dict, report: Callable[[str], None]) -> None:
+    """Write ``out/summary.json`` atomically (no-op without ``out``); a failure to write is only reported."""
+    if out is None:
+        return
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(out) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    except OSError as error:
+        report(f"warning: cannot write {SUMMARY_FILE}: {describe_error(error)}")
