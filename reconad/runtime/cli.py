@@ -1,5 +1,6 @@
 """recon-inspect: calibrate thresholds and run the inspection loop on an exported artifact."""
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -182,3 +183,51 @@ def run(
     if result.failure is not None:
         typer.echo(result.failure, err=True)
         raise typer.Exit(result.exit_code)
+
+
+@app.command("doctor")
+def doctor(
+    target: Annotated[
+        Optional[str], typer.Option("--for", help="Exit 1 unless this backend works here: trt, ort-cuda or ort-cpu.")
+    ] = None,
+    source: Annotated[
+        Optional[str], typer.Option(help="Also open this camera, stream, video or folder and read one frame.")
+    ] = None,
+    json_report: Annotated[bool, typer.Option("--json", help="Print the environment and findings as JSON.")] = False,
+    environment: Annotated[
+        Optional[Path], typer.Option(help="Diagnose a recorded environment (a --json report) instead of this machine.")
+    ] = None,
+) -> None:
+    """Say which backends and source kinds work on this device, and what to install for the others (torch-free)."""
+    import json
+
+    from reconad.runtime import doctor as checks
+    from reconad.runtime.config import read_text
+    from reconad.runtime.errors import ReconadError, exit_with
+
+    try:
+        if target is not None and target not in checks.TARGETS:
+            raise ReconadError(f"--for must be one of {list(checks.TARGETS)}, got {target!r}.")
+        if environment is not None:
+            try:
+                recorded = json.loads(read_text(environment, "environment"))
+            except json.JSONDecodeError as error:
+                raise ReconadError(f"{environment} is not valid JSON ({error.msg} at line {error.lineno}).") from None
+            env = checks.Environment.from_dict(recorded.get("environment", recorded))
+        else:
+            env = checks.probe_environment()
+        findings = checks.diagnose(env)
+        if source is not None:
+            findings.append(checks.check_source(source))
+    except ReconadError as error:
+        exit_with(error)
+    if json_report:
+        payload = {"environment": env.to_dict(), "findings": [dataclasses.asdict(f) for f in findings]}
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        typer.echo(checks.render(findings))
+    by_name = {finding.name: finding for finding in findings}
+    failed = [name for name in ([target] if target else []) + ([source] if source else []) if not by_name[name].works]
+    if failed or (target and not by_name["platform"].works):
+        typer.echo(f"cannot work here: {', '.join(failed or ['platform'])}", err=True)
+        raise typer.Exit(1)
