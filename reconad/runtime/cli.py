@@ -1,4 +1,4 @@
-"""recon-inspect: calibrate thresholds and run the inspection loop on an exported artifact."""
+"""recon-inspect: calibrate thresholds, run the inspection loop, or serve an artifact from Triton."""
 
 import dataclasses
 from pathlib import Path
@@ -231,3 +231,62 @@ def doctor(
     if failed or (target and not by_name["platform"].works):
         typer.echo(f"cannot work here: {', '.join(failed or ['platform'])}", err=True)
         raise typer.Exit(1)
+
+
+@app.command("serve")
+def serve(
+    artifact: Annotated[Path, typer.Argument(help="The .onnx or .engine artifact, with its manifest.")],
+    http_port: Annotated[Optional[int], typer.Option(help="Triton HTTP/REST port [default: 8000].")] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(help="Triton gRPC port [default: 8001].")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus metrics port [default: 8002].")] = None,
+    address: Annotated[
+        Optional[str], typer.Option(help="Address every endpoint binds to [default: 127.0.0.1, loopback only].")
+    ] = None,
+    name: Annotated[Optional[str], typer.Option(help="Triton model name [default: the artifact's run name].")] = None,
+    max_batch: Annotated[
+        Optional[int], typer.Option(help="Largest batch Triton forms [default: the manifest's max_batch].")
+    ] = None,
+    max_queue_delay_us: Annotated[
+        Optional[int], typer.Option(help="How long a request may wait to be batched, in µs [default: 2000].")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
+    threshold: Annotated[
+        Optional[float], typer.Option(help="Image threshold in raw score units; overrides the manifest's.")
+    ] = None,
+    num_threads: Annotated[Optional[int], typer.Option(min=1, help="ONNX Runtime threads [default: all cores].")] = None,
+    log_file: Annotated[
+        Optional[Path], typer.Option(help="tritonserver's log [default: a new file in the temp folder].")
+    ] = None,
+) -> None:
+    """Serve the Inspector from a Triton Inference Server (PyTriton) with dynamic batching across clients.
+
+    Outputs per frame: the graph's (anomaly_map, image_score, ...) plus is_anomalous and threshold.
+    Stops on Ctrl+C or SIGTERM (exit 0); exit 2 for bad input or a server that cannot start.
+    """
+    from reconad.runtime.errors import ReconadError, exit_with
+    from reconad.runtime.serve import ServeConfig, serve_artifact
+
+    try:
+        config = ServeConfig(
+            **_given(
+                http_port=http_port,
+                grpc_port=grpc_port,
+                metrics_port=metrics_port,
+                address=address,
+                model_name=name,
+                max_batch=max_batch,
+                max_queue_delay_us=max_queue_delay_us,
+                log_file=log_file,
+            )
+        )
+        serve_artifact(
+            artifact,
+            config,
+            backend=backend,
+            threshold=threshold,
+            num_threads=num_threads,
+            report=lambda line: typer.echo(line, err=True),
+        )
+    except ReconadError as error:
+        exit_with(error)
+    typer.echo("server stopped", err=True)

@@ -1,0 +1,241 @@
+"""recon-inspect serve: the libpython fix, the served tensors, and a REAL Triton server (PyTriton) on loopback
+with concurrent tritonclient clients, compared with the local Inspector; Triton's own metrics show batching."""
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reconad.runtime import Inspector
+from reconad.runtime.errors import ReconadError
+from reconad.runtime.manifest import Calibration, Threshold, utc_now_iso
+from reconad.runtime.serve import (
+    ServeConfig,
+    apply_stub_library_fix,
+    default_model_name,
+    stub_library_fix,
+    verdict_outputs,
+)
+from tests.runtime.onnx_graphs import expected_outputs, random_images, write_artifact
+from tests.triton_servers import prometheus_samples, require_pytriton, serve_process
+
+PYENV_MAPS = (
+    "7f0000000000-7f0000001000 r--p 00000000 08:01 1234   /root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0\n"
+    "7f0000002000-7f0000003000 r-xp 00000000 08:01 1235   /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+)
+STATIC_MAPS = "55d000000000-55d000001000 r-xp 00000000 08:01 99   /usr/local/bin/python3.11\n"
+
+
+def test_the_stub_is_pointed_at_this_interpreters_own_libpython():
+    fix = stub_library_fix(PYENV_MAPS, environ={"LD_LIBRARY_PATH": "/opt/cuda/lib64"})
+    assert fix.library_dir == Path("/root/.pyenv/versions/3.11.7/lib")
+    assert "libpython3.11.so.1.0" in fix.message and fix.message.count(". ") == 0
+    environ = {"LD_LIBRARY_PATH": "/opt/cuda/lib64"}
+    apply_stub_library_fix(fix, environ)
+    assert environ["LD_LIBRARY_PATH"] == "/root/.pyenv/versions/3.11.7/lib:/opt/cuda/lib64"
+    again = stub_library_fix(PYENV_MAPS, environ=environ)
+    assert again.library_dir is None and "already starts with" in again.message
+    empty = {}
+    apply_stub_library_fix(fix, empty)
+    assert empty == {"LD_LIBRARY_PATH": "/root/.pyenv/versions/3.11.7/lib"}
+
+
+def test_a_static_interpreter_gets_one_sentence_saying_what_to_do(monkeypatch):
+    import sysconfig
+
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: None)
+    fix = stub_library_fix(STATIC_MAPS, environ={})
+    assert fix.library_dir is None
+    assert "statically linked" in fix.message and "--enable-shared" in fix.message
+    assert fix.message.endswith(".") and fix.message.count(". ") == 0
+
+
+def test_this_process_libpython_is_found_when_it_is_shared():
+    import sysconfig
+
+    fix = stub_library_fix(environ={})
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        assert fix.library_dir is None or fix.library_dir.is_dir()
+    else:
+        assert fix.library_dir is not None and any(fix.library_dir.glob("libpython3*.so*"))
+
+
+def test_serve_config_refuses_bad_ports_and_names():
+    with pytest.raises(ReconadError, match="must differ"):
+        ServeConfig(http_port=9000, grpc_port=9000)
+    with pytest.raises(ReconadError, match="port number"):
+        ServeConfig(metrics_port=70000)
+    with pytest.raises(ReconadError, match="not allowed"):
+        ServeConfig(model_name="a b")
+    assert ServeConfig().address == "127.0.0.1"  # loopback unless the user names an address
+
+
+def test_default_model_name_is_the_run_name():
+    assert default_model_name("export/line1-512x512-fp16.onnx") == "line1"
+    assert default_model_name("e/line 1-512x512-fp16-trt10.3.0-orin.engine") == "line_1"
+    assert default_model_name("model.onnx") == "model"
+
+
+def threshold(value: float) -> Threshold:
+    return Threshold(value=value, calibration=Calibration(method="manual", n_images=0, date=utc_now_iso(), source="test"))
+
+
+def test_served_outputs_are_the_graph_outputs_plus_the_verdict(tmp_path):
+    images = random_images(5)
+    scores = expected_outputs(images)["image_score"]
+    cut = float(np.sort(scores)[2])
+    calibrated = write_artifact(tmp_path / "cal", image_threshold=threshold(cut))
+    with Inspector.open(calibrated, backend="ort-cpu") as inspector:
+        served = verdict_outputs(inspector, images, inspector.infer(images))
+    assert {name: value.shape for name, value in served.items()} == {
+        "anomaly_map": (5, 1, 16, 16), "image_score": (5, 1), "is_anomalous": (5, 1), "threshold": (5, 1)
+    }  # fmt: skip
+    np.testing.assert_allclose(served["image_score"][:, 0], scores, atol=1e-6)
+    assert served["is_anomalous"][:, 0].tolist() == [bool(score >= cut) for score in scores]
+    assert served["is_anomalous"].dtype == np.bool_ and np.all(served["threshold"] == np.float32(cut))
+    uncalibrated = write_artifact(tmp_path / "raw")
+    with Inspector.open(uncalibrated, backend="ort-cpu") as inspector:
+        served = verdict_outputs(inspector, images, inspector.infer(images))
+    assert np.all(np.isnan(served["threshold"])) and not served["is_anomalous"].any()  # no threshold: no verdict
+
+
+# --- against a real Triton Inference Server ---------------------------------------------------------
+
+MODEL = "line1"
+CLIENTS = 4
+REQUESTS_PER_CLIENT = 12
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One ``recon-inspect serve`` for the module: tiny fp32 graph, threshold set, batches up to 4."""
+    require_pytriton()
+    folder = tmp_path_factory.mktemp("serve")
+    images = random_images(16, seed=3)
+    cut = float(np.median(expected_outputs(images)["image_score"]))
+    artifact = write_artifact(folder, name="line1-16x16-fp32.onnx", max_batch=8, image_threshold=threshold(cut))
+    # A long queue delay with a batch limit the 4 clients fill: batches form reliably and the test stays fast.
+    with serve_process(
+        artifact, folder / "serve.log", MODEL, "--max-batch", "4", "--max-queue-delay-us", "200000", "--backend", "ort-cpu"
+    ) as server:
+        yield server, artifact
+    assert server.process.returncode == 0, server.output()[-3000:]
+    assert "server stopped" in server.output()
+
+
+def local_verdicts(artifact, images):
+    with Inspector.open(artifact, backend="ort-cpu") as inspector:
+        return inspector.inspect(list(images))
+
+
+def infer_remote(client_module, url, images):
+    client = client_module.InferenceServerClient(url)
+    try:
+        tensor = client_module.InferInput("images", list(images.shape), "UINT8")
+        tensor.set_data_from_numpy(images)
+        result = client.infer(MODEL, [tensor])
+        return {name: result.as_numpy(name) for name in ("anomaly_map", "image_score", "is_anomalous", "threshold")}
+    finally:
+        client.close()
+
+
+def test_the_server_describes_the_graph_outputs_plus_the_verdict(served):
+    import tritonclient.http as httpclient
+
+    server, _ = served
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        metadata = client.get_model_metadata(MODEL)
+    finally:
+        client.close()
+    assert [(tensor["name"], tensor["datatype"], tensor["shape"]) for tensor in metadata["inputs"]] == [
+        ("images", "UINT8", [-1, 16, 16, 3])
+    ]
+    assert [(tensor["name"], tensor["datatype"], tensor["shape"]) for tensor in metadata["outputs"]] == [
+        ("anomaly_map", "FP32", [-1, 1, 16, 16]),
+        ("image_score", "FP32", [-1, 1]),
+        ("is_anomalous", "BOOL", [-1, 1]),
+        ("threshold", "FP32", [-1, 1]),
+    ]
+    log = server.output()
+    assert "Pointing the Triton server at this Python's own" in log or "LD_LIBRARY_PATH already starts" in log
+    assert f"http://127.0.0.1:{server.http_port}" in log  # loopback
+
+
+def test_concurrent_clients_get_the_local_inspectors_verdicts_in_batches(served):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    server, artifact = served
+    metrics_before = _inference_counts(server)
+    results: dict[tuple[int, int], tuple[np.ndarray, dict]] = {}
+    errors = []
+
+    def client(index: int) -> None:
+        module, url = (grpcclient, server.grpc_url) if index % 2 else (httpclient, server.http_url)
+        try:
+            for request in range(REQUESTS_PER_CLIENT):
+                images = random_images(1 + request % 2, seed=100 * index + request)  # 1 or 2 frames per request
+                results[index, request] = images, infer_remote(module, url, images)
+        except Exception as error:  # reported below with the client's index
+            errors.append((index, repr(error)))
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    assert len(results) == CLIENTS * REQUESTS_PER_CLIENT
+
+    for images, remote in results.values():
+        local = local_verdicts(artifact, images)
+        np.testing.assert_allclose(remote["image_score"][:, 0], [v.image_score for v in local], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(remote["anomaly_map"][:, 0], np.stack([v.anomaly_map for v in local]), atol=1e-6)
+        assert remote["is_anomalous"][:, 0].tolist() == [v.is_anomalous for v in local]
+        assert remote["threshold"][:, 0].tolist() == pytest.approx([v.threshold for v in local], rel=1e-6)
+
+    frames, executions = (after - before for after, before in zip(_inference_counts(server), metrics_before))
+    assert frames == sum(len(images) for images, _ in results.values())
+    assert executions < frames / 1.5, (frames, executions)  # Triton merged requests: mean batch > 1.5 frames
+
+
+def _inference_counts(server) -> tuple[float, float]:
+    """Triton's Prometheus counters for the model: (frames inferred, model executions = batches)."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    counts = []
+    for metric in ("nv_inference_count", "nv_inference_exec_count"):
+        samples = [value for labels, value in prometheus_samples(text, metric) if labels.get("model") == MODEL]
+        assert samples, f"{metric} missing from {server.metrics_url}"
+        counts.append(sum(samples))
+    return counts[0], counts[1]
+
+
+def test_a_port_in_use_is_one_sentence_and_exit_2(served, tmp_path):
+    server, artifact = served
+    with pytest.raises(AssertionError, match="exited with 2"):
+        with serve_process(artifact, tmp_path / "clash.log", MODEL, "--http-port", str(server.http_port)):
+            pass
+    lines = [line for line in (tmp_path / "clash.log").read_text().splitlines() if line and not line.startswith("Pointing")]
+    assert lines == [f"Cannot listen on 127.0.0.1:{server.http_port} (--http-port): Address already in use; choose a free port."]
+
+
+def test_serve_without_pytriton_says_how_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pytriton(name, *args, **kwargs):
+        if name.startswith("pytriton"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pytriton)
+    from reconad.runtime.serve import serve_artifact
+
+    with pytest.raises(ReconadError, match=r"pip install 'reconad\[serve\]'"):
+        serve_artifact(write_artifact(tmp_path), ServeConfig())
