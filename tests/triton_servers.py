@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,8 +59,8 @@ def wait_until(condition, timeout_s: float, process: subprocess.Popen | None = N
 class ServeProcess:
     """``recon-inspect serve ARTIFACT`` in a subprocess (the real CLI, the real Triton server)."""
 
-    def __init__(self, artifact: Path, log_path: Path, *extra: str) -> None:
-        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+    def __init__(self, artifact: Path, log_path: Path, *extra: str, ports: tuple[int, int, int] | None = None) -> None:
+        self.http_port, self.grpc_port, self.metrics_port = ports or free_ports(3)
         self.log_path = log_path
         command = [
             sys.executable, "-c", "from reconad.runtime.cli import app; app(prog_name='recon-inspect')", "serve", str(artifact),
@@ -105,6 +106,16 @@ class ServeProcess:
             client.close()
         return time.monotonic() - started
 
+    @property
+    def ports(self) -> tuple[int, int, int]:
+        return (self.http_port, self.grpc_port, self.metrics_port)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (serve, its tritonserver and the model stub): a server that just dies."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+        self._log.close()
+
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
         """Signal the serve process (not its group: it stops its own tritonserver) and wait for its exit."""
         if self.process.poll() is None:
@@ -139,26 +150,54 @@ def stock_tritonserver() -> Path:
     return binary
 
 
+def python_backend_dir(folder: Path) -> Path:
+    """A backend directory with the wheel's Python backend and the stub for this Python (as PyTriton lays it out)."""
+    from pytriton.utils.distribution import get_stub_path
+
+    binary = stock_tritonserver()
+    python = folder / "python"
+    python.mkdir(parents=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy(binary.parents[1] / "backends" / "python" / name, python / name)
+    shutil.copy(get_stub_path(f"{sys.version_info.major}.{sys.version_info.minor}"), python / "triton_python_backend_stub")
+    return folder
+
+
+def stub_environment() -> dict[str, str]:
+    """The environment PyTriton gives its server, with serve's libpython fix: this venv's python first on
+    PATH (the stub finds its site-packages through it), this Python's libpython and the wheel's libraries."""
+    from pytriton.utils.distribution import get_libs_path
+
+    from reconad.runtime.serve import apply_stub_library_fix, stub_library_fix
+
+    environ = dict(os.environ)
+    apply_stub_library_fix(stub_library_fix(environ=environ), environ)
+    environ["LD_LIBRARY_PATH"] = f"{environ.get('LD_LIBRARY_PATH', '')}:{get_libs_path()}".lstrip(":")
+    environ["PATH"] = f"{Path(sys.executable).parent}:{environ['PATH']}"
+    return environ
+
+
 @contextlib.contextmanager
-def stock_server(repository: Path, log_path: Path) -> Iterator[str]:
-    """A stock ``tritonserver --model-repository REPO`` on loopback; yields its HTTP ``host:port``."""
+def stock_server(repository: Path, log_path: Path, backends: Path | None = None) -> Iterator[tuple[str, str]]:
+    """A stock ``tritonserver --model-repository REPO`` on loopback; yields its HTTP and gRPC ``host:port``."""
     import tritonclient.http as httpclient
 
     binary = stock_tritonserver()
     http_port, grpc_port, metrics_port = free_ports(3)
+    backends = backends or binary.parents[1] / "backends"
     command = [
-        str(binary), "--model-repository", str(repository), "--backend-directory", str(binary.parents[1] / "backends"),
+        str(binary), "--model-repository", str(repository), "--backend-directory", str(backends),
         "--http-address", LOOPBACK, "--http-port", str(http_port), "--grpc-address", LOOPBACK,
         "--grpc-port", str(grpc_port), "--metrics-address", LOOPBACK, "--metrics-port", str(metrics_port),
         "--exit-on-error=false", "--strict-readiness=false", "--exit-timeout-secs=2",
     ]  # fmt: skip
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=stub_environment())
         url = f"{LOOPBACK}:{http_port}"
         client = httpclient.InferenceServerClient(url)
         try:
             wait_until(client.is_server_live, START_TIMEOUT_S, process, "tritonserver")
-            yield url
+            yield url, f"{LOOPBACK}:{grpc_port}"
         finally:
             client.close()
             process.terminate()

@@ -83,7 +83,11 @@ def run(
     source: Annotated[
         str, typer.Argument(help="csi://N, v4l2:///dev/videoN, rtsp://..., a video file, or an image folder/file.")
     ],
-    model: Annotated[Path, typer.Option(help="The .onnx or .engine artifact, with its manifest.")],
+    model: Annotated[Optional[Path], typer.Option(help="The .onnx or .engine artifact, with its manifest.")] = None,
+    server: Annotated[
+        Optional[str],
+        typer.Option(help="Infer on a Triton server instead of --model: grpc://HOST:8001/MODEL or http://HOST:8000/MODEL."),
+    ] = None,
     out: Annotated[
         Optional[Path], typer.Option(help="Folder for verdicts.jsonl, overlays/ and summary.json; none if unset.")
     ] = None,
@@ -166,7 +170,15 @@ def run(
             SourceConfig, dict(width=width, height=height, fps=fps, flip=flip, codec=codec, loop=loop, bit_depth=bit_depth), what="run options"
         )
         result = inspect_stream(
-            source, model, config, source_config, backend=backend, threshold=threshold, num_threads=num_threads, report=report
+            source,
+            model,
+            config,
+            source_config,
+            backend=backend,
+            threshold=threshold,
+            num_threads=num_threads,
+            report=report,
+            server=server,
         )
     except ReconadError as error:
         exit_with(error)

@@ -236,13 +236,13 @@ def test_a_stock_tritonserver_reads_the_repository(tmp_path, artifacts):
     write_triton_repo(artifacts[:1], broken)
     config_path = broken / "line1" / "config.pbtxt"
     config_path.write_text(config_path.read_text().replace("preferred_batch_size: 8", "preferred_batch_size: 16"))
-    with stock_server(repo, tmp_path / "stock.log") as url:
+    with stock_server(repo, tmp_path / "stock.log") as (url, _):
         index = repository_index(url)
     assert set(index) == {("line1", "1"), ("line1", "2")}, index
     for entry in index.values():
         assert entry["state"] == "UNAVAILABLE"
         assert "unable to find backend library for backend 'onnxruntime'" in entry["reason"], entry
-    with stock_server(broken, tmp_path / "broken.log") as url:
+    with stock_server(broken, tmp_path / "broken.log") as (url, _):
         index = repository_index(url)
     assert ("line1", "1") not in index  # rejected while reading the config, before any version is loaded
     assert "preferred size must be <= max batch size" in (tmp_path / "broken.log").read_text()
@@ -252,3 +252,65 @@ def test_manifest_parameters_are_compact_json(tmp_path, artifacts):
     result = write_triton_repo(artifacts[:1], tmp_path / "repo")
     text = parse_config(result.model_dir).parameters["reconad_manifest_v1"].string_value
     assert "\n" not in text and json.loads(text)["artifact_file"] == "model.onnx"
+
+
+PYTHON_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    # the contract graph of tests/runtime/onnx_graphs.py, in numpy
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            images = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()  # [B, H, W, 3]
+            anomaly_map = (images.astype(np.float32).mean(axis=3) * np.float32(1 / 255) + np.float32(OFFSET))[:, None]
+            score = anomaly_map.max(axis=(1, 2, 3))  # [B]: the config's reshape makes it [B, 1] for clients
+            tensors = [pb_utils.Tensor("anomaly_map", anomaly_map), pb_utils.Tensor("image_score", score)]
+            responses.append(pb_utils.InferenceResponse(tensors))
+        return responses
+"""
+
+
+def test_a_stock_tritonserver_running_the_repository_gives_the_remote_loop_the_local_verdicts(tmp_path):
+    """The repository as written, run by a stock tritonserver: the wheel has no ONNX Runtime backend, so each
+    version's graph runs as a Python-backend model.py (platform swapped for backend "python"; inputs, outputs,
+    reshape, batching and the manifests in parameters untouched). The remote inspector reads the threshold
+    from the manifest the config carries and must give the local Inspector's verdicts."""
+    from reconad.runtime import Inspector
+    from reconad.runtime.manifest import Calibration, Threshold, utc_now_iso
+    from reconad.runtime.remote import RemoteInspector
+    from tests.runtime.onnx_graphs import random_images
+    from tests.triton_servers import python_backend_dir
+
+    calibration = Calibration(method="manual", n_images=0, date=utc_now_iso(), source="test")
+    versions = [
+        write_artifact(tmp_path / f"v{index}", name="line1-16x16-fp32.onnx", max_batch=8, graph_offset=offset,
+                       image_threshold=Threshold(value=0.5 + offset, calibration=calibration))
+        for index, offset in enumerate((0.0, 0.25))
+    ]  # fmt: skip
+    repo = tmp_path / "repo"
+    write_triton_repo(versions, repo)
+    config_path = repo / "line1" / "config.pbtxt"
+    config_path.write_text(config_path.read_text().replace('platform: "onnxruntime_onnx"', 'backend: "python"'))
+    for number, offset in ((1, 0.0), (2, 0.25)):
+        (repo / "line1" / str(number) / "model.py").write_text(PYTHON_MODEL.replace("OFFSET", repr(offset)))
+    images = random_images(6, seed=21)
+    with stock_server(repo, tmp_path / "stock.log", python_backend_dir(tmp_path / "backends")) as (http_url, grpc_url):
+        for url, version, artifact in (
+            (f"grpc://{grpc_url}/line1/1", "1", versions[0]),
+            (f"http://{http_url}/line1/2", "2", versions[1]),
+            (f"grpc://{grpc_url}/line1", "2", versions[1]),  # no version: the highest
+        ):
+            with RemoteInspector.open(url) as remote, Inspector.open(artifact, backend="ort-cpu") as local:
+                assert remote.manifest.image_threshold.value == local.threshold, url
+                assert remote.input_hw == (16, 16) and remote.backend.max_batch == 8
+                raw = remote.backend.infer(images)  # the graph's shapes again: [N] for the score
+                assert (raw["image_score"].shape, raw["anomaly_map"].shape) == ((6,), (6, 1, 16, 16)), url
+                got, want = remote.inspect(list(images)), local.inspect(list(images))
+            assert [v.is_anomalous for v in got] == [v.is_anomalous for v in want], url
+            assert [v.threshold for v in got] == [v.threshold for v in want]
+            for remote_verdict, local_verdict in zip(got, want):
+                assert remote_verdict.image_score == pytest.approx(local_verdict.image_score, abs=1e-6)
+                assert remote_verdict.anomaly_map == pytest.approx(local_verdict.anomaly_map, abs=1e-6)

@@ -239,3 +239,140 @@ def test_serve_without_pytriton_says_how_to_install(tmp_path, monkeypatch):
 
     with pytest.raises(ReconadError, match=r"pip install 'reconad\[serve\]'"):
         serve_artifact(write_artifact(tmp_path), ServeConfig())
+
+
+# --- the inspection loop on a server (recon-inspect run --server) -------------------------------------
+
+
+def write_folder(folder: Path, count: int, seed: int) -> Path:
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(random_images(count, seed=seed)):
+        cv2.imwrite(str(folder / f"frame{index:04d}.png"), image[..., ::-1])  # RGB -> BGR for OpenCV
+    return folder
+
+
+def verdict_lines(out: Path) -> dict[str, dict]:
+    import json
+
+    lines = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines() if line.strip()]
+    by_file = {line["file"]: line for line in lines}
+    assert len(by_file) == len(lines), "a frame has two verdict lines"
+    return by_file
+
+
+def local_run(folder: Path, artifact: Path, out: Path) -> dict[str, dict]:
+    from reconad.runtime.loop import InspectConfig, inspect_stream
+
+    inspect_stream(str(folder), artifact, InspectConfig(out=out, overlays="none", stats_interval_s=0), report=lambda _: None)
+    return verdict_lines(out)
+
+
+def assert_same_verdicts(remote: dict[str, dict], local: dict[str, dict]) -> None:
+    assert sorted(remote) == sorted(local)
+    for name, line in remote.items():
+        assert line["image_score"] == pytest.approx(local[name]["image_score"], abs=1e-6), name
+        assert line["is_anomalous"] == local[name]["is_anomalous"] and line["threshold"] == pytest.approx(
+            local[name]["threshold"], rel=1e-6
+        ), (name, line, local[name])
+
+
+def run_command(source: Path, server_url: str, out: Path, *extra: str) -> list[str]:
+    import sys
+
+    return [
+        sys.executable, "-c", "from reconad.runtime.cli import app; app(prog_name='recon-inspect')", "run", str(source),
+        "--server", server_url, "--out", str(out), "--overlays", "none", "--stats-interval-s", "0", *extra,
+    ]  # fmt: skip
+
+
+def test_four_loops_on_one_server_get_the_local_verdicts(served, tmp_path):
+    import subprocess
+
+    server, artifact = served
+    folders = [write_folder(tmp_path / f"camera{index}", 10, seed=50 + index) for index in range(4)]
+    urls = [f"grpc://{server.grpc_url}/{MODEL}", f"http://{server.http_url}/{MODEL}"] * 2
+    runs = [
+        subprocess.Popen(run_command(folder, url, tmp_path / f"out{index}"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for index, (folder, url) in enumerate(zip(folders, urls))
+    ]
+    outputs = [run.communicate(timeout=180)[0] for run in runs]
+    for run, output in zip(runs, outputs):
+        assert run.returncode == 0, output
+        assert "10 frames inspected on triton-" in output, output
+    for index, folder in enumerate(folders):
+        assert_same_verdicts(verdict_lines(tmp_path / f"out{index}"), local_run(folder, artifact, tmp_path / f"local{index}"))
+
+
+def test_a_server_killed_mid_run_and_restarted_loses_no_verdict(tmp_path):
+    import json
+    import subprocess
+    import time
+
+    from tests.triton_servers import ServeProcess, wait_until
+
+    require_pytriton()
+    images = random_images(8, seed=9)
+    cut = float(np.median(expected_outputs(images)["image_score"]))
+    artifact = write_artifact(tmp_path / "model", name="line1-16x16-fp32.onnx", max_batch=8, image_threshold=threshold(cut))
+    folder = write_folder(tmp_path / "camera", 300, seed=11)
+    first = ServeProcess(artifact, tmp_path / "first.log", "--backend", "ort-cpu")
+    second = None
+    try:
+        first.wait_ready(MODEL)
+        out = tmp_path / "out"
+        run = subprocess.Popen(
+            run_command(folder, f"grpc://{first.grpc_url}/{MODEL}", out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        verdicts = out / "verdicts.jsonl"
+        wait_until(lambda: verdicts.is_file() and verdicts.read_text().count("\n") >= 20, 120, run, "recon-inspect run")
+        first.kill()
+        written_when_killed = verdicts.read_text().count("\n")
+        time.sleep(1.0)
+        assert run.poll() is None, "the loop died with its server"
+        second = ServeProcess(artifact, tmp_path / "second.log", "--backend", "ort-cpu", ports=first.ports)
+        second.wait_ready(MODEL)
+        output = run.communicate(timeout=180)[0]
+    finally:
+        for server in (first, second):
+            if server is not None and server.process.poll() is None:
+                server.stop()
+    assert run.returncode == 0, output
+    assert written_when_killed < 300, "the run ended before the server was killed: nothing was tested"
+    assert "Retrying." in output and "answers again after" in output, output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counters"]["server_lost"] >= 1 and summary["counters"]["inspected"] == 300, summary
+    assert_same_verdicts(verdict_lines(out), local_run(folder, artifact, tmp_path / "local"))
+
+
+def test_run_refuses_a_bad_server_url_in_one_line():
+    from typer.testing import CliRunner
+
+    from reconad.runtime.cli import app
+
+    result = CliRunner().invoke(app, ["run", "folder", "--server", "tcp://host/model"])
+    assert result.exit_code == 2 and "--server must look like grpc://HOST:PORT/MODEL" in result.output
+    both = CliRunner().invoke(app, ["run", "folder", "--server", "grpc://h:1/m", "--model", "x.onnx"])
+    assert both.exit_code == 2 and "either --model ARTIFACT or --server URL" in both.output
+
+
+def test_an_unknown_model_is_refused_and_a_dead_server_is_unavailable(served, tmp_path):
+    from typer.testing import CliRunner
+
+    from reconad.runtime.cli import app
+    from reconad.runtime.remote import RemoteInspector, ServerUnavailableError
+    from tests.triton_servers import free_ports
+
+    server, _ = served
+    for url in (f"grpc://{server.grpc_url}/nope", f"http://{server.http_url}/nope"):
+        with pytest.raises(ReconadError, match="refused the request") as caught:
+            RemoteInspector.open(url)
+        assert not isinstance(caught.value, ServerUnavailableError)
+    (port,) = free_ports(1)
+    for protocol in ("grpc", "http"):
+        with pytest.raises(ServerUnavailableError, match="is unreachable"):
+            RemoteInspector.open(f"{protocol}://127.0.0.1:{port}/{MODEL}")
+    folder = write_folder(tmp_path / "camera", 1, seed=0)
+    result = CliRunner().invoke(app, ["run", str(folder), "--server", f"grpc://127.0.0.1:{port}/{MODEL}"])
+    assert result.exit_code == 3 and result.output.count("\n") == 1 and "is unreachable" in result.output, result.output

@@ -76,7 +76,7 @@ def build_sinks(
 
 def inspect_stream(
     uri: str,
-    artifact: str | os.PathLike,
+    artifact: str | os.PathLike | None,
     config: InspectConfig = InspectConfig(),
     source_config: SourceConfig = SourceConfig(),
     *,
@@ -84,26 +84,41 @@ def inspect_stream(
     threshold: float | None = None,
     num_threads: int | None = None,
     report: Callable[[str], None] = report_stderr,
+    server: str | None = None,
 ) -> LoopResult:
-    """``recon-inspect run``: open the artifact and the source, run the loop, write ``summary.json``.
+    """``recon-inspect run``: open the artifact (or server) and the source, run the loop, write ``summary.json``.
 
     The source is opened before any sink creates a file. When the run cannot start (bad artifact,
     source that does not open), ``summary.json`` says it failed and why, and the error is raised.
 
     Args:
         uri: ``csi://N``, ``v4l2:///dev/videoN``, ``rtsp://...``, a video file or an image folder.
-        artifact: ``.onnx`` or ``.engine`` with its manifest.
+        artifact: ``.onnx`` or ``.engine`` with its manifest; None with ``server``.
         backend: see ``reconad.runtime.inspector.BACKEND_CHOICES``.
         threshold: overrides the manifest's image threshold (raw score units).
         num_threads: ONNX Runtime intra-op threads; None for all cores.
+        server: ``grpc://host:port/MODEL`` or ``http://...``: infer on a Triton server instead
+            (``reconad.runtime.remote``); an unreachable server is retried like a lost camera.
     """
+    if (artifact is None) == (server is None):
+        raise ReconadError("Give either --model ARTIFACT or --server URL.")
+    if server is not None:
+        from reconad.runtime.remote import RemoteInspector, parse_server_url
+
+        parse_server_url(server)  # a malformed URL is named before the source is looked at
     run_id = _iso_now_ms()
-    summary = {"run": run_id, "source": uri, "model": str(artifact)}
+    summary = {"run": run_id, "source": uri, "model": str(server or artifact)}
     try:
         source = open_source(uri, source_config)
-        with Inspector.open(artifact, backend, threshold=threshold, num_threads=num_threads) as inspector:
+        if server is not None:
+            opened = RemoteInspector.open(server, threshold=threshold)
+        else:
+            opened = Inspector.open(artifact, backend, threshold=threshold, num_threads=num_threads)
+        with opened as inspector:
             summary["backend"] = inspector.backend.name
-            if inspector.threshold is None:
+            # a serve server sends its threshold with every answer
+            calibrated = inspector.calibrated if server is not None else inspector.threshold is not None
+            if not calibrated:
                 report("No image threshold: is_anomalous is null; run recon-inspect calibrate or pass --threshold.")
             source.open()  # before any output exists: a source that cannot open leaves no empty verdict log
             try:

@@ -24,6 +24,7 @@ COUNTER_NAMES = (
     "blank",  # frames of one flat colour (lens cap, dead sensor), skipped
     "source_lost",  # times a live source stopped delivering
     "reconnects",  # times it was reopened
+    "server_lost",  # times a remote inference server became unreachable (the batch was retried)
 )
 
 
@@ -121,6 +122,8 @@ class StatsSnapshot:
             f"captured {counters['captured']}, dropped {counters['dropped']}, corrupt {counters['corrupt']}, "
             f"blank {counters['blank']}, source lost {counters['source_lost']} times, reconnected {counters['reconnects']}",
         ]
+        if counters["server_lost"]:
+            lines.append(f"inference server lost {counters['server_lost']} times (every frame retried)")
         for stage, latency in self.latency_ms.items():
             if latency:
                 lines.append(f"latency {stage}: p50 {latency['p50']:.2f} ms, p99 {latency['p99']:.2f} ms, max {latency['max']:.2f} ms")
