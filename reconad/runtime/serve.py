@@ -450,20 +450,16 @@ class InspectorServer:
 
 
 def _start_failure(error: BaseException, fix: StubLibraryFix) -> str:
-    text = str(error)
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
-    if "Address already in use" in text or "already in use" in text:
-        return f"The Triton server could not bind its ports ({first[:200]}); choose free ports."
-    if "initialize" in text or "Failed to initialize Python stub" in text:
-        detail = text.strip().splitlines()[-1] if "Traceback" not in text else _last_exception_line(text)
-        hint = "" if fix.library_dir is not None else f" {fix.message}"
-        return f"The Triton model failed to initialise ({detail[:200]}).{hint}"
-    return f"The Triton server failed to start: {first[:300]}."
-
-
-def _last_exception_line(text: str) -> str:
-    lines = [line.strip() for line in text.replace("\\n", "\n").splitlines() if re.match(r"\s*\w+(Error|Exception)\b", line)]
-    return lines[-1] if lines else text.strip().splitlines()[0]
+    """One sentence for a server or model that would not start (tritonclient puts the server's log in it)."""
+    text = str(error).replace("\\n", "\n")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "initialize" in text or "initialise" in text:
+        exceptions = [line for line in lines if re.match(r"\w+(Error|Exception): ", line)]
+        detail = (exceptions[-1] if exceptions else lines[0] if lines else type(error).__name__)[:200]
+        if fix.library_dir is None and "statically linked" in fix.message:
+            return f"The Triton model failed to initialise ({detail}); {fix.message[0].lower()}{fix.message[1:]}"
+        return f"The Triton model failed to initialise ({detail})."
+    return f"The Triton server failed to start: {(lines[0] if lines else type(error).__name__)[:300].rstrip('.')}."
 
 
 def serve_artifact(

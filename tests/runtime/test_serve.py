@@ -376,3 +376,48 @@ def test_an_unknown_model_is_refused_and_a_dead_server_is_unavailable(served, tm
     folder = write_folder(tmp_path / "camera", 1, seed=0)
     result = CliRunner().invoke(app, ["run", str(folder), "--server", f"grpc://127.0.0.1:{port}/{MODEL}"])
     assert result.exit_code == 3 and result.output.count("\n") == 1 and "is unreachable" in result.output, result.output
+
+
+def test_without_the_libpython_fix_the_model_fails_to_initialise_in_one_sentence(tmp_path, monkeypatch):
+    """The trap itself, on a real server: PyTriton's stub on the system's libpython with this Python's stdlib.
+    Where this interpreter is the system's own build there is no trap to show."""
+    require_pytriton()
+    import reconad.runtime.serve as serve
+    from tests.triton_servers import free_ports
+
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    monkeypatch.setattr(serve, "stub_library_fix", lambda *args, **kwargs: serve.StubLibraryFix(None, "no fix"))
+    http_port, grpc_port, metrics_port = free_ports(3)
+    config = ServeConfig(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, log_file=tmp_path / "t.log")
+    inspector = Inspector.open(write_artifact(tmp_path), backend="ort-cpu")
+    server = serve.InspectorServer(inspector, config, "line1")
+    try:
+        server.start()
+    except ReconadError as error:
+        message = str(error)
+    else:
+        server.stop()
+        pytest.skip("this Python's libpython is the one the stub loads anyway: no trap here")
+    finally:
+        inspector.close()
+    assert message.startswith("The Triton model failed to initialise (AttributeError: "), message
+    assert message.count("\n") == 0 and message.endswith(").")
+
+
+def test_a_failed_start_is_one_sentence_with_the_static_python_hint():
+    from reconad.runtime.serve import StubLibraryFix, _start_failure
+
+    log = (
+        "load failed for model 'line1': version 1 is at UNAVAILABLE state: Internal: TritonModelException: Model "
+        "initialize error: Traceback (most recent call last):\\n  File \"model.py\", line 419, in initialize\\n"
+        "AttributeError: '_thread.RLock' object has no attribute '_recursion_count'\\n\\nAt:\\n  model.py(454): initialize\\n"
+    )
+    static = StubLibraryFix(None, "This Python (/x/python) is statically linked, so ... python3.11.")
+    message = _start_failure(RuntimeError(log), static)
+    assert message == (
+        "The Triton model failed to initialise (AttributeError: '_thread.RLock' object has no attribute "
+        "'_recursion_count'); this Python (/x/python) is statically linked, so ... python3.11."
+    )
+    assert _start_failure(TimeoutError("Triton Inference Server is not ready after timeout."), static) == (
+        "The Triton server failed to start: Triton Inference Server is not ready after timeout."
+    )
