@@ -275,12 +275,14 @@ def serve(
     Outputs per frame: the graph's (anomaly_map, image_score, ...) plus is_anomalous and threshold.
     Stops on Ctrl+C or SIGTERM (exit 0); exit 2 for bad input or a server that cannot start.
     """
+    from reconad.runtime.config import resolve
     from reconad.runtime.errors import ReconadError, exit_with
     from reconad.runtime.serve import ServeConfig, serve_artifact
 
     try:
-        config = ServeConfig(
-            **_given(
+        config = resolve(
+            ServeConfig,
+            dict(
                 http_port=http_port,
                 grpc_port=grpc_port,
                 metrics_port=metrics_port,
@@ -289,7 +291,8 @@ def serve(
                 max_batch=max_batch,
                 max_queue_delay_us=max_queue_delay_us,
                 log_file=log_file,
-            )
+            ),
+            what="serve options",
         )
         serve_artifact(
             artifact,

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from reconad.runtime.backends import TensorInfo, infer_in_chunks
+from reconad.runtime.backends.base import TensorInfo, infer_in_chunks
 from reconad.runtime.errors import BackendUnavailableError, ReconadError
 from reconad.runtime.inspector import Verdict
 from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, INPUT_NAME, Manifest
-from reconad.runtime.preprocess import Frame, Roi, prepare_batch
+from reconad.runtime.thresholds import Threshold
+from reconad.runtime.frames import Frame, Roi, prepare_batch
 
 MANIFEST_PARAMETER_PREFIX = "reconad_manifest_v"  # + version; written by recon-export triton-repo
 THRESHOLD_OUTPUT = "threshold"  # recon-inspect serve's per-frame threshold (NaN: none)
@@ -144,13 +145,18 @@ class TritonBackend:
         image = self.inputs[0]
         if image.dtype != "uint8" or len(image.shape) != 4 or image.shape[3] != 3:
             raise ReconadError(f"Model {address} input {INPUT_NAME} is {image.dtype} {list(image.shape)}, not uint8 [N, H, W, 3].")
+        self.min_batch = 1 if self.batching else image.shape[0]
         if not self.batching:
             self.max_batch = image.shape[0]
+        self.metadata: dict[str, str] = {}  # a server has no model-file metadata; see manifest()
         # graph outputs of shape [N] are [N, 1] on the wire (dims [1]); gRPC JSON spells int64 dims as strings
         first = 1 if self.batching else 0
         self._squeeze = {
             tensor.name for tensor in self.outputs if self.batching and list(tensor.shape[first:]) == [1]
         }
+
+    def use_batch_range(self, min_batch: int, max_batch: int) -> None:
+        """The server fixes the batch range (its ``max_batch_size``); nothing to set."""
 
     @staticmethod
     def _as_dict(message: Any) -> dict:
@@ -215,7 +221,7 @@ class TritonBackend:
                 outputs[name] = value.reshape(len(chunk)) if name in self._squeeze else value
             return outputs
 
-        return infer_in_chunks(np.asarray(images), 1 if self.batching else self.max_batch, self.max_batch, run_chunk)
+        return infer_in_chunks(np.asarray(images), self.min_batch, self.max_batch, run_chunk)
 
     def manifest(self) -> Manifest | None:
         """The manifest the repository carries for the served version (``triton-repo``), else None."""
@@ -305,7 +311,7 @@ class RemoteInspector:
         return [
             Verdict(
                 image_score=float(score),
-                is_anomalous=None if cut is None else bool(score >= cut),  # Threshold.is_exceeded_by's rule
+                is_anomalous=None if cut is None else bool(Threshold.manual(cut).is_exceeded_by(score)),
                 threshold=cut,
                 anomaly_map=anomaly_maps[index],
                 normalized_score=None if normalized is None else float(normalized[index]),

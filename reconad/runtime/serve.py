@@ -296,7 +296,7 @@ def verdict_outputs(inspector: Inspector, images: np.ndarray, outputs: dict[str,
     count = len(images)
     _, tensors = triton_tensors(inspector.manifest)
     served = {tensor.name: np.ascontiguousarray(outputs[tensor.name]).reshape(count, *tensor.dims) for tensor in tensors}
-    verdicts = inspector.verdicts_from_outputs(outputs)
+    verdicts = inspector.verdicts(outputs)
     served[IS_ANOMALOUS_NAME] = np.array([[bool(verdict.is_anomalous)] for verdict in verdicts], dtype=np.bool_)
     served[THRESHOLD_NAME] = np.array(
         [[math.nan if verdict.threshold is None else verdict.threshold] for verdict in verdicts], dtype=np.float32

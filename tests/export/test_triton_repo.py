@@ -279,7 +279,8 @@ def test_a_stock_tritonserver_running_the_repository_gives_the_remote_loop_the_l
     reshape, batching and the manifests in parameters untouched). The remote inspector reads the threshold
     from the manifest the config carries and must give the local Inspector's verdicts."""
     from reconad.runtime import Inspector
-    from reconad.runtime.manifest import Calibration, Threshold, utc_now_iso
+    from reconad.runtime.config import utc_now_iso
+    from reconad.runtime.thresholds import Calibration, Threshold
     from reconad.runtime.remote import RemoteInspector
     from tests.runtime.onnx_graphs import random_images
     from tests.triton_servers import python_backend_dir

@@ -9,7 +9,8 @@ import pytest
 
 from reconad.runtime import Inspector
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import Calibration, Threshold, utc_now_iso
+from reconad.runtime.config import utc_now_iso
+from reconad.runtime.thresholds import Calibration, Threshold
 from reconad.runtime.serve import (
     ServeConfig,
     apply_stub_library_fix,
@@ -263,7 +264,8 @@ def verdict_lines(out: Path) -> dict[str, dict]:
 
 
 def local_run(folder: Path, artifact: Path, out: Path) -> dict[str, dict]:
-    from reconad.runtime.loop import InspectConfig, inspect_stream
+    from reconad.runtime.line.loop import InspectConfig
+    from reconad.runtime.line.session import inspect_stream
 
     inspect_stream(str(folder), artifact, InspectConfig(out=out, overlays="none", stats_interval_s=0), report=lambda _: None)
     return verdict_lines(out)
