@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,7 +70,14 @@ class ServeProcess:
             *extra,
         ]  # fmt: skip
         self._log = open(log_path, "w")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        # PyTriton's workspace (a copy of tritonserver) in a folder of ours, not ~/.cache/pytriton; short,
+        # because PyTriton puts AF_UNIX sockets in it (108 characters at most)
+        self.home = Path(tempfile.mkdtemp(prefix="pytriton-"))
+        self._shared_before = set(Path("/dev/shm").glob("psm_*"))
+        environ = {**os.environ, "PYTRITON_HOME": str(self.home)}
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=environ
+        )
 
     @property
     def http_url(self) -> str:
@@ -115,6 +123,11 @@ class ServeProcess:
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(30)
         self._log.close()
+        remove_shared_memory(self.process.pid)
+        # PyTriton's tensor store (multiprocessing shared memory, psm_*): the ones that appeared since start
+        for path in set(Path("/dev/shm").glob("psm_*")) - self._shared_before:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.home, ignore_errors=True)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
         """Signal the serve process (not its group: it stops its own tritonserver) and wait for its exit."""
@@ -125,8 +138,16 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)  # the group we started: serve and its tritonserver
                 self.process.wait(10)
+                remove_shared_memory(self.process.pid)
         self._log.close()
+        shutil.rmtree(self.home, ignore_errors=True)
         return self.process.returncode
+
+
+def remove_shared_memory(pid: int) -> None:
+    """The Python backend's shared-memory regions of a PyTriton process that could not clean up (killed)."""
+    for path in Path("/dev/shm").glob(f"pytrtion{pid}-*"):
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -455,7 +455,8 @@ def _start_failure(error: BaseException, fix: StubLibraryFix) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if "initialize" in text or "initialise" in text:
         exceptions = [line for line in lines if re.match(r"\w+(Error|Exception): ", line)]
-        detail = (exceptions[-1] if exceptions else lines[0] if lines else type(error).__name__)[:200]
+        detail = exceptions[-1] if exceptions else lines[0] if lines else type(error).__name__
+        detail = re.sub(r"[\s:]*Traceback \(most recent call last\):.*$", "", detail)[:200]
         if fix.library_dir is None and "statically linked" in fix.message:
             return f"The Triton model failed to initialise ({detail}); {fix.message[0].lower()}{fix.message[1:]}"
         return f"The Triton model failed to initialise ({detail})."

@@ -1,6 +1,8 @@
 """recon-inspect serve: the libpython fix, the served tensors, and a REAL Triton server (PyTriton) on loopback
 with concurrent tritonclient clients, compared with the local Inspector; Triton's own metrics show batching."""
 
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from reconad.runtime.serve import (
     verdict_outputs,
 )
 from tests.runtime.onnx_graphs import expected_outputs, random_images, write_artifact
-from tests.triton_servers import prometheus_samples, require_pytriton, serve_process
+from tests.triton_servers import prometheus_samples, remove_shared_memory, require_pytriton, serve_process
 
 PYENV_MAPS = (
     "7f0000000000-7f0000001000 r--p 00000000 08:01 1234   /root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0\n"
@@ -388,6 +390,10 @@ def test_without_the_libpython_fix_the_model_fails_to_initialise_in_one_sentence
     from tests.triton_servers import free_ports
 
     monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="pytriton-"))  # short: PyTriton puts AF_UNIX sockets in it
+    monkeypatch.setattr("pytriton.constants.PYTRITON_HOME", home)  # read per workspace
     monkeypatch.setattr(serve, "stub_library_fix", lambda *args, **kwargs: serve.StubLibraryFix(None, "no fix"))
     http_port, grpc_port, metrics_port = free_ports(3)
     config = ServeConfig(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, log_file=tmp_path / "t.log")
@@ -402,6 +408,8 @@ def test_without_the_libpython_fix_the_model_fails_to_initialise_in_one_sentence
         pytest.skip("this Python's libpython is the one the stub loads anyway: no trap here")
     finally:
         inspector.close()
+        remove_shared_memory(os.getpid())  # the stub died before it could release them
+        shutil.rmtree(home, ignore_errors=True)
     assert message.startswith("The Triton model failed to initialise (AttributeError: "), message
     assert message.count("\n") == 0 and message.endswith(").")
 
@@ -419,6 +427,10 @@ def test_a_failed_start_is_one_sentence_with_the_static_python_hint():
     assert message == (
         "The Triton model failed to initialise (AttributeError: '_thread.RLock' object has no attribute "
         "'_recursion_count'); this Python (/x/python) is statically linked, so ... python3.11."
+    )
+    cut_short = "[400] load failed for model 'line1': Internal: Model initialize error: Traceback (most recent call last):"
+    assert _start_failure(RuntimeError(cut_short), StubLibraryFix(Path("/lib"), "fixed")) == (
+        "The Triton model failed to initialise ([400] load failed for model 'line1': Internal: Model initialize error)."
     )
     assert _start_failure(TimeoutError("Triton Inference Server is not ready after timeout."), static) == (
         "The Triton server failed to start: Triton Inference Server is not ready after timeout."
