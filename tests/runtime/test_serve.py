@@ -435,3 +435,14 @@ def test_a_failed_start_is_one_sentence_with_the_static_python_hint():
     assert _start_failure(TimeoutError("Triton Inference Server is not ready after timeout."), static) == (
         "The Triton server failed to start: Triton Inference Server is not ready after timeout."
     )
+
+
+def test_server_urls():
+    from reconad.runtime.remote import ServerAddress, parse_server_url
+
+    assert parse_server_url("grpc://10.0.0.5:8001/line1") == ServerAddress("grpc", "10.0.0.5", 8001, "line1", "")
+    assert parse_server_url("http://gpu-server:8000/line1/3/") == ServerAddress("http", "gpu-server", 8000, "line1", "3")
+    assert str(parse_server_url("grpc://[::1]:8001/line1")) == "grpc://[::1]:8001/line1"
+    for bad in ("grpc://host/line1", "https://host:8000/line1", "grpc://host:8001/", "grpc://host:70000/m", "line1"):
+        with pytest.raises(ReconadError, match="--server"):
+            parse_server_url(bad)
