@@ -1,5 +1,6 @@
-"""recon-inspect: calibrate thresholds and run the inspection loop on an exported artifact."""
+"""recon-inspect: calibrate thresholds, run the inspection loop, or serve an artifact from Triton."""
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -33,6 +34,9 @@ def calibrate(
     ] = None,
     roi: Annotated[Optional[str], typer.Option(help="Crop X,Y,W,H (pixels), the same as for run.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per inference call.")] = None,
+    bit_depth: Annotated[
+        Optional[int], typer.Option(min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk (e.g. 12).")
+    ] = None,
     backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
 ) -> None:
     """Write thresholds computed from defect-free images into the manifest."""
@@ -53,6 +57,7 @@ def calibrate(
                 normalize=normalize,
                 roi=parse_roi(roi) if roi else None,
                 batch_size=batch_size,
+                bit_depth=bit_depth,
             ),
             what="calibrate options",
         )
@@ -83,7 +88,11 @@ def run(
     source: Annotated[
         str, typer.Argument(help="csi://N, v4l2:///dev/videoN, rtsp://..., a video file, or an image folder/file.")
     ],
-    model: Annotated[Path, typer.Option(help="The .onnx or .engine artifact, with its manifest.")],
+    model: Annotated[Optional[Path], typer.Option(help="The .onnx or .engine artifact, with its manifest.")] = None,
+    server: Annotated[
+        Optional[str],
+        typer.Option(help="Infer on a Triton server instead of --model: grpc://HOST:8001/MODEL or http://HOST:8000/MODEL."),
+    ] = None,
     out: Annotated[
         Optional[Path], typer.Option(help="Folder for verdicts.jsonl, overlays/ and summary.json; none if unset.")
     ] = None,
@@ -176,6 +185,9 @@ def run(
         typer.Option(help="none, counterclockwise, rotate-180, clockwise, horizontal, vertical, upper-right-diagonal, upper-left-diagonal."),
     ] = None,
     codec: Annotated[Optional[str], typer.Option(help="v4l2 cameras: raw or mjpeg [default: raw].")] = None,
+    bit_depth: Annotated[
+        Optional[int], typer.Option(min=1, max=16, help="Image files: real bit depth of 16-bit images without an sBIT chunk.")
+    ] = None,
     queue_size: Annotated[
         Optional[int], typer.Option(min=1, help="Frames waiting for inference before a camera drops the oldest.")
     ] = None,
@@ -246,10 +258,18 @@ def run(
             what="run options",
         )
         source_config = resolve(
-            SourceConfig, dict(width=width, height=height, fps=fps, flip=flip, codec=codec, loop=loop), what="run options"
+            SourceConfig, dict(width=width, height=height, fps=fps, flip=flip, codec=codec, loop=loop, bit_depth=bit_depth), what="run options"
         )
         result = inspect_stream(
-            source, model, config, source_config, backend=backend, threshold=threshold, num_threads=num_threads, report=report
+            source,
+            model,
+            config,
+            source_config,
+            backend=backend,
+            threshold=threshold,
+            num_threads=num_threads,
+            report=report,
+            server=server,
         )
     except ReconadError as error:
         exit_with(error)
@@ -266,3 +286,113 @@ def run(
     if result.failure is not None:
         typer.echo(result.failure, err=True)
         raise typer.Exit(result.exit_code)
+
+
+@app.command("doctor")
+def doctor(
+    target: Annotated[
+        Optional[str], typer.Option("--for", help="Exit 1 unless this backend works here: trt, ort-cuda or ort-cpu.")
+    ] = None,
+    source: Annotated[
+        Optional[str], typer.Option(help="Also open this camera, stream, video or folder and read one frame.")
+    ] = None,
+    json_report: Annotated[bool, typer.Option("--json", help="Print the environment and findings as JSON.")] = False,
+    environment: Annotated[
+        Optional[Path], typer.Option(help="Diagnose a recorded environment (a --json report) instead of this machine.")
+    ] = None,
+) -> None:
+    """Say which backends and source kinds work on this device, and what to install for the others (torch-free)."""
+    import json
+
+    from reconad.runtime import doctor as checks
+    from reconad.runtime.config import read_text
+    from reconad.runtime.errors import ReconadError, exit_with
+
+    try:
+        if target is not None and target not in checks.TARGETS:
+            raise ReconadError(f"--for must be one of {list(checks.TARGETS)}, got {target!r}.")
+        if environment is not None:
+            try:
+                recorded = json.loads(read_text(environment, "environment"))
+            except json.JSONDecodeError as error:
+                raise ReconadError(f"{environment} is not valid JSON ({error.msg} at line {error.lineno}).") from None
+            env = checks.Environment.from_dict(recorded.get("environment", recorded))
+        else:
+            env = checks.probe_environment()
+        findings = checks.diagnose(env)
+        if source is not None:
+            findings.append(checks.check_source(source))
+    except ReconadError as error:
+        exit_with(error)
+    if json_report:
+        payload = {"environment": env.to_dict(), "findings": [dataclasses.asdict(f) for f in findings]}
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        typer.echo(checks.render(findings))
+    by_name = {finding.name: finding for finding in findings}
+    failed = [name for name in ([target] if target else []) + ([source] if source else []) if not by_name[name].works]
+    if failed or (target and not by_name["platform"].works):
+        typer.echo(f"cannot work here: {', '.join(failed or ['platform'])}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("serve")
+def serve(
+    artifact: Annotated[Path, typer.Argument(help="The .onnx or .engine artifact, with its manifest.")],
+    http_port: Annotated[Optional[int], typer.Option(help="Triton HTTP/REST port [default: 8000].")] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(help="Triton gRPC port [default: 8001].")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus metrics port [default: 8002].")] = None,
+    address: Annotated[
+        Optional[str], typer.Option(help="Address every endpoint binds to [default: 127.0.0.1, loopback only].")
+    ] = None,
+    name: Annotated[Optional[str], typer.Option(help="Triton model name [default: the artifact's run name].")] = None,
+    max_batch: Annotated[
+        Optional[int], typer.Option(help="Largest batch Triton forms [default: the manifest's max_batch].")
+    ] = None,
+    max_queue_delay_us: Annotated[
+        Optional[int], typer.Option(help="How long a request may wait to be batched, in µs [default: 2000].")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
+    threshold: Annotated[
+        Optional[float], typer.Option(help="Image threshold in raw score units; overrides the manifest's.")
+    ] = None,
+    num_threads: Annotated[Optional[int], typer.Option(min=1, help="ONNX Runtime threads [default: all cores].")] = None,
+    log_file: Annotated[
+        Optional[Path], typer.Option(help="tritonserver's log [default: a new file in the temp folder].")
+    ] = None,
+) -> None:
+    """Serve the Inspector from a Triton Inference Server (PyTriton) with dynamic batching across clients.
+
+    Outputs per frame: the graph's (anomaly_map, image_score, ...) plus is_anomalous and threshold.
+    Stops on Ctrl+C or SIGTERM (exit 0); exit 2 for bad input or a server that cannot start.
+    """
+    from reconad.runtime.config import resolve
+    from reconad.runtime.errors import ReconadError, exit_with
+    from reconad.runtime.serve import ServeConfig, serve_artifact
+
+    try:
+        config = resolve(
+            ServeConfig,
+            dict(
+                http_port=http_port,
+                grpc_port=grpc_port,
+                metrics_port=metrics_port,
+                address=address,
+                model_name=name,
+                max_batch=max_batch,
+                max_queue_delay_us=max_queue_delay_us,
+                log_file=log_file,
+            ),
+            what="serve options",
+        )
+        serve_artifact(
+            artifact,
+            config,
+            backend=backend,
+            threshold=threshold,
+            num_threads=num_threads,
+            report=lambda line: typer.echo(line, err=True),
+        )
+    except ReconadError as error:
+        exit_with(error)
+    typer.echo("server stopped", err=True)

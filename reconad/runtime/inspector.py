@@ -243,7 +243,10 @@ class Inspector:
             roi: optional (x, y, width, height) crop of every frame.
         """
         images = prepare_batch(frames, self.input_hw, colour=colour, roi=roi)  # [N, H, W, 3]
-        outputs = self.infer(images)
+        return self.verdicts(self.infer(images))
+
+    def verdicts(self, outputs: dict[str, np.ndarray]) -> list[Verdict]:
+        """Verdicts from raw graph outputs (``anomaly_map`` [N, 1, H, W], ``image_score`` [N]) by the manifest's rule."""
         anomaly_maps = outputs[ANOMALY_MAP_NAME][:, 0]  # [N, H, W]
         scores = outputs[IMAGE_SCORE_NAME].astype(np.float64)  # [N]
         decisions = None if self.image_threshold is None else self.image_threshold.is_exceeded_by(scores)

@@ -56,8 +56,9 @@ def evaluate_predictions(dataset: ImageDataset, anomaly_maps: np.ndarray, image_
     per_category = {}
     for category in dataset.category_names:
         keep = np.array([c == category for c in dataset.categories])
-        masks = dataset.masks[keep] if dataset.has_masks else None
-        maps = anomaly_maps[keep] if dataset.has_masks else None
+        masked = dataset.category_has_masks(category)
+        masks = dataset.masks[keep] if masked else None
+        maps = anomaly_maps[keep] if masked else None
         metrics = compute_detection_metrics(dataset.labels[keep], image_scores[keep], masks, maps)
         metrics.update(num_images=int(keep.sum()), num_anomalous=int(dataset.labels[keep].sum()))
         per_category[category] = metrics
@@ -86,6 +87,7 @@ def format_metrics_table(result: dict) -> str:
 
 
 def _notes(result: dict) -> list[str]:
+    """Why a metric is n/a, or below chance, per category."""
     notes = []
     for category, metrics in result["categories"].items():
         for key, label in METRIC_COLUMNS:
@@ -93,8 +95,12 @@ def _notes(result: dict) -> list[str]:
             if key.endswith("auroc") and value is not None and math.isfinite(value) and value < 0.5:
                 notes.append(f"{category}: {label} is {value:.4f}, below chance: the scores rank defective "
                              "images/pixels LOWER than good ones (reported as is, not flipped).")
-            if value is not None and not math.isfinite(value):
-                notes.append(f"{category}: {label} is undefined (the test split lacks good or defective samples).")
+        undefined = [label for key, label in METRIC_COLUMNS if key in metrics and not math.isfinite(metrics[key])]
+        if undefined:
+            good, defective = metrics["num_images"] - metrics["num_anomalous"], metrics["num_anomalous"]
+            notes.append(f"{category}: {', '.join(undefined)} n/a: they need both classes, and its test split has "
+                         f"{good} good and {defective} defective images (pixels: defective or not); "
+                         "left out of the mean.")
     return notes
 
 
@@ -196,6 +202,7 @@ def evaluate_checkpoint(
     num_heatmaps: int = 6,
     skip_bad_files: bool = False,
     normal_classes: tuple[int, ...] | None = None,
+    bit_depth: int | None = None,
 ) -> EvaluationReport:
     """Evaluate ``checkpoint`` on the test split of ``data_root`` and write the report to ``out_dir``.
 
@@ -203,6 +210,7 @@ def evaluate_checkpoint(
         categories: MVTec categories; default: the checkpoint's training categories (else all).
         num_heatmaps: overlays written per category.
         normal_classes: CIFAR-10 normal classes; default: those the checkpoint was trained with.
+        bit_depth: the real depth of 16-bit images that do not record it; default: the training run's.
     """
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 ("cpu" if device == "auto" else device))
@@ -210,27 +218,29 @@ def evaluate_checkpoint(
     config = detector.config
     categories = categories or _default_categories(detector, data_root)
     classes = normal_classes or tuple(detector.provenance.get("normal_classes") or (0, 1, 2, 3, 4))
+    bit_depth = bit_depth or detector.provenance.get("bit_depth")
     dataset = load_dataset(data_root, "test", config.input_hw, categories,
-                           "skip" if skip_bad_files else "fail", classes)
+                           "skip" if skip_bad_files else "fail", classes, bit_depth=bit_depth)
     for message in dataset.skipped:
         print(f"skipped: {message}", file=sys.stderr)
     anomaly_maps, image_scores = predict(detector, dataset.images, batch_size, torch_device)
     result = evaluate_predictions(dataset, anomaly_maps, image_scores)
     table = format_metrics_table(result)
-    notes = _notes(result)
+    notes = dataset.notes + _notes(result)
 
     out_dir = Path(out_dir)
     (out_dir / "roc").mkdir(parents=True, exist_ok=True)
     for category in dataset.category_names:
         keep = np.nonzero(np.array([c == category for c in dataset.categories]))[0]
-        masks = dataset.masks[keep] if dataset.has_masks else None
-        maps = anomaly_maps[keep] if dataset.has_masks else None
+        masked = dataset.category_has_masks(category)
+        masks = dataset.masks[keep] if masked else None
+        maps = anomaly_maps[keep] if masked else None
         _plot_roc(out_dir / "roc" / f"{category}.png", category, dataset.labels[keep], image_scores[keep], masks, maps)
         value_range = (float(np.percentile(anomaly_maps[keep], 1)), float(np.percentile(anomaly_maps[keep], 99.9)))
         for index in keep[_heatmap_sample(dataset.labels[keep], num_heatmaps)]:
             name = dataset.names[index].replace("/", "_").rsplit(".", 1)[0]
             _write_overlay(out_dir / "heatmaps" / category / f"{name}.png", dataset.images[index],
-                           anomaly_maps[index], dataset.masks[index] if dataset.has_masks else None,
+                           anomaly_maps[index], dataset.masks[index] if masked else None,
                            value_range, float(image_scores[index]))
 
     payload = {

@@ -318,14 +318,15 @@ def fit(
 
     on_bad_file = "skip" if config.skip_bad_files else "fail"
     categories = config.categories or None
-    train_set = load_dataset(data_root, "train", model_config.input_hw, categories, on_bad_file, config.normal_classes)
+    train_set = load_dataset(data_root, "train", model_config.input_hw, categories, on_bad_file, config.normal_classes,
+                             bit_depth=config.bit_depth)
     for message in train_set.skipped:
         _echo(context, f"skipped: {message}")
     val_set, problem = None, None
     if config.val_every_epochs > 0 and context.is_main:  # rank 0 alone validates
         try:
             val_set = load_dataset(data_root, "test", model_config.input_hw, categories, on_bad_file,
-                                   config.normal_classes)
+                                   config.normal_classes, bit_depth=config.bit_depth)
         except ReconadError as error:
             problem = str(error)
     problem = _from_rank0(context, problem)
@@ -380,6 +381,7 @@ def fit(
         "categories": list(train_set.category_names),
         "data": str(Path(data_root).resolve()),
         "normal_classes": list(config.normal_classes) if not train_set.has_masks else None,
+        "bit_depth": config.bit_depth,
         "train_config": config.to_dict(),
         "world_size": context.world_size,
         "torch_version": str(torch.__version__),

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from reconad.runtime.errors import ReconadError
+from reconad.runtime.errors import BackendUnavailableError, ReconadError
 from reconad.runtime.frames import Roi, check_frame, crop_roi, prepare_image
 from reconad.runtime.inspector import Verdict
 from reconad.runtime.line.blind import BLIND_CHECKS, BlindConfig, BlindDetector, Blindness
@@ -366,7 +366,9 @@ class InspectionLoop:
             for item in batch:
                 self.stats.add_latency("queue", (started - item.captured_s) * 1e3)
             self._busy_since = started
-            verdicts = self.inspector.inspect(np.stack(images))  # [B, H, W, 3] in
+            verdicts = self._inspect_retrying(np.stack(images))  # [B, H, W, 3] in
+            if verdicts is None:  # aborted while the backend was unavailable
+                return
             decided = time.perf_counter()
             self._busy_since = None
             if len(verdicts) != len(batch):
@@ -379,6 +381,33 @@ class InspectionLoop:
                 self._set_reason("max frames")
                 self.stop.set()
                 return
+
+    def _inspect_retrying(self, images: np.ndarray) -> list[Verdict] | None:
+        """``inspect``, retried with backoff while the backend is unavailable (a remote server restarting).
+
+        Like a lost camera: counted (``server_lost``), reported, retried until it answers; the batch is
+        kept, so no frame loses its verdict. None when the run is aborted meanwhile.
+        """
+        delay, attempt = self.config.reconnect_initial_s, 0
+        while True:
+            try:
+                verdicts = self.inspector.inspect(images)
+            except BackendUnavailableError as error:
+                attempt += 1
+                if attempt == 1:
+                    self.stats.count("server_lost")
+                    self.report(f"warning: {error} Retrying.")
+                else:
+                    self.warn("backend", f"warning: still no answer (attempt {attempt}): {error}")
+                self._busy_since = None  # waiting for a server is not a hung call
+                if self.abort.wait(delay):
+                    return None
+                delay = min(delay * 2, self.config.reconnect_max_s)
+                self._busy_since = time.perf_counter()
+                continue
+            if attempt:
+                self.report(f"the inference backend answers again after {attempt} failed attempt(s).")
+            return verdicts
 
     def _prepared(self, batch: list[_Captured]) -> tuple[list[_Captured] | None, list[np.ndarray]]:
         """The items whose preprocessing worked, with their images; (None, []) after a configuration error.
@@ -437,7 +466,8 @@ class InspectionLoop:
                 self.inspector.inspect(np.zeros((1, height, width, 3), dtype=np.uint8))  # warm-up: lazy init off the clock
             except Exception as error:
                 raise ReconadError(f"Inference failed on a warm-up frame: {describe_error(error)}.") from None
-            self.source.open()
+            if not self.source.is_open:
+                self.source.open()
         except BaseException:
             self._close_sinks()  # no worker will: release files, sockets and threads the sinks hold
             raise
@@ -562,5 +592,3 @@ def run_inspection(
         on_progress: receives a snapshot while the run goes on (``summary.json`` refreshes).
     """
     return InspectionLoop(source, inspector, config, sinks, report, metrics, on_progress).run(handle_signals)
-
-

@@ -124,33 +124,24 @@ def _add_sinks(sinks: list[Sink], config: InspectConfig, manifest: Manifest | No
         sinks.append(metrics)
 
 
-def _summary(run_id: str, uri: str, artifact: str | os.PathLike, backend: str, sinks: list[Sink],
-             snapshot: StatsSnapshot, stop_reason: str | None, failure: str | None) -> str:
-    summary = {
-        "run": run_id,
-        "source": uri,
-        "model": str(artifact),
-        "backend": backend,
-        "running": stop_reason is None,
-        "stop_reason": stop_reason,
-        "failure": failure,
-        "updated": _iso_now_ms(),
-        **snapshot.to_dict(),
-    }
+def _progress(summary: dict, sinks: list[Sink], snapshot: StatsSnapshot, running: bool) -> dict:
+    """``summary`` with the run's state: running or not, when, the counters and the sinks' own counts."""
+    progress = {"stop_reason": None, "failure": None, **summary, "running": running, "updated": _iso_now_ms(),
+                **snapshot.to_dict()}
     for sink in sinks:
         if sink.name == "mqtt":
-            summary["mqtt"] = dataclasses.asdict(sink.counters())
+            progress["mqtt"] = dataclasses.asdict(sink.counters())
         elif sink.name == "video":
-            summary["outputs"] = [
+            progress["outputs"] = [
                 {"uri": output.uri, "frames_written": output.frames_written, **({"url": output.url} if hasattr(output, "url") else {})}
                 for output in sink.outputs
             ]
-    return json.dumps(summary, indent=2) + "\n"
+    return progress
 
 
 def inspect_stream(
     uri: str,
-    artifact: str | os.PathLike,
+    artifact: str | os.PathLike | None,
     config: InspectConfig = InspectConfig(),
     source_config: SourceConfig = SourceConfig(),
     *,
@@ -158,61 +149,97 @@ def inspect_stream(
     threshold: float | None = None,
     num_threads: int | None = None,
     report: Callable[[str], None] = report_stderr,
+    server: str | None = None,
 ) -> LoopResult:
-    """``recon-inspect run``: open the artifact and the source, run the loop, write ``summary.json``
+    """``recon-inspect run``: open the artifact (or server) and the source, run the loop, write ``summary.json``
     (every ``config.summary_interval_s`` while running, ``"running": true``, and at the end).
+
+    The source is opened before any sink creates a file. When the run cannot start (bad artifact,
+    source that does not open), ``summary.json`` says it failed and why, and the error is raised.
 
     Args:
         uri: ``csi://N``, ``v4l2:///dev/videoN``, ``rtsp://...``, a video file or an image folder.
-        artifact: ``.onnx`` or ``.engine`` with its manifest.
+        artifact: ``.onnx`` or ``.engine`` with its manifest; None with ``server``.
         backend: see ``reconad.runtime.inspector.BACKEND_CHOICES``.
         threshold: overrides the manifest's image threshold (raw score units).
         num_threads: ONNX Runtime intra-op threads; None for all cores.
+        server: ``grpc://host:port/MODEL`` or ``http://...``: infer on a Triton server instead
+            (``reconad.runtime.remote``); an unreachable server is retried like a lost camera.
     """
-    source = open_source(uri, source_config)
-    run_id = _iso_now_ms()
-    summary_path = Path(config.out) / SUMMARY_FILE if config.out is not None else None
-    with Inspector.open(artifact, backend, threshold=threshold, num_threads=num_threads) as inspector:
-        if inspector.threshold is None:
-            report("No image threshold: is_anomalous is null; run recon-inspect calibrate or pass --threshold.")
-        by_file = isinstance(source, ImageFolderSource)
-        sinks = build_sinks(config, inspector.manifest, live=source.live, name_by_file=by_file, run_id=run_id,
-                            fps=source_config.fps, warn=report)
-        metrics = next((sink for sink in sinks if sink.name == "metrics"), None)
-        server = None
-        try:
-            if metrics is not None:
-                from reconad.runtime.line.prometheus import serve_metrics
+    if (artifact is None) == (server is None):
+        raise ReconadError("Give either --model ARTIFACT or --server URL.")
+    if server is not None:
+        from reconad.runtime.remote import RemoteInspector, parse_server_url
 
-                server = serve_metrics(metrics, config.metrics_port, config.metrics_address)
-                report(f"metrics on {server.url}")
-        except BaseException:
+        parse_server_url(server)  # a malformed URL is named before the source is looked at
+    run_id = _iso_now_ms()
+    summary = {"run": run_id, "source": uri, "model": str(server or artifact)}
+    try:
+        source = open_source(uri, source_config)
+        if server is not None:
+            opened = RemoteInspector.open(server, threshold=threshold)
+        else:
+            opened = Inspector.open(artifact, backend, threshold=threshold, num_threads=num_threads)
+        with opened as inspector:
+            summary["backend"] = inspector.backend.name
+            # a serve server sends its threshold with every answer
+            calibrated = inspector.calibrated if server is not None else inspector.threshold is not None
+            if not calibrated:
+                report("No image threshold: is_anomalous is null; run recon-inspect calibrate or pass --threshold.")
+            source.open()  # before any output exists: a source that cannot open leaves no empty verdict log
+            try:
+                by_file = isinstance(source, ImageFolderSource)
+                sinks = build_sinks(config, inspector.manifest, live=source.live, name_by_file=by_file,
+                                    run_id=run_id, fps=source_config.fps, warn=report)
+            except BaseException:
+                source.close()
+                raise
+            metrics = next((sink for sink in sinks if sink.name == "metrics"), None)
+            endpoint = None
+            try:
+                if metrics is not None:
+                    from reconad.runtime.line.prometheus import serve_metrics
+
+                    endpoint = serve_metrics(metrics, config.metrics_port, config.metrics_address)
+                    report(f"metrics on {endpoint.url}")
+            except BaseException:
+                source.close()
+                for sink in sinks:
+                    sink.close()
+                raise
             for sink in sinks:
-                sink.close()
-            raise
-        for sink in sinks:
-            if getattr(sink, "outputs", None):
-                for output in sink.outputs:
+                for output in getattr(sink, "outputs", ()):
                     if hasattr(output, "url"):
                         report(f"streaming to {output.url}")
 
-        def progress(snapshot: StatsSnapshot) -> None:
-            text = _summary(run_id, uri, artifact, inspector.backend.name, sinks, snapshot, None, None)
-            write_text_atomic(summary_path, text)
+            def progress(snapshot: StatsSnapshot) -> None:
+                _write_summary(config.out, _progress(summary, sinks, snapshot, running=True), report)
 
-        batch_size = min(config.batch_size, inspector.backend.max_batch)
-        try:
-            result = run_inspection(source, inspector, dataclasses.replace(config, batch_size=batch_size), sinks,
-                                    report=report, metrics=metrics, on_progress=progress if summary_path else None)
-        finally:
-            if server is not None:
-                server.close()
-        result = dataclasses.replace(result, backend=inspector.backend.name)
-    if summary_path is not None:
-        text = _summary(run_id, uri, artifact, inspector.backend.name, sinks, result.stats, result.stop_reason,
-                        result.failure)
-        try:
-            write_text_atomic(summary_path, text)
-        except OSError as error:
-            report(f"warning: cannot write {SUMMARY_FILE}: {describe_error(error)}")
+            batch_size = min(config.batch_size, inspector.backend.max_batch)
+            try:
+                result = run_inspection(
+                    source, inspector, dataclasses.replace(config, batch_size=batch_size), sinks, report=report,
+                    metrics=metrics, on_progress=progress if config.out is not None else None,
+                )
+            finally:
+                if endpoint is not None:
+                    endpoint.close()
+            result = dataclasses.replace(result, backend=inspector.backend.name)
+    except ReconadError as error:
+        # Nothing was inspected: say so where monitoring looks, rather than leave no summary at all.
+        _write_summary(config.out, {**summary, "running": False, "stop_reason": "failure", "failure": str(error)}, report)
+        raise
+    summary.update(stop_reason=result.stop_reason, failure=result.failure)
+    _write_summary(config.out, _progress(summary, sinks, result.stats, running=False), report)
     return result
+
+
+def _write_summary(out: Path | None, summary: dict, report: Callable[[str], None]) -> None:
+    """Write ``out/summary.json`` atomically (no-op without ``out``); a failure to write is only reported."""
+    if out is None:
+        return
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(out) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    except OSError as error:
+        report(f"warning: cannot write {SUMMARY_FILE}: {describe_error(error)}")

@@ -19,7 +19,7 @@ import numpy as np
 
 from reconad.runtime.backends.device import is_jetson
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.frames import IMAGE_SUFFIXES, import_cv2, list_images, read_image
+from reconad.runtime.frames import IMAGE_SUFFIXES, import_cv2, list_images, read_image, resize_image
 
 # jetson-inference's --input-flip names, in the order of nvvidconv's flip-method values 0..7.
 FLIP_METHODS = (
@@ -77,6 +77,7 @@ class SourceConfig:
     rtsp_latency_ms: int = 200  # rtspsrc jitter buffer
     open_timeout_ms: int = 10_000  # FFmpeg backend: give up opening a stream after this long
     read_timeout_ms: int = 5_000  # FFmpeg backend: a read blocked this long means the stream is lost
+    bit_depth: int | None = None  # image files: real depth of 16-bit samples without an sBIT chunk; None: 16
 
     def __post_init__(self) -> None:
         if self.flip not in FLIP_METHODS:
@@ -135,6 +136,11 @@ class FrameSource(abc.ABC):
     def close(self) -> None:
         """Release the device or file; idempotent."""
 
+    @property
+    def is_open(self) -> bool:
+        """Whether ``open`` succeeded and ``close`` has not been called since (a source that cannot tell: False)."""
+        return False
+
     def __enter__(self) -> FrameSource:
         self.open()
         return self
@@ -163,11 +169,10 @@ def apply_flip(image: np.ndarray, flip: str) -> np.ndarray:
 
 
 def _adjust(image: np.ndarray, config: SourceConfig, rescale: bool) -> np.ndarray:
-    """Apply the flip and, for files (``rescale``), the requested size."""
+    """Apply the flip and, for files (``rescale``), the requested capture size (the one resize rule)."""
     image = apply_flip(image, config.flip)
-    if rescale and config.width is not None and image.shape[:2] != (config.height, config.width):
-        cv2 = import_cv2()
-        image = cv2.resize(image, (config.width, config.height), interpolation=cv2.INTER_AREA)
+    if rescale and config.width is not None:
+        image = resize_image(image, (config.height, config.width))
     return image
 
 
@@ -290,7 +295,7 @@ class ImageFolderSource(FrameSource):
         self._position += 1
         name = path.relative_to(self.path).as_posix() if path != self.path else path.name
         try:
-            image = read_image(path)
+            image = read_image(path, self.config.bit_depth)
         except ReconadError as error:
             raise FrameReadError(str(error), name) from None
         self._decoded_this_pass += 1
@@ -298,6 +303,10 @@ class ImageFolderSource(FrameSource):
 
     def close(self) -> None:
         self._files = []
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self._files)
 
     def __len__(self) -> int:
         return len(self._files)
@@ -401,6 +410,10 @@ class CaptureSource(FrameSource):
         if self._capture is not None:
             self._capture.release()
             self._capture = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._capture is not None
 
 
 def parse_source_uri(uri: str) -> tuple[str, str]:

@@ -1,7 +1,7 @@
 """The MQTT sink against a real broker on loopback: delivery, order, outages, drops, auth and TLS."""
 
 import json
-import os
+import statistics
 import time
 
 import numpy as np
@@ -160,7 +160,8 @@ def test_messages_written_while_the_broker_is_down_are_delivered_when_it_is_back
             sink.write(result(index))
         assert wait_until(lambda: len(subscriber.messages) == 10)
         durations = _outage(broker, subscriber, sink, 200)
-        assert max(durations) < 0.05, "write() waited for the network"
+        # Never waiting for the network: microseconds each (a loaded 2-core machine may preempt one).
+        assert statistics.median(durations) < 0.005 and max(durations) < 1.0, "write() waited for the network"
         assert wait_until(lambda: len(subscriber.messages) == 210, timeout_s=15), len(subscriber.messages)
     finally:
         sink.close()
@@ -199,7 +200,7 @@ def test_a_broker_that_never_comes_reports_what_was_not_delivered(tmp_path):
     started = time.perf_counter()
     for index in range(30):
         sink.write(result(index))
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 2.0  # no connect timeout per message
     time.sleep(0.3)
     sink.close()
     assert sink.counters().unsent == 30 and sink.counters().connects == 0
@@ -209,36 +210,38 @@ def test_a_broker_that_never_comes_reports_what_was_not_delivered(tmp_path):
 
 def test_username_password_and_tls(tmp_path):
     broker = require_broker(tmp_path / "broker", users={"plc": "s3cret"}, tls=True)
-    subscriber = Subscriber(broker.port, TOPIC, tls=broker.tls, username="plc", password="s3cret")
-    password_file = tmp_path / "mqtt-password"
-    password_file.write_text("s3cret\n")
-    password_file.chmod(0o600)
-    config = MqttConfig(uri=f"mqtts://plc@localhost:{broker.port}/{TOPIC}", ca_file=broker.tls.ca_cert,
-                        password_file=password_file, reconnect_min_s=0.1)
-    sink = MqttSink(config, warn=lambda line: None)
     try:
-        assert wait_until(lambda: sink.connected)
-        sink.write(result(7))
-        assert wait_until(lambda: len(subscriber.messages) == 1)
-    finally:
-        sink.close()
-        subscriber.close()
-    assert frames_of(subscriber.payloads()) == [7]
+        subscriber = Subscriber(broker.port, TOPIC, tls=broker.tls, username="plc", password="s3cret")
+        password_file = tmp_path / "mqtt-password"
+        password_file.write_text("s3cret\n")
+        password_file.chmod(0o600)
+        config = MqttConfig(uri=f"mqtts://plc@localhost:{broker.port}/{TOPIC}", ca_file=broker.tls.ca_cert,
+                            password_file=password_file, reconnect_min_s=0.1)
+        sink = MqttSink(config, warn=lambda line: None)
+        try:
+            assert wait_until(lambda: sink.connected)
+            sink.write(result(7))
+            assert wait_until(lambda: len(subscriber.messages) == 1)
+        finally:
+            sink.close()
+            subscriber.close()
+        assert frames_of(subscriber.payloads()) == [7]
 
-    warnings = []
-    wrong = MqttSink(MqttConfig(uri=f"mqtts://plc@localhost:{broker.port}/{TOPIC}", ca_file=broker.tls.ca_cert,
-                                reconnect_min_s=0.1, close_timeout_s=0.2),
-                     warn=warnings.append, environ={PASSWORD_ENV: "wrong"})
-    assert wait_until(lambda: any("refused the connection" in line for line in warnings))
-    wrong.close()
-    untrusted = []
-    plain = MqttSink(MqttConfig(uri=f"mqtts://plc@localhost:{broker.port}/{TOPIC}", reconnect_min_s=0.1,
-                                close_timeout_s=0.2), warn=untrusted.append, environ={PASSWORD_ENV: "s3cret"})
-    time.sleep(0.5)
-    assert not plain.connected  # the test CA is not in the system's bundle: the broker is not trusted
-    assert any("TLS: " in line and "certificate" in line for line in untrusted), untrusted
-    plain.close()
-    broker.stop()
+        warnings = []
+        wrong = MqttSink(MqttConfig(uri=f"mqtts://plc@localhost:{broker.port}/{TOPIC}", ca_file=broker.tls.ca_cert,
+                                    reconnect_min_s=0.1, close_timeout_s=0.2),
+                         warn=warnings.append, environ={PASSWORD_ENV: "wrong"})
+        assert wait_until(lambda: any("refused the connection" in line for line in warnings))
+        wrong.close()
+        untrusted = []
+        plain = MqttSink(MqttConfig(uri=f"mqtts://plc@localhost:{broker.port}/{TOPIC}", reconnect_min_s=0.1,
+                                    close_timeout_s=0.2), warn=untrusted.append, environ={PASSWORD_ENV: "s3cret"})
+        time.sleep(0.5)
+        assert not plain.connected  # the test CA is not in the system's bundle: the broker is not trusted
+        assert any("TLS: " in line and "certificate" in line for line in untrusted), untrusted
+        plain.close()
+    finally:
+        broker.stop()
 
 
 def test_the_loop_publishes_one_message_per_frame(mqtt_broker, tmp_path):
