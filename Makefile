@@ -15,7 +15,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[train,export,runtime,lite,dev]'
+	$(PY) -m pip install --quiet -e '.[train,export,runtime,lite,bench,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,12 +340,15 @@ def fit(
     run_dir: str | os.PathLike,
     config: TrainConfig = TrainConfig(),
     resume: bool = False,
+    on_epoch_end: Callable[[int, AnomalyDetector, dict], None] | None = None,
 ) -> FitResult:
     """Train one detector on every (or the chosen) category of ``data_root``; write the run to ``run_dir``.
 
     Writes (rank 0 only) ``model.ckpt`` (the best validated epoch, else the last), ``config.json``,
     ``train_log.jsonl`` (one JSON object per epoch) and ``resume.pt`` (optimizer and scheduler state for
     ``resume``). Launched by torchrun, every process trains on its shard and DDP averages the gradients.
+    ``on_epoch_end(epoch, detector, record)`` runs on rank 0 after each epoch (e.g. a benchmark's own
+    held-out evaluation); the detector is put back in training mode afterwards.
     """
     started = time.perf_counter()
     context = setup_distributed(config.device)
@@ -463,6 +467,9 @@ def fit(
                 record["best"] = True
             _echo(context, f"validation epoch {epoch}: mean {config.val_metric} {value:.4f}"
                            + (" (best)" if record.get("best") else f" (best {best['value']:.4f} at epoch {best['epoch']})" if best else ""))
+        if on_epoch_end is not None and context.is_main:
+            on_epoch_end(epoch, detector, record)
+            detector.train()
         if context.is_main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(_json_safe(record)) + "\n")
