@@ -106,6 +106,7 @@ def _json_safe(value):
 def run_knn(preset: str, backbone_weights: str | None, fit_images: np.ndarray, test_set: ImageDataset,
             config: PatchKnnConfig) -> dict:
     tick = time.perf_counter()
+    torch.manual_seed(config.seed)  # the same backbone as fit() builds when it is random ("none")
     detector = build_detector(resolve_model_config(preset), backbone_weights=backbone_weights)
     knn = PatchKnn(detector, config).fit(fit_images)
     fit_seconds = time.perf_counter() - tick
@@ -223,9 +224,13 @@ def plot_curve(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     uniad, knn = report["uniad"], report.get("knn")
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100, sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=100, sharey=True)
+    values = [v for p in uniad["curve"] for v in _headline(p["test"]).values() if v is not None]
+    values += [v for v in (_headline(knn["metrics"]).values() if knn else []) if v is not None]
+    bottom = max(0.0, min(0.5, min(values, default=0.5) - 0.05))
     for axis, x_key, x_label in ((axes[0], "epoch", "epoch"), (axes[1], "minutes", "training minutes (this machine)")):
         x = [p[x_key] for p in uniad["curve"]]
         for (key, label), colour in zip(HEADLINE, ("tab:blue", "tab:orange", "tab:green")):
@@ -236,12 +241,14 @@ def plot_curve(report: dict, path: Path) -> None:
                              label=f"kNN {label}")
         selected = next(p for p in uniad["curve"] if p["epoch"] == uniad["selected_epoch"])
         axis.axvline(selected[x_key], color="grey", linestyle=":", linewidth=1, label="selected (held-out error)")
-        axis.set(xlabel=x_label, ylim=(0.4, 1.0))
+        axis.set(xlabel=x_label, ylim=(bottom, 1.0))
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("mean over categories")
-    axes[1].legend(loc="lower right", fontsize=7)
+    axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[0].set_ylabel("mean over categories (test split)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     figure.suptitle(f"UniAD ({report['meta']['preset']}) learning curve vs patch-kNN", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
     figure.savefig(path)
     plt.close(figure)
 
