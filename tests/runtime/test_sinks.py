@@ -278,3 +278,36 @@ def test_jsonl_rotates_by_size_and_keeps_the_newest(tmp_path):
     bare.close()
     assert [json.loads(line)["frame"] for line in (tmp_path / "b.jsonl").read_text().splitlines()] == [2]
     assert not (tmp_path / "b.jsonl.1").exists()
+
+
+def test_sink_threads_run_below_the_inference_threads():
+    """Rendering, encoding and network writes take what inference leaves (Linux: a nice value per thread)."""
+    import os
+    import threading
+
+    from reconad.runtime.line.report import RateLimitedReporter
+    from reconad.runtime.line.sinks import SINK_NICENESS, SinkWorker
+    from reconad.runtime.line.stats import LoopStats
+
+    seen = []
+
+    class Probe:
+        name, queue_size = "probe", 4
+
+        def accepts(self, result):
+            return True
+
+        def write(self, result):
+            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return True
+
+        def close(self):
+            pass
+
+    worker = SinkWorker(Probe(), LoopStats(), RateLimitedReporter(lambda line: None), threading.Event())
+    worker.thread.start()
+    worker.submit("result", wait=True)
+    worker.queue.close()
+    worker.thread.join(timeout=5)
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == [min(19, main + SINK_NICENESS)]

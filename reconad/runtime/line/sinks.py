@@ -432,8 +432,31 @@ def describe_error(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
+SINK_NICENESS = 10  # how far below the inference threads the sink threads run (Linux nice increments)
+
+
+def lower_thread_priority(increment: int = SINK_NICENESS) -> bool:
+    """Raise the calling thread's nice value by ``increment``; False where that is not possible.
+
+    Linux schedules threads, not processes, so this lowers one thread (and the threads it starts later,
+    such as a video encoder's) and leaves inference and preprocessing where they are.
+    """
+    try:
+        thread_id = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread_id)
+        os.setpriority(os.PRIO_PROCESS, thread_id, min(19, current + increment))
+    except (AttributeError, OSError):  # not Linux, or not allowed: the sink keeps the default priority
+        return False
+    return True
+
+
 class SinkWorker:
-    """One sink on its own thread behind a drop-oldest queue; failures are counted and reported."""
+    """One sink on its own thread behind a drop-oldest queue; failures are counted and reported.
+
+    The thread runs at a lower CPU priority than inference (``SINK_NICENESS``): on a device whose CPU
+    also infers, rendering, encoding and network writes take what inference leaves, and a live
+    source's results queue for them (dropping the oldest) instead of slowing the next verdict.
+    """
 
     def __init__(self, sink: Sink, stats: LoopStats, warn: RateLimitedReporter, abort: threading.Event) -> None:
         self.sink = sink
@@ -455,6 +478,7 @@ class SinkWorker:
 
     def _run(self) -> None:
         name = self.sink.name
+        lower_thread_priority()
         try:
             while not self._abort.is_set():
                 batch = self.queue.get_batch(1, timeout_s=0.2)
