@@ -151,8 +151,8 @@ print("OURS:" + ",".join(ours))
 from reconad.export.cli import app as export_app
 from reconad.runtime.cli import app as inspect_app
 for app, command in (
-    (export_app, "verify"), (export_app, "build-engine"), (export_app, "to-onnx"),
-    (inspect_app, "run"), (inspect_app, "calibrate"),
+    (export_app, "verify"), (export_app, "build-engine"), (export_app, "to-onnx"), (export_app, "triton-repo"),
+    (inspect_app, "run"), (inspect_app, "calibrate"), (inspect_app, "serve"),
 ):
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output, (command, result.output)

@@ -1,4 +1,4 @@
-"""recon-export: checkpoint → ONNX, ONNX → TensorRT engine, verify an artifact against its reference.
+"""recon-export: checkpoint → ONNX, ONNX → TensorRT engine, verify an artifact, write a Triton model repository.
 
 Thin Typer commands delegating to plain functions; torch is imported only inside ``to-onnx``.
 """
@@ -154,3 +154,46 @@ def verify(
     typer.echo(json.dumps(report.to_dict(), indent=2) if json_report else render_report(report))
     if not report.passed:
         raise typer.Exit(1)
+
+
+@app.command("triton-repo")
+def triton_repo(
+    artifacts: Annotated[
+        list[Path], typer.Argument(help="Exported .onnx or built .engine files (with manifests): versions 1, 2, ...")
+    ],
+    out: Annotated[Path, typer.Option(help="The model repository folder (created, or versions appended).")],
+    name: Annotated[Optional[str], typer.Option(help="Model name [default: the first artifact's run name].")] = None,
+    max_batch: Annotated[
+        Optional[int], typer.Option(help="Triton max_batch_size [default: the manifests' smallest max_batch].")
+    ] = None,
+    instances: Annotated[Optional[int], typer.Option(help="Model instances (instance_group count) [default: 1].")] = None,
+    instance_kind: Annotated[
+        Optional[str], typer.Option(help="gpu, cpu or auto (GPU when present) [default: gpu for engines, auto for ONNX].")
+    ] = None,
+    preferred_batch_size: Annotated[
+        Optional[list[int]], typer.Option(help="A batch size the dynamic batcher aims for; repeatable [default: max].")
+    ] = None,
+    max_queue_delay_us: Annotated[
+        Optional[int], typer.Option(help="How long a request may wait to be batched, in µs [default: 2000].")
+    ] = None,
+) -> None:
+    """Write a Triton Inference Server model repository (config.pbtxt, versions, manifests); torch-free.
+
+    Appending to an existing model adds versions after its last; a failed run leaves the repository
+    as it was. Exit 2 for bad input.
+    """
+    from reconad.export.triton import TritonRepoConfig, write_triton_repo
+    from reconad.runtime.errors import ReconadError, exit_with
+
+    try:
+        config = TritonRepoConfig(
+            name=name,
+            max_batch=max_batch,
+            instances=instances,
+            instance_kind=instance_kind,
+            preferred_batch_sizes=tuple(preferred_batch_size) if preferred_batch_size else None,
+            max_queue_delay_us=max_queue_delay_us,
+        )
+        write_triton_repo(artifacts, out, config, report=typer.echo)
+    except ReconadError as error:
+        exit_with(error)

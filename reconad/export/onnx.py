@@ -12,7 +12,6 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ import reconad
 from reconad.export.fp16 import convert_to_fp16, emulate_fp16_storage
 from reconad.export.islands import ISLAND_NAMES, find_fp32_island_groups
 from reconad.export.naming import artifact_name, artifact_stem
+from reconad.runtime.atomic import temp_file_beside
 from reconad.runtime.backends.ort import OrtBackend
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import ANOMALY_MAP_NAME, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, UNNAMED_CATEGORY, CategoryHead, ExporterInfo, Manifest, Precision, ScoreReducer, manifest_path_for, reference_path_for, sha256_file
@@ -421,14 +421,13 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
 def write_files_atomically(contents: dict[Path, bytes]) -> list[Path]:
     """Write every file to a temp file beside it first, then rename them all into place; on any error
     the temp files are removed, so an interrupted export leaves no partial file."""
-    temps: dict[Path, str] = {}
+    temps: dict[Path, Path] = {}
     try:
         for path in {path.parent for path in contents}:
             path.mkdir(parents=True, exist_ok=True)
         for path, data in contents.items():
-            descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps[path] = temp
-            with os.fdopen(descriptor, "wb") as handle:
+            temps[path] = temp = temp_file_beside(path)
+            with open(temp, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())

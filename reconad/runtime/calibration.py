@@ -21,7 +21,7 @@ import numpy as np
 
 from reconad.runtime.config import utc_now_iso
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.frames import Roi, list_images, prepare_image, read_image
+from reconad.runtime.frames import Roi, list_images, prepare_image
 from reconad.runtime.inspector import Inspector
 from reconad.runtime.manifest import Manifest, manifest_path_for
 from reconad.runtime.thresholds import Calibration, OperatingPoint, OperatingPointCounts, ScoreNormalization, Threshold
@@ -45,6 +45,7 @@ class CalibrationConfig:
     roi: Roi | None = None  # the crop the line runs with; calibrate on what the model will see
     batch_size: int = 8
     pixel_samples_per_image: int = 16384  # anomaly-map values kept per image for the pixel quantile
+    bit_depth: int | None = None  # real depth of 16-bit images without an sBIT chunk (e.g. 12); None: 16
 
     def __post_init__(self) -> None:
         for name in ("max_fpr", "pixel_max_fpr"):
@@ -216,7 +217,7 @@ def score_images(
         images = []
         for offset, path in enumerate(paths[start : start + config.batch_size]):
             try:
-                images.append(prepare_image(read_image(path), inspector.input_hw, roi=config.roi))
+                images.append(prepare_image(path, inspector.input_hw, roi=config.roi, bit_depth=config.bit_depth))
                 read[start + offset] = True
             except ReconadError as error:
                 report(f"warning: skipped {path}: {error}")

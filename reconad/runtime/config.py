@@ -85,15 +85,20 @@ def load_toml(path: str | os.PathLike, what: str) -> dict[str, Any]:
             import tomli as tomllib
         except ModuleNotFoundError:
             raise ReconadError(f"Reading {what} {path} on Python 3.10 needs tomli; pip install tomli.") from None
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
-        raise ReconadError(f"Cannot read {what} {path}: {reason}.") from None
+    text = read_text(path, what)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ReconadError(f"{what[:1].upper()}{what[1:]} {path} is not valid TOML ({error}).") from None
+
+
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """A UTF-8 settings file's text; a missing or unreadable file is ``"Cannot read <what> <path>: <why>."``."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+        raise ReconadError(f"Cannot read {what} {path}: {reason}.") from None
 
 
 def encode(value: Any) -> Any:

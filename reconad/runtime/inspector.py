@@ -60,6 +60,11 @@ class Verdict:
     is_unknown: bool = False
 
     @property
+    def known_product(self) -> bool:
+        """Not UNKNOWN: the part is like one of the trained products (what the renderer and metrics read)."""
+        return not self.is_unknown
+
+    @property
     def decision(self) -> str | None:
         """``"unknown"``, ``"anomalous"`` or ``"good"``; None when not judged (no threshold)."""
         if self.is_unknown:
@@ -370,7 +375,11 @@ class Inspector:
             roi: optional (x, y, width, height) crop of every frame.
         """
         images = prepare_batch(frames, self.input_hw, colour=colour, roi=roi)  # [N, H, W, 3]
-        outputs = self.infer(images)
+        return self.verdicts(self.infer(images))
+
+    def verdicts(self, outputs: dict[str, np.ndarray]) -> list[Verdict]:
+        """Verdicts from raw graph outputs (``anomaly_map`` [N, 1, H, W], ``image_score`` [N], and ``category``,
+        ``category_distance`` [N] when the graph names categories), each by its category's operating point."""
         anomaly_maps = outputs[ANOMALY_MAP_NAME][:, 0]  # [N, H, W]
         scores = outputs[IMAGE_SCORE_NAME].astype(np.float64)  # [N]
         recognized: list[str | None] = [None] * len(scores)

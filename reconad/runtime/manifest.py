@@ -19,7 +19,7 @@ from typing import Any
 
 
 from reconad.runtime.atomic import write_text_atomic
-from reconad.runtime.config import check_choice, check_iso_date, decode, encode, require, utc_now_iso
+from reconad.runtime.config import check_choice, check_iso_date, decode, encode, read_text, require, utc_now_iso
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.thresholds import OperatingPoint, ScoreNormalization, Threshold
 
@@ -572,11 +572,7 @@ class Manifest:
     def load(cls, path: str | os.PathLike) -> Manifest:
         """Read and validate a manifest file; errors name the file in one sentence."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
-            raise ReconadError(f"Cannot read manifest {path}: {reason}.") from None
+        text = read_text(path, "manifest")
         try:
             return cls.from_json(text)
         except ReconadError as error:

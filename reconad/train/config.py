@@ -34,6 +34,7 @@ class TrainConfig:
     cache_features: bool = True
     feature_cache_gib: float = 8.0  # per process; larger caches fall back to running the backbone
     skip_bad_files: bool = False
+    bit_depth: int | None = None  # real depth of 16-bit images without an sBIT chunk (e.g. 12); None: 16
     device: str = "auto"  # "auto" = the local CUDA device when there is one, else CPU
 
     def __post_init__(self) -> None:

@@ -80,8 +80,9 @@ def evaluate_predictions(dataset: ImageDataset, anomaly_maps: np.ndarray, image_
     per_category = {}
     for category in dataset.category_names:
         keep = np.array([c == category for c in dataset.categories])
-        masks = dataset.masks[keep] if dataset.has_masks else None
-        maps = anomaly_maps[keep] if dataset.has_masks else None
+        masked = dataset.category_has_masks(category)
+        masks = dataset.masks[keep] if masked else None
+        maps = anomaly_maps[keep] if masked else None
         metrics = compute_detection_metrics(dataset.labels[keep], image_scores[keep], masks, maps)
         metrics.update(num_images=int(keep.sum()), num_anomalous=int(dataset.labels[keep].sum()))
         per_category[category] = metrics
@@ -215,6 +216,7 @@ def format_metrics_table(result: dict) -> str:
 
 
 def _notes(result: dict) -> list[str]:
+    """Why a metric is n/a, or below chance, per category."""
     notes = []
     for category, metrics in result["categories"].items():
         for key, label in METRIC_COLUMNS:
@@ -222,8 +224,12 @@ def _notes(result: dict) -> list[str]:
             if key.endswith("auroc") and value is not None and math.isfinite(value) and value < 0.5:
                 notes.append(f"{category}: {label} is {value:.4f}, below chance: the scores rank defective "
                              "images/pixels LOWER than good ones (reported as is, not flipped).")
-            if value is not None and not math.isfinite(value):
-                notes.append(f"{category}: {label} is undefined (the test split lacks good or defective samples).")
+        undefined = [label for key, label in METRIC_COLUMNS if key in metrics and not math.isfinite(metrics[key])]
+        if undefined:
+            good, defective = metrics["num_images"] - metrics["num_anomalous"], metrics["num_anomalous"]
+            notes.append(f"{category}: {', '.join(undefined)} n/a: they need both classes, and its test split has "
+                         f"{good} good and {defective} defective images (pixels: defective or not); "
+                         "left out of the mean.")
     return notes
 
 
@@ -273,18 +279,19 @@ def _plot_roc(path: Path, category: str, labels, scores, masks=None, maps=None, 
 
 def _write_overlay(path: Path, image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None,
                    value_range: tuple[float, float], score: float) -> None:
-    """Image | heatmap over the image (ground-truth outline in green), side by side."""
+    """Image | heatmap over the image (ground-truth outline in green), side by side.
+
+    The heat is drawn by the line's renderer (``reconad.runtime.line.render.heat_overlay``), so the report
+    shows anomalies as an operator sees them live.
+    """
     import cv2
 
+    from reconad.runtime.line.render import heat_overlay
+
     low, high = value_range
-    scaled = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0, 1)
-    heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR
-    bgr = np.ascontiguousarray(image[..., ::-1])
-    overlay = cv2.addWeighted(bgr, 0.5, heat, 0.5, 0)
-    if mask is not None and mask.any():
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(overlay, contours, -1, (0, 255, 0), 1)
-    panel = np.concatenate([bgr, overlay], axis=1)
+    truth = mask if mask is not None and mask.any() else None
+    overlay = heat_overlay(image, anomaly_map, low=low, high=max(high, low + 1e-12), truth_mask=truth)  # RGB
+    panel = np.ascontiguousarray(np.concatenate([image, overlay], axis=1)[..., ::-1])  # BGR for imwrite
     cv2.putText(panel, f"score {score:.3g}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), panel)
@@ -352,6 +359,7 @@ def evaluate_checkpoint(
     num_heatmaps: int = 6,
     skip_bad_files: bool = False,
     normal_classes: tuple[int, ...] | None = None,
+    bit_depth: int | None = None,
     manifest: str | os.PathLike | None = None,
     max_fpr: float = 0.01,
     margin: float = 0.05,
@@ -362,6 +370,7 @@ def evaluate_checkpoint(
         categories: MVTec categories; default: the checkpoint's training categories (else all).
         num_heatmaps: overlays written per category.
         normal_classes: CIFAR-10 normal classes; default: those the checkpoint was trained with.
+        bit_depth: the real depth of 16-bit images that do not record it; default: the training run's.
         manifest: a calibrated artifact manifest (``.json``) whose thresholds give the operating points;
             default: ``recon-inspect calibrate``'s rule on each category's good test images.
         max_fpr: the rule's false-positive rate on good images (without ``manifest``).
@@ -374,8 +383,9 @@ def evaluate_checkpoint(
     config = detector.config
     categories = categories or _default_categories(detector, data_root)
     classes = normal_classes or tuple(detector.provenance.get("normal_classes") or (0, 1, 2, 3, 4))
+    bit_depth = bit_depth or detector.provenance.get("bit_depth")
     dataset = load_dataset(data_root, "test", config.input_hw, categories,
-                           "skip" if skip_bad_files else "fail", classes)
+                           "skip" if skip_bad_files else "fail", classes, bit_depth=bit_depth)
     for message in dataset.skipped:
         print(f"skipped: {message}", file=sys.stderr)
     predictions = predict_outputs(detector, dataset.images, batch_size, torch_device)
@@ -385,14 +395,15 @@ def evaluate_checkpoint(
     result["operating_points"] = points
     table = format_metrics_table(result)
     points_table = format_operating_points(points)
-    notes = _notes(result)
+    notes = dataset.notes + _notes(result)
 
     out_dir = Path(out_dir)
     (out_dir / "roc").mkdir(parents=True, exist_ok=True)
     for category in dataset.category_names:
         keep = np.nonzero(np.array([c == category for c in dataset.categories]))[0]
-        masks = dataset.masks[keep] if dataset.has_masks else None
-        maps = anomaly_maps[keep] if dataset.has_masks else None
+        masked = dataset.category_has_masks(category)
+        masks = dataset.masks[keep] if masked else None
+        maps = anomaly_maps[keep] if masked else None
         marked = (("own threshold", points["per_category"][category]), ("global threshold", points["global"][category]))
         _plot_roc(out_dir / "roc" / f"{category}.png", category, dataset.labels[keep], image_scores[keep], masks, maps,
                   marked)
@@ -400,7 +411,7 @@ def evaluate_checkpoint(
         for index in keep[_heatmap_sample(dataset.labels[keep], num_heatmaps)]:
             name = dataset.names[index].replace("/", "_").rsplit(".", 1)[0]
             _write_overlay(out_dir / "heatmaps" / category / f"{name}.png", dataset.images[index],
-                           anomaly_maps[index], dataset.masks[index] if dataset.has_masks else None,
+                           anomaly_maps[index], dataset.masks[index] if masked else None,
                            value_range, float(image_scores[index]))
 
     payload = {

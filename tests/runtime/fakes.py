@@ -79,17 +79,17 @@ class ScriptedSource(FrameSource):
         self.opens = 0
         self.closes = 0
         self.interval_s = interval_s
-        self.is_open = False
+        self._is_open = False
 
     def open(self) -> None:
         self.opens += 1
         if self.opens > 1 and self._open_failures > 0:
             self._open_failures -= 1
             raise ReconadError(f"Cannot open {self.uri}: no such device.")
-        self.is_open = True
+        self._is_open = True
 
     def read(self) -> RawFrame | None:
-        if not self.is_open:
+        if not self._is_open:
             raise SourceLostError(f"{self.uri} is not open.")
         if self.interval_s:
             time.sleep(self.interval_s)
@@ -99,7 +99,7 @@ class ScriptedSource(FrameSource):
         self._position += 1
         if isinstance(step, BaseException):
             if isinstance(step, SourceLostError):
-                self.is_open = False
+                self._is_open = False
             raise step
         if callable(step):
             return step()
@@ -107,7 +107,11 @@ class ScriptedSource(FrameSource):
 
     def close(self) -> None:
         self.closes += 1
-        self.is_open = False
+        self._is_open = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._is_open
 
 
 def gray_frame(level: int, hw=(24, 32)) -> np.ndarray:

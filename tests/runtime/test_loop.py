@@ -17,12 +17,12 @@ from reconad.runtime.line.loop import EXIT_INFERENCE_FAILED, InspectConfig, run_
 from reconad.runtime.line.queues import DropOldestQueue
 from reconad.runtime.line.session import build_sinks
 from reconad.runtime.thresholds import Calibration, Threshold
-from reconad.runtime.line.sinks import FrameFault, InspectionResult
+from reconad.runtime.line.sinks import CameraBlind, FrameFault, InspectionResult
 from reconad.runtime.line.sources import FrameReadError, ImageFolderSource, SourceConfig, SourceLostError, open_source
 from tests.runtime.fakes import Collector, FakeInspector, ScriptedSource, gray_frame, wait_for, write_image_folder
 from tests.runtime.onnx_graphs import write_artifact
 
-QUIET = dict(stats_interval_s=0)
+QUIET = dict(stats_interval_s=0, blind_checks="never")  # dark test frames would be camera-blind (tests/runtime/line/test_blind.py)
 
 
 def run(source, inspector=None, sinks=(), messages=None, **config):
@@ -57,12 +57,11 @@ def test_drop_oldest_queue():
 
 
 def test_check_frame():
-    assert check_frame(gray_frame(100), blank_range=2) is None
-    assert check_frame(np.full((8, 8, 3), 7, np.uint8), blank_range=2) == "blank"
-    assert check_frame(np.full((8, 8, 3), 7, np.uint8), blank_range=None) is None
-    assert check_frame(np.zeros((0, 8, 3), np.uint8), blank_range=2) == "corrupt"
-    assert check_frame(np.zeros((8, 8, 2), np.uint8), blank_range=2) == "corrupt"
-    assert check_frame(None, blank_range=2) == "corrupt"
+    assert check_frame(gray_frame(100)) is None
+    assert check_frame(np.full((8, 8, 3), 7, np.uint8)) is None  # flat, but well formed: for the blind checks
+    assert check_frame(np.zeros((0, 8, 3), np.uint8)) == "corrupt"
+    assert check_frame(np.zeros((8, 8, 2), np.uint8)) == "corrupt"
+    assert check_frame(None) == "corrupt"
 
 
 def test_prepare_image_fast_path_equals_convert_then_crop_and_resize():
@@ -139,7 +138,7 @@ def test_roi_outside_the_first_frame_is_a_configuration_error(tmp_path):
     assert "does not fit inside" in result.failure
 
 
-def test_corrupt_and_blank_frames_are_counted_and_skipped(tmp_path):
+def test_corrupt_and_camera_blind_frames_are_counted_and_skipped(tmp_path):
     script = [
         gray_frame(100),
         FrameReadError("fake://camera#2 could not be decoded.", "fake://camera#2"),
@@ -150,14 +149,17 @@ def test_corrupt_and_blank_frames_are_counted_and_skipped(tmp_path):
     ]
     collector = Collector(queue_size=100)
     messages = []
-    result = run(ScriptedSource(script), sinks=[collector], messages=messages, queue_size=100)
+    result = run(ScriptedSource(script), sinks=[collector], messages=messages, queue_size=100, blind_checks="live")
     counters = result.stats.counters
     assert result.exit_code == 0
-    assert counters["inspected"] == 2 and counters["corrupt"] == 3 and counters["blank"] == 1
+    assert counters["inspected"] == 2 and counters["corrupt"] == 3
+    assert counters["blind"] == counters["blind_black"] == 1
     faults = [item for item in collector.items if isinstance(item, FrameFault)]
-    assert len(faults) == 4 and faults[0].name == "fake://camera#2"
+    blind = [item for item in collector.items if isinstance(item, CameraBlind)]
+    assert len(faults) == 3 and faults[0].name == "fake://camera#2"
+    assert len(blind) == 1 and blind[0].reason == "black" and blind[0].episode_start
     assert any("skipped a corrupt frame" in line for line in messages)
-    assert any("skipped a blank frame" in line for line in messages)
+    assert any("is camera-blind (black)" in line for line in messages)
 
 
 def test_a_lost_camera_is_reopened_with_backoff_while_the_loop_goes_on():

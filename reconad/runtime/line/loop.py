@@ -3,8 +3,9 @@
 Shaped like jetson-inference's my-detection.py (source -> process -> sink, FPS on screen, stop at end of
 stream) but pipelined: with a live source the camera never waits for the model nor the model for a disk
 or a network (full queues drop their oldest item, counted); files and folders wait instead, losing
-nothing. Bad frames, camera loss and failing sinks are counted and survived; a failed or hung inference
-thread ends the run with a non-zero exit code.
+nothing. Bad frames, camera loss and failing sinks are counted and survived; camera-blind frames
+(``blind.py``) become events for every sink instead of verdicts; a failed or hung inference thread ends
+the run with a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -21,12 +22,24 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from reconad.runtime.errors import ReconadError
-from reconad.runtime.frames import Roi, check_frame, prepare_image
+from reconad.runtime.errors import BackendUnavailableError, ReconadError
+from reconad.runtime.frames import Roi, check_frame, crop_roi, prepare_image
 from reconad.runtime.inspector import Verdict
+from reconad.runtime.line.blind import BLIND_CHECKS, BlindConfig, BlindDetector, Blindness
+from reconad.runtime.line.mqtt import MqttConfig
+from reconad.runtime.line.outputs import parse_output_uri
 from reconad.runtime.line.queues import DropOldestQueue
 from reconad.runtime.line.report import RateLimitedReporter, report_stderr
-from reconad.runtime.line.sinks import OVERLAY_MODES, FrameFault, InspectionResult, OverlaySink, Sink, SinkWorker, describe_error
+from reconad.runtime.line.sinks import (
+    OVERLAY_MODES,
+    CameraBlind,
+    FrameFault,
+    InspectionResult,
+    OverlaySink,
+    Sink,
+    SinkWorker,
+    describe_error,
+)
 from reconad.runtime.line.sources import FrameReadError, FrameSource, SourceLostError
 from reconad.runtime.line.stats import LoopStats, StatsSnapshot
 
@@ -42,21 +55,31 @@ class InspectConfig:
     batch_size: int = 1  # frames per inference call: more raises throughput and latency
     queue_size: int = 4  # frames waiting for inference; a live source drops the oldest beyond this
     preprocess_threads: int = 2  # crop/resize workers: one core cannot resize 720p+ as fast as a GPU infers
-    skip_blank: bool | None = None  # skip flat frames; None: for live sources only (a folder may hold flat images)
-    blank_range: int = 2  # a frame whose gray levels span at most this is blank (lens cap, dead sensor)
+    blind_checks: str = "live"  # camera-blind checks for: live sources (a folder may hold dark images), always, never
+    blind: BlindConfig = BlindConfig()  # their thresholds (black, saturated, flat, frozen)
     reconnect_initial_s: float = 0.5  # first wait before reopening a lost camera; doubles per failure
     reconnect_max_s: float = 10.0
     stall_s: float = 5.0  # a live source silent this long is reported as stalled
     stats_interval_s: float = 5.0  # status line period; 0 for none
     inference_timeout_s: float = 60.0  # a batch that has not returned after this long is a hung backend
     drain_timeout_s: float = 10.0  # at stop, how long queues may take to drain
+    summary_interval_s: float = 10.0  # summary.json is rewritten this often while running; 0: only at the end
     out: Path | None = None  # folder of verdicts.jsonl, overlays/ and summary.json; None: no files
+    jsonl_max_mb: float = 100.0  # verdicts.jsonl is rotated (verdicts.jsonl.1, .2...) past this size; 0: never
+    jsonl_keep: int = 20  # rotated files kept (the oldest is deleted)
     overlays: str = "anomalies"  # which frames get a heatmap overlay PNG: anomalies, all or none
     overlay_interval_s: float | None = None  # at most one overlay per this many s; None: 1 live, 0 files
     overlay_quota_mb: float = 500.0  # no more overlays once overlays/ holds this much
     overlay_min_free_mb: float = 200.0  # nor while the disk has less free than this
-    webhook: str | None = None  # http(s) URL receiving a JSON POST per anomalous frame
+    webhook: str | None = None  # http(s) URL receiving a JSON POST per anomaly and camera-blind episode
     webhook_timeout_s: float = 2.0
+    webhook_retries: int = 3  # more attempts after a failure, with exponential backoff
+    webhook_headers: tuple[str, ...] = ()  # "Name: value" request headers (not Authorization: see below)
+    webhook_auth_file: Path | None = None  # first line is the Authorization header; else $RECONAD_WEBHOOK_AUTHORIZATION
+    mqtt: MqttConfig | None = None  # verdicts to an MQTT broker (line/mqtt.py)
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free one)
+    metrics_address: str | None = None  # the address it binds; None: 127.0.0.1 (loopback only)
+    outputs: tuple[str, ...] = ()  # video outputs: display://0, rtsp://[address]:port/path, FILE.mp4 (line/outputs.py)
 
     def __post_init__(self) -> None:
         if self.max_frames is not None and self.max_frames < 1:
@@ -65,6 +88,12 @@ class InspectConfig:
             raise ReconadError("batch_size, queue_size and preprocess_threads must be at least 1.")
         if self.overlays not in OVERLAY_MODES:
             raise ReconadError(f"Overlay mode must be one of {list(OVERLAY_MODES)}, got {self.overlays!r}.")
+        if self.blind_checks not in BLIND_CHECKS:
+            raise ReconadError(f"Camera-blind checks must be one of {list(BLIND_CHECKS)}, got {self.blind_checks!r}.")
+        for uri in self.outputs:
+            parse_output_uri(uri)  # refused with the options, before any model is loaded
+        if self.jsonl_max_mb < 0 or self.jsonl_keep < 0 or self.summary_interval_s < 0:
+            raise ReconadError("jsonl_max_mb, jsonl_keep and summary_interval_s must be >= 0.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +116,22 @@ class LoopResult:
     backend: str | None = None
 
     def headline(self) -> str:
-        """``3 frames inspected on ort-cpu: 2 anomalous, 0 unknown, 1 unreadable, 0 blank, 0 dropped, 2 overlays``."""
+        """``3 frames inspected on ort-cpu: 2 anomalous, 0 unknown, 1 unreadable, 0 camera-blind, 0 dropped, 2 overlays``."""
         counters = self.stats.counters
         overlays = self.stats.sinks.get(OverlaySink.name)
         text = f"{counters['inspected']} frames inspected on {self.backend or 'an inspector'}: "
         text += f"{counters['anomalous']} anomalous, {counters['unknown']} unknown, "
-        text += f"{counters['corrupt']} unreadable, {counters['blank']} blank, "
+        text += f"{counters['corrupt']} unreadable, {counters['blind']} camera-blind, "
         text += f"{counters['dropped']} dropped"
         return text + (f", {overlays.written} overlays" if overlays is not None else "")
+
+
+class StatsObserver(Protocol):
+    """What the loop needs from ``line/prometheus.LineMetrics``: the run's stats, and every latency sample."""
+
+    def bind(self, stats: LoopStats) -> None: ...
+
+    def observe_latency(self, stage: str, latency_ms: float) -> None: ...
 
 
 class FrameInspector(Protocol):
@@ -135,8 +172,12 @@ class InspectionLoop:
         config: InspectConfig,
         sinks: Sequence[Sink],
         report: Callable[[str], None],
+        metrics: StatsObserver | None = None,
+        on_progress: Callable[[StatsSnapshot], None] | None = None,
     ) -> None:
         self.source = source
+        self.metrics = metrics
+        self.on_progress = on_progress
         self.inspector = inspector
         self.config = config
         self.report = report
@@ -149,6 +190,10 @@ class InspectionLoop:
         self.sinks = tuple(sinks)
         self.workers: list[SinkWorker] = []
         self.overlay_sink = next((sink for sink in sinks if isinstance(sink, OverlaySink)), None)
+        # Video outputs render every frame: their results keep the frame and the map (others drop them).
+        self.keep_frames = any(getattr(sink, "needs_frames", False) for sink in sinks)
+        checked = {"live": source.live, "always": True, "never": False}[config.blind_checks]
+        self.blind = BlindDetector(config.blind) if checked else None
         self.stop_reason: str | None = None
         self.failure: tuple[str, int] | None = None  # (sentence, exit code) of the first fatal error
         self._lock = threading.Lock()
@@ -195,8 +240,6 @@ class InspectionLoop:
 
     def _capture_frames(self) -> None:
         config, source = self.config, self.source
-        skip_blank = source.live if config.skip_blank is None else config.skip_blank
-        blank_range = config.blank_range if skip_blank else None
         index = 0
         while not self.stop.is_set():
             if config.max_frames is not None and not source.live and index >= config.max_frames:
@@ -222,9 +265,13 @@ class InspectionLoop:
             self._last_frame_s = read_s
             captured_at = _iso_now_ms()
             self.stats.add_latency("capture", (read_s - started) * 1e3)
-            problem = check_frame(raw.image, blank_range)
+            problem = check_frame(raw.image)
             if problem is not None:
                 self._skip(problem, raw.name, f"{raw.name} is {problem}.", captured_at)
+                continue
+            blindness = self.blind.check(self._checked_region(raw.image), read_s) if self.blind is not None else None
+            if blindness is not None:
+                self._camera_blind(raw.name, raw.image, captured_at, blindness)
                 continue
             image = self.preprocess.submit(self._prepare, raw.image, source.colour)
             item = _Captured(index, raw.name, captured_at, read_s, image, raw.image)
@@ -242,8 +289,27 @@ class InspectionLoop:
         self.stats.add_latency("preprocess", (time.perf_counter() - started) * 1e3)
         return prepared
 
+    def _checked_region(self, image: np.ndarray) -> np.ndarray:
+        """What the blind checks judge: the ROI (what the model sees), or the whole frame."""
+        try:
+            return crop_roi(image, self.config.roi)
+        except ReconadError:
+            return image  # a ROI outside the frame: preprocessing reports it, as the run's error
+
+    def _camera_blind(self, name: str, image: np.ndarray, captured_at: str, blindness: Blindness) -> None:
+        """Count a camera-blind frame and tell every sink (a distinct event, not a verdict)."""
+        self.stats.count("blind")
+        self.stats.count(f"blind_{blindness.reason}")
+        event = CameraBlind(name=name, captured_at=captured_at, reason=blindness.reason, detail=blindness.detail,
+                            episode_start=blindness.episode_start, frame=image if self.keep_frames else None,
+                            colour=self.source.colour)
+        self.warn(f"blind:{blindness.reason}", f"warning: {event.error}")
+        for worker in self.workers:
+            if worker.sink.accepts(event):
+                worker.submit(event, wait=not self.source.live)
+
     def _skip(self, kind: str, name: str, message: str, captured_at: str | None = None) -> None:
-        """Count a skipped frame (``kind``: corrupt or blank), warn, and log it in the JSONL."""
+        """Count a skipped (corrupt) frame, warn, and log it in the JSONL."""
         self.stats.count(kind)
         self.warn(kind, f"warning: skipped a {kind} frame: {message}")
         fault = FrameFault(name=name, captured_at=captured_at or _iso_now_ms(), error=message)
@@ -267,6 +333,8 @@ class InspectionLoop:
                 continue
             self.stats.count("reconnects")
             self.stats.source_state = "ok"
+            if self.blind is not None:
+                self.blind.reset()  # the reopened stream's first frame repeats nothing
             self._last_frame_s = time.perf_counter()
             self.report(f"{self.source.uri} reopened after {attempt} attempt(s).")
             return
@@ -299,7 +367,9 @@ class InspectionLoop:
             for item in batch:
                 self.stats.add_latency("queue", (started - item.captured_s) * 1e3)
             self._busy_since = started
-            verdicts = self.inspector.inspect(np.stack(images))  # [B, H, W, 3] in
+            verdicts = self._inspect_retrying(np.stack(images))  # [B, H, W, 3] in
+            if verdicts is None:  # aborted while the backend was unavailable
+                return
             decided = time.perf_counter()
             self._busy_since = None
             if len(verdicts) != len(batch):
@@ -312,6 +382,33 @@ class InspectionLoop:
                 self._set_reason("max frames")
                 self.stop.set()
                 return
+
+    def _inspect_retrying(self, images: np.ndarray) -> list[Verdict] | None:
+        """``inspect``, retried with backoff while the backend is unavailable (a remote server restarting).
+
+        Like a lost camera: counted (``server_lost``), reported, retried until it answers; the batch is
+        kept, so no frame loses its verdict. None when the run is aborted meanwhile.
+        """
+        delay, attempt = self.config.reconnect_initial_s, 0
+        while True:
+            try:
+                verdicts = self.inspector.inspect(images)
+            except BackendUnavailableError as error:
+                attempt += 1
+                if attempt == 1:
+                    self.stats.count("server_lost")
+                    self.report(f"warning: {error} Retrying.")
+                else:
+                    self.warn("backend", f"warning: still no answer (attempt {attempt}): {error}")
+                self._busy_since = None  # waiting for a server is not a hung call
+                if self.abort.wait(delay):
+                    return None
+                delay = min(delay * 2, self.config.reconnect_max_s)
+                self._busy_since = time.perf_counter()
+                continue
+            if attempt:
+                self.report(f"the inference backend answers again after {attempt} failed attempt(s).")
+            return verdicts
 
     def _prepared(self, batch: list[_Captured]) -> tuple[list[_Captured] | None, list[np.ndarray]]:
         """The items whose preprocessing worked, with their images; (None, []) after a configuration error.
@@ -345,8 +442,9 @@ class InspectionLoop:
         overlay = self.overlay_sink.plan(item.index, item.name, needs_look) if self.overlay_sink else None
         if overlay is None and needs_look and self.overlay_sink is not None:
             self.stats.update_sink(self.overlay_sink.name, skipped=1)
-        # Only an overlay needs the map and the frame; dropping them keeps queued results small.
-        kept_map = np.array(verdict.anomaly_map, copy=True) if overlay else None
+        # Only overlays and video outputs need the map and the frame; dropping them keeps queued results small.
+        keep = overlay is not None or self.keep_frames
+        kept_map = np.array(verdict.anomaly_map, copy=True) if keep else None
         result = InspectionResult(
             index=item.index,
             name=item.name,
@@ -354,7 +452,7 @@ class InspectionLoop:
             verdict=dataclasses.replace(verdict, anomaly_map=kept_map),
             latency_ms=latency_ms,
             overlay=overlay,
-            frame=item.frame if overlay else None,
+            frame=item.frame if keep else None,
             colour=self.source.colour,
             roi=self.config.roi,
         )
@@ -368,11 +466,19 @@ class InspectionLoop:
         config = self.config
         height, width = self.inspector.input_hw
         try:
-            self.inspector.inspect(np.zeros((1, height, width, 3), dtype=np.uint8))  # warm-up: lazy init off the clock
-        except Exception as error:
-            raise ReconadError(f"Inference failed on a warm-up frame: {describe_error(error)}.") from None
-        self.source.open()
-        self.stats = LoopStats()  # the clock starts once model and source are ready
+            try:
+                self.inspector.inspect(np.zeros((1, height, width, 3), dtype=np.uint8))  # warm-up: lazy init off the clock
+            except Exception as error:
+                raise ReconadError(f"Inference failed on a warm-up frame: {describe_error(error)}.") from None
+            if not self.source.is_open:
+                self.source.open()
+        except BaseException:
+            self._close_sinks()  # no worker will: release files, sockets and threads the sinks hold
+            raise
+        metrics = self.metrics
+        self.stats = LoopStats(on_latency=metrics.observe_latency if metrics else None)  # the clock starts now
+        if metrics is not None:
+            metrics.bind(self.stats)
         self.workers = [SinkWorker(sink, self.stats, self.warn, self.abort) for sink in self.sinks]
         previous = self._install_signal_handlers() if handle_signals else {}
         capture = threading.Thread(target=self._capture_main, name="capture", daemon=True)
@@ -382,6 +488,7 @@ class InspectionLoop:
         inference.start()
         capture.start()
         next_report = time.monotonic() + config.stats_interval_s
+        next_progress = time.monotonic() + config.summary_interval_s
         try:
             while inference.is_alive() and not self.stop.is_set():
                 inference.join(timeout=0.1)
@@ -390,6 +497,9 @@ class InspectionLoop:
                 if config.stats_interval_s > 0 and time.monotonic() >= next_report:
                     next_report = time.monotonic() + config.stats_interval_s
                     self.report(self.stats.snapshot().status_line())
+                if self.on_progress is not None and config.summary_interval_s > 0 and time.monotonic() >= next_progress:
+                    next_progress = time.monotonic() + config.summary_interval_s
+                    self._progress()
         finally:
             self.stop.set()
             capture.join(timeout=config.drain_timeout_s)  # a camera read can block for good; it is a daemon
@@ -412,6 +522,19 @@ class InspectionLoop:
             failure=failure[0] if failure else None,
             exit_code=failure[1] if failure else 0,
         )
+
+    def _progress(self) -> None:
+        try:
+            self.on_progress(self.stats.snapshot(mark_rate=False))
+        except Exception as error:  # e.g. summary.json on a full disk: report, go on
+            self.warn("progress", f"warning: cannot record the run's progress: {describe_error(error)}")
+
+    def _close_sinks(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as error:
+                self.report(f"warning: sink {sink.name} failed to close: {describe_error(error)}")
 
     def _watch_inference(self) -> bool:
         """Fail the run when one inference call has run past ``inference_timeout_s``; True if so."""
@@ -452,12 +575,15 @@ def run_inspection(
     *,
     report: Callable[[str], None] = report_stderr,
     handle_signals: bool = True,
+    metrics: StatsObserver | None = None,
+    on_progress: Callable[[StatsSnapshot], None] | None = None,
 ) -> LoopResult:
     """Inspect ``source`` until it ends, ``config.max_frames`` verdicts, SIGINT/SIGTERM, or a fatal error.
 
     Opens the source (a ``ReconadError`` if it cannot), warms the inspector up, then runs the threads;
-    the calling thread reports a status line every ``config.stats_interval_s`` and watches the others.
-    Sinks are closed (flushed) before it returns; it never closes the inspector.
+    the calling thread reports a status line every ``config.stats_interval_s``, calls ``on_progress``
+    every ``config.summary_interval_s`` and watches the others. Sinks are closed (flushed) before it
+    returns, also when it raises; it never closes the inspector.
 
     Args:
         source: an unopened ``FrameSource``; it is closed on return.
@@ -466,7 +592,7 @@ def run_inspection(
         sinks: where results go; see ``session.build_sinks``.
         report: receives status lines and warnings.
         handle_signals: turn SIGINT/SIGTERM into a clean stop (main thread only).
+        metrics: bound to the run's ``LoopStats`` and fed every latency sample (``--metrics-port``).
+        on_progress: receives a snapshot while the run goes on (``summary.json`` refreshes).
     """
-    return InspectionLoop(source, inspector, config, sinks, report).run(handle_signals)
-
-
+    return InspectionLoop(source, inspector, config, sinks, report, metrics, on_progress).run(handle_signals)

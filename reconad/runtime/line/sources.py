@@ -8,6 +8,7 @@ else its V4L2 / FFmpeg backends. The pipeline strings are pure functions. OpenCV
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from reconad.runtime.backends.device import is_jetson
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.frames import IMAGE_SUFFIXES, import_cv2, list_images, read_image
+from reconad.runtime.frames import IMAGE_SUFFIXES, import_cv2, list_images, read_image, resize_image
 
 # jetson-inference's --input-flip names, in the order of nvvidconv's flip-method values 0..7.
 FLIP_METHODS = (
@@ -76,6 +77,7 @@ class SourceConfig:
     rtsp_latency_ms: int = 200  # rtspsrc jitter buffer
     open_timeout_ms: int = 10_000  # FFmpeg backend: give up opening a stream after this long
     read_timeout_ms: int = 5_000  # FFmpeg backend: a read blocked this long means the stream is lost
+    bit_depth: int | None = None  # image files: real depth of 16-bit samples without an sBIT chunk; None: 16
 
     def __post_init__(self) -> None:
         if self.flip not in FLIP_METHODS:
@@ -134,6 +136,11 @@ class FrameSource(abc.ABC):
     def close(self) -> None:
         """Release the device or file; idempotent."""
 
+    @property
+    def is_open(self) -> bool:
+        """Whether ``open`` succeeded and ``close`` has not been called since (a source that cannot tell: False)."""
+        return False
+
     def __enter__(self) -> FrameSource:
         self.open()
         return self
@@ -162,11 +169,10 @@ def apply_flip(image: np.ndarray, flip: str) -> np.ndarray:
 
 
 def _adjust(image: np.ndarray, config: SourceConfig, rescale: bool) -> np.ndarray:
-    """Apply the flip and, for files (``rescale``), the requested size."""
+    """Apply the flip and, for files (``rescale``), the requested capture size (the one resize rule)."""
     image = apply_flip(image, config.flip)
-    if rescale and config.width is not None and image.shape[:2] != (config.height, config.width):
-        cv2 = import_cv2()
-        image = cv2.resize(image, (config.width, config.height), interpolation=cv2.INTER_AREA)
+    if rescale and config.width is not None:
+        image = resize_image(image, (config.height, config.width))
     return image
 
 
@@ -289,7 +295,7 @@ class ImageFolderSource(FrameSource):
         self._position += 1
         name = path.relative_to(self.path).as_posix() if path != self.path else path.name
         try:
-            image = read_image(path)
+            image = read_image(path, self.config.bit_depth)
         except ReconadError as error:
             raise FrameReadError(str(error), name) from None
         self._decoded_this_pass += 1
@@ -298,8 +304,31 @@ class ImageFolderSource(FrameSource):
     def close(self) -> None:
         self._files = []
 
+    @property
+    def is_open(self) -> bool:
+        return bool(self._files)
+
     def __len__(self) -> int:
         return len(self._files)
+
+
+FFMPEG_OPTIONS_VARIABLE = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+# FFmpeg probes a stream for up to 5 s by default before the first frame; 0.5 s finds an RTSP camera's
+# H.264 or H.265 stream all the same, and a reconnect after an outage then takes 0.7 s instead of 2 s.
+RTSP_FFMPEG_OPTIONS = "analyzeduration;500000"
+
+
+@contextlib.contextmanager
+def _ffmpeg_capture_options(options: str | None):
+    """OpenCV reads FFmpeg options from the environment when it opens a capture: set ours for that open."""
+    if options is None or FFMPEG_OPTIONS_VARIABLE in os.environ:
+        yield
+        return
+    os.environ[FFMPEG_OPTIONS_VARIABLE] = options
+    try:
+        yield
+    finally:
+        os.environ.pop(FFMPEG_OPTIONS_VARIABLE, None)
 
 
 class CaptureSource(FrameSource):
@@ -313,6 +342,8 @@ class CaptureSource(FrameSource):
         config: size, fps, flip and loop options; ``flip_in_pipeline`` when GStreamer already flips.
         properties: ``cv2.CAP_PROP_*`` values to set after opening (V4L2 size, FOURCC, fps).
         params: ``cv2.VideoCapture`` open parameters (FFmpeg timeouts).
+        ffmpeg_options: FFmpeg demuxer options for this open (OpenCV's ``OPENCV_FFMPEG_CAPTURE_OPTIONS``
+            syntax, ``key;value|key;value``); a value the user set in that variable wins.
     """
 
     colour = "BGR"
@@ -328,8 +359,10 @@ class CaptureSource(FrameSource):
         flip_in_pipeline: bool = False,
         properties: tuple[tuple[int, float], ...] = (),
         params: tuple[int, ...] = (),
+        ffmpeg_options: str | None = None,
     ) -> None:
         self.uri = uri
+        self.ffmpeg_options = ffmpeg_options
         self.target = target
         self.api = api
         self.live = live
@@ -343,9 +376,10 @@ class CaptureSource(FrameSource):
     def open(self) -> None:
         cv2 = import_cv2()
         self.close()
-        capture = cv2.VideoCapture(self.target, self.api, list(self.params)) if self.params else None
-        if capture is None:
-            capture = cv2.VideoCapture(self.target, self.api)
+        with _ffmpeg_capture_options(self.ffmpeg_options):
+            capture = cv2.VideoCapture(self.target, self.api, list(self.params)) if self.params else None
+            if capture is None:
+                capture = cv2.VideoCapture(self.target, self.api)
         if not capture.isOpened():
             capture.release()
             raise ReconadError(f"Cannot open {self.uri}: OpenCV could not start it (is it connected and free?).")
@@ -376,6 +410,10 @@ class CaptureSource(FrameSource):
         if self._capture is not None:
             self._capture.release()
             self._capture = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._capture is not None
 
 
 def parse_source_uri(uri: str) -> tuple[str, str]:
@@ -444,7 +482,8 @@ def open_source(uri: str, config: SourceConfig = SourceConfig()) -> FrameSource:
         pipeline = rtsp_pipeline(target, config.rtsp_latency_ms, config.flip, config.width, config.height, is_jetson())
         return CaptureSource(uri, pipeline, cv2.CAP_GSTREAMER, live=True, config=config, flip_in_pipeline=True)
     timeouts = (cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, config.open_timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, config.read_timeout_ms)
-    return CaptureSource(uri, target, cv2.CAP_FFMPEG, live=True, config=config, params=timeouts)
+    return CaptureSource(uri, target, cv2.CAP_FFMPEG, live=True, config=config, params=timeouts,
+                         ffmpeg_options=RTSP_FFMPEG_OPTIONS)
 
 
 def v4l2_properties(config: SourceConfig) -> tuple[tuple[int, float], ...]:

@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,17 @@ COUNTER_NAMES = (
     "unknown",  # frames not judged: unlike every training category (beyond the distance limit)
     "dropped",  # frames dropped unseen because inference fell behind a live source
     "corrupt",  # unreadable, undecodable or malformed frames, skipped
-    "blank",  # frames of one flat colour (lens cap, dead sensor), skipped
+    "blind",  # camera-blind frames (black, saturated, flat or frozen: see line/blind.py), not judged
+    "blind_black",
+    "blind_saturated",
+    "blind_flat",
+    "blind_frozen",
     "source_lost",  # times a live source stopped delivering
     "reconnects",  # times it was reopened
+    "server_lost",  # times a remote inference server became unreachable (the batch was retried)
 )
+
+BLIND_COUNTERS = tuple(name for name in COUNTER_NAMES if name.startswith("blind_"))
 
 
 class LatencyWindow:
@@ -99,9 +107,11 @@ class StatsSnapshot:
             f"{counters['inspected']} inspected, {counters['anomalous']} anomalous, {counters['unknown']} unknown",
             f"dropped {counters['dropped']}",
         ]
-        skipped = {name: counters[name] for name in ("corrupt", "blank") if counters[name]}
-        if skipped:
-            parts.append(", ".join(f"{value} {name}" for name, value in skipped.items()))
+        if counters["corrupt"]:
+            parts.append(f"{counters['corrupt']} corrupt")
+        if counters["blind"]:
+            reasons = ", ".join(f"{counters[name]} {name[6:]}" for name in BLIND_COUNTERS if counters[name])
+            parts.append(f"{counters['blind']} camera-blind ({reasons})")
         for stage in ("inference", "capture_to_decision"):
             latency = self.latency_ms.get(stage)
             if latency:
@@ -120,8 +130,13 @@ class StatsSnapshot:
             f"inspected {counters['inspected']} frames in {self.elapsed_s:.1f} s ({self.mean_fps:.1f} fps), "
             f"{counters['anomalous']} anomalous, {counters['unknown']} unknown",
             f"captured {counters['captured']}, dropped {counters['dropped']}, corrupt {counters['corrupt']}, "
-            f"blank {counters['blank']}, source lost {counters['source_lost']} times, reconnected {counters['reconnects']}",
+            f"camera-blind {counters['blind']}, source lost {counters['source_lost']} times, "
+            f"reconnected {counters['reconnects']}",
         ]
+        if counters["blind"]:
+            lines.append("camera-blind: " + ", ".join(f"{name[6:]} {counters[name]}" for name in BLIND_COUNTERS))
+        if counters["server_lost"]:
+            lines.append(f"inference server lost {counters['server_lost']} times (every frame retried)")
         for stage, latency in self.latency_ms.items():
             if latency:
                 lines.append(f"latency {stage}: p50 {latency['p50']:.2f} ms, p99 {latency['p99']:.2f} ms, max {latency['max']:.2f} ms")
@@ -132,9 +147,15 @@ class StatsSnapshot:
 
 
 class LoopStats:
-    """Thread-safe counters, latency windows and sink counters of one run."""
+    """Thread-safe counters, latency windows and sink counters of one run.
 
-    def __init__(self) -> None:
+    Args:
+        on_latency: called with (stage, latency_ms) for every sample, outside the lock (e.g. a Prometheus
+            histogram's observe, which needs every sample where the window keeps only the recent ones).
+    """
+
+    def __init__(self, on_latency: Callable[[str, float], None] | None = None) -> None:
+        self.on_latency = on_latency
         self._lock = threading.Lock()  # every method takes it: counters are written from several threads
         self._counters = dict.fromkeys(COUNTER_NAMES, 0)
         self._latencies: dict[str, LatencyWindow] = {}
@@ -160,6 +181,8 @@ class LoopStats:
             if window is None:
                 window = self._latencies[stage] = LatencyWindow()
             window.add(latency_ms)
+        if self.on_latency is not None:
+            self.on_latency(stage, latency_ms)
 
     def update_sink(self, name: str, **changes: Any) -> None:
         """Add to a sink's counters (``written=1``, ``errors=1``...); ``last_error`` is replaced."""
@@ -170,14 +193,18 @@ class LoopStats:
             }
             self._sinks[name] = dataclasses.replace(sink, **values)
 
-    def snapshot(self) -> StatsSnapshot:
-        """The current state; the ``fps`` field covers the time since the previous snapshot."""
+    def snapshot(self, mark_rate: bool = True) -> StatsSnapshot:
+        """The current state; the ``fps`` field covers the time since the previous marking snapshot.
+
+        ``mark_rate=False`` leaves that mark alone, for readers other than the status line (metrics).
+        """
         with self._lock:
             now = time.perf_counter()
             inspected = self._counters["inspected"]
             mark_time, mark_inspected = self._rate_mark
             fps = (inspected - mark_inspected) / (now - mark_time) if now > mark_time else 0.0
-            self._rate_mark = (now, inspected)
+            if mark_rate:
+                self._rate_mark = (now, inspected)
             mean_fps = 0.0
             if self._last_verdict is not None and self._last_verdict > self._started:
                 mean_fps = inspected / (self._last_verdict - self._started)

@@ -36,6 +36,7 @@ def solid(height=6, width=8, colour=RGB):
         (solid().astype(np.float32) / 255.0, "RGB", RGB),
         (np.full((6, 8), 2.0, np.float64), "RGB", [255, 255, 255]),
         (np.ones((6, 8), bool), "RGB", [255, 255, 255]),
+        (np.dstack([np.full((6, 8), 77, np.uint8), np.zeros((6, 8), np.uint8)]), "RGB", [77, 77, 77]),  # gray + alpha
     ],
 )
 def test_to_rgb_uint8_every_kind(image, colour, expected):
@@ -47,7 +48,7 @@ def test_to_rgb_uint8_every_kind(image, colour, expected):
 @pytest.mark.parametrize(
     ("image", "message"),
     [
-        (np.zeros((4, 4, 2), np.uint8), "expected \\[H, W\\]"),
+        (np.zeros((4, 4, 5), np.uint8), "expected \\[H, W\\]"),
         (np.zeros((4,), np.uint8), "expected \\[H, W\\]"),
         (np.zeros((0, 4, 3), np.uint8), "expected \\[H, W\\]"),
         (np.zeros((4, 4, 3), np.int32), "dtype int32"),
@@ -84,7 +85,7 @@ def test_unreadable_files_are_one_sentence(tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     (tmp_path / "empty.png").write_bytes(b"")
     for name in ("text.png", "empty.png"):
-        with pytest.raises(ReconadError, match=f"Cannot read image .*{name}: it is empty or not a format"):
+        with pytest.raises(ReconadError, match=f"Cannot read image .*{name}: it is empty, truncated or not a format"):
             read_image(tmp_path / name)
     with pytest.raises(ReconadError, match="Cannot read image .*missing.png: No such file"):
         read_image(tmp_path / "missing.png")
