@@ -297,34 +297,46 @@ def test_jsonl_rotates_by_size_and_keeps_the_newest(tmp_path):
     assert not (tmp_path / "b.jsonl.1").exists()
 
 
-def test_sink_threads_run_below_the_inference_threads():
-    """Rendering, encoding and network writes take what inference leaves (Linux: a nice value per thread)."""
+def test_heavy_sink_threads_run_below_the_inference_threads_and_light_ones_do_not():
+    """Rendering and encoding take what inference leaves (Linux: a nice value per thread); verdict
+    messages and counters keep the inference threads' priority, so they do not wait behind an encoder."""
     import os
     import threading
 
+    from reconad.runtime.line.outputs import VideoOutputSink
+    from reconad.runtime.line.prometheus import LineMetrics
     from reconad.runtime.line.report import RateLimitedReporter
-    from reconad.runtime.line.sinks import SINK_NICENESS, SinkWorker
+    from reconad.runtime.line.sinks import SINK_NICENESS, JsonlSink, OverlaySink, SinkWorker
     from reconad.runtime.line.stats import LoopStats
 
-    seen = []
+    assert OverlaySink.heavy and VideoOutputSink.heavy
+    assert not getattr(JsonlSink, "heavy", False) and not getattr(LineMetrics, "heavy", False)
 
-    class Probe:
-        name, queue_size = "probe", 4
+    def priority_seen(heavy: bool) -> int:
+        seen = []
 
-        def accepts(self, result):
-            return True
+        class Probe:
+            name, queue_size = "probe", 4
 
-        def write(self, result):
-            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-            return True
+            def accepts(self, result):
+                return True
 
-        def close(self):
-            pass
+            def write(self, result):
+                seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+                return True
 
-    worker = SinkWorker(Probe(), LoopStats(), RateLimitedReporter(lambda line: None), threading.Event())
-    worker.thread.start()
-    worker.submit("result", wait=True)
-    worker.queue.close()
-    worker.thread.join(timeout=5)
+            def close(self):
+                pass
+
+        Probe.heavy = heavy
+        worker = SinkWorker(Probe(), LoopStats(), RateLimitedReporter(lambda line: None), threading.Event())
+        worker.thread.start()
+        worker.submit("result", wait=True)
+        worker.queue.close()
+        worker.thread.join(timeout=5)
+        assert len(seen) == 1
+        return seen[0]
+
     main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert seen == [min(19, main + SINK_NICENESS)]
+    assert priority_seen(heavy=True) == min(19, main + SINK_NICENESS)
+    assert priority_seen(heavy=False) == main

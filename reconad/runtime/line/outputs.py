@@ -446,6 +446,7 @@ class VideoOutputSink:
     """
 
     name = "video"
+    heavy = True  # renders and encodes: runs below inference's priority
     needs_frames = True  # the loop keeps frame and map in results for sinks that say so
 
     def __init__(self, outputs: Sequence[VideoOutput], *, low: float | None = None, high: float | None = None,

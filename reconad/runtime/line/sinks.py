@@ -136,6 +136,10 @@ class Sink(Protocol):
     Attributes:
         name: short name for stats and warnings (``"jsonl"``, ``"overlays"``, ``"webhook"``).
         queue_size: how many results may wait for it before the oldest is dropped.
+        heavy: optional, default False. True for sinks that render or encode images (overlays, video
+            outputs): their thread runs below inference's priority (``SINK_NICENESS``). Light sinks
+            (JSON lines, webhook, MQTT, metrics) keep the default priority, so a verdict reaches the
+            PLC or the dashboard without waiting behind an encoder.
     """
 
     name: str
@@ -249,6 +253,7 @@ class OverlaySink:
     """
 
     name = "overlays"
+    heavy = True  # renders and writes images: runs below inference's priority
 
     def __init__(
         self,
@@ -465,9 +470,11 @@ def lower_thread_priority(increment: int = SINK_NICENESS) -> bool:
 class SinkWorker:
     """One sink on its own thread behind a drop-oldest queue; failures are counted and reported.
 
-    The thread runs at a lower CPU priority than inference (``SINK_NICENESS``): on a device whose CPU
-    also infers, rendering, encoding and network writes take what inference leaves, and a live
-    source's results queue for them (dropping the oldest) instead of slowing the next verdict.
+    A ``heavy`` sink's thread runs at a lower CPU priority than inference (``SINK_NICENESS``): on a
+    device whose CPU also infers, rendering and encoding take what inference leaves, and a live
+    source's results queue for them (dropping the oldest) instead of slowing the next verdict. Light
+    sinks (verdict messages, counters) keep the default priority: their work is small and their timing
+    is what the line waits on.
     """
 
     def __init__(self, sink: Sink, stats: LoopStats, warn: RateLimitedReporter, abort: threading.Event) -> None:
@@ -490,7 +497,8 @@ class SinkWorker:
 
     def _run(self) -> None:
         name = self.sink.name
-        lower_thread_priority()
+        if getattr(self.sink, "heavy", False):
+            lower_thread_priority()
         try:
             while not self._abort.is_set():
                 batch = self.queue.get_batch(1, timeout_s=0.2)
