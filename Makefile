@@ -15,7 +15,8 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[train,export,runtime,lite,dev]'
+	$(PY) -m pip install --quiet -e '.[train,export,runtime,lite,line,bench,dev,serve]'
+	$(PY) -m pip install --quiet -e '.[gst]' || echo "PyGObject did not build (needs libgirepository1.0-dev libcairo2-dev, see .ci/services.sh): the RTSP and display output tests will skip."
 	touch $(STAMP)
 
 install: $(STAMP)

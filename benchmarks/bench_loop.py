@@ -2,8 +2,11 @@
 
 Bare: ``backend.infer`` on one prepared batch, back to back. Loop: ``run_inspection`` over an in-memory
 camera (camera-size BGR frames; crop, resize and colour conversion happen on the capture thread) with the
-JSONL sink, not paced, so it runs flat out and drops nothing. Each round measures bare then loop back to
-back; the headline ratio is the median of the per-round ratios, which cancels slow drifts of a shared
+JSONL sink, not paced, so it runs flat out and drops nothing; with ``--output`` each round runs the loop
+twice more with those video outputs attached: as a file or folder source (every frame rendered and written:
+the loop waits for the outputs) and as a live camera delivering frames flat out (inference drops what it
+cannot take and the outputs render what they can, on their lower-priority threads: the line's case, where
+rendering must not slow inference). Each round measures bare then loop back to back; the headline ratio is the median of the per-round ratios, which cancels slow drifts of a shared
 machine. Latency: a live camera paced at half the bare rate (at most --camera-fps), so frames do not
 queue. Writes benchmarks/results/bench_loop.json and bench_loop.md (git-ignored).
 
@@ -25,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from reconad.runtime.inspector import Inspector
-from reconad.runtime.loop import InspectConfig, build_sinks, run_inspection
-from reconad.runtime.preprocess import prepare_image
-from reconad.runtime.sources import FrameSource, RawFrame
+from reconad.runtime.line.loop import InspectConfig, run_inspection
+from reconad.runtime.line.session import build_sinks
+from reconad.runtime.frames import prepare_image
+from reconad.runtime.line.sources import FrameSource, RawFrame
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,9 +41,9 @@ class MemoryCamera(FrameSource):
 
     colour = "BGR"
 
-    def __init__(self, frames: list[np.ndarray], count: int, interval_s: float = 0.0) -> None:
+    def __init__(self, frames: list[np.ndarray], count: int, interval_s: float = 0.0, live: bool | None = None) -> None:
         self.uri = "memory://camera"
-        self.live = interval_s > 0
+        self.live = interval_s > 0 if live is None else live
         self.frames, self.count, self.interval_s = frames, count, interval_s
         self._read = 0
         self._next_s = 0.0
@@ -62,9 +66,17 @@ class MemoryCamera(FrameSource):
         pass
 
 
-def camera_frames(height: int, width: int, count: int = 8) -> list[np.ndarray]:
+def camera_frames(height: int, width: int, count: int = 8, scene: str = "noise") -> list[np.ndarray]:
+    """``count`` BGR frames: uniform noise (the worst case for resizing and encoding), or ``"part"``: a lit
+    part on a conveyor with sensor noise, as a line camera sees it (what video encoders are built for)."""
     rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8) for _ in range(count)]
+    if scene == "noise":
+        return [rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8) for _ in range(count)]
+    rows, columns = np.mgrid[0:height, 0:width]
+    radius = min(height, width) * 0.4
+    base = np.where(((rows - height / 2) ** 2 + (columns - width / 2) ** 2) < radius**2, 150, 70)
+    base = (base + 20 * np.sin(columns / 37.0))[:, :, None] * np.array([0.9, 1.0, 1.1])
+    return [np.clip(base + rng.normal(0, 4, size=(height, width, 3)), 0, 255).astype(np.uint8) for _ in range(count)]
 
 
 def bare_fps(inspector: Inspector, batch: np.ndarray, frames: int) -> float:
@@ -75,12 +87,18 @@ def bare_fps(inspector: Inspector, batch: np.ndarray, frames: int) -> float:
     return calls * len(batch) / (time.perf_counter() - started)
 
 
-def loop_run(inspector: Inspector, frames: list[np.ndarray], count: int, batch_size: int, out: Path, interval_s=0.0):
-    config = InspectConfig(out=out, batch_size=batch_size, overlays="none", stats_interval_s=0)
-    sinks = build_sinks(config, inspector.manifest, live=interval_s > 0)
-    result = run_inspection(MemoryCamera(frames, count, interval_s), inspector, config, sinks, handle_signals=False)
-    if result.failure or result.stats.counters["inspected"] != count:
-        raise SystemExit(f"loop run failed: {result.failure or result.stats.counters}")
+def loop_run(inspector: Inspector, frames: list[np.ndarray], count: int, batch_size: int, out: Path, interval_s=0.0,
+             outputs: tuple[str, ...] = (), live: bool | None = None):
+    """One loop run; ``live`` (default: paced) makes the camera a live source, which drops what it must."""
+    live = interval_s > 0 if live is None else live
+    config = InspectConfig(out=out, batch_size=batch_size, overlays="none", stats_interval_s=0, outputs=outputs,
+                           blind_checks="never")
+    sinks = build_sinks(config, inspector.manifest, live=live)
+    result = run_inspection(MemoryCamera(frames, count, interval_s, live), inspector, config, sinks, handle_signals=False)
+    counters = result.stats.counters
+    complete = counters["inspected"] + counters["dropped"] == count if live else counters["inspected"] == count
+    if result.failure or not complete:
+        raise SystemExit(f"loop run failed: {result.failure or counters}")
     return result.stats
 
 
@@ -101,6 +119,10 @@ def main() -> None:
     parser.add_argument("--camera", default="720x1280", help="camera frame size HxW")
     parser.add_argument("--camera-fps", type=float, default=30.0, help="upper bound of the paced latency run")
     parser.add_argument("--num-threads", type=int, default=None, help="ONNX Runtime threads")
+    parser.add_argument("--scene", choices=("noise", "part"), default="noise", help="what the camera frames show")
+    parser.add_argument("--output", action="append", default=[],
+                        help="also run each round with this video output attached (e.g. OUT.mp4, rtsp://@:8554/x); "
+                             "'{round}' in it is replaced by the round number; repeatable")
     args = parser.parse_args()
 
     height, width = (int(value) for value in args.camera.split("x"))
@@ -108,16 +130,30 @@ def main() -> None:
         scratch = Path(scratch)
         model = args.model or contract_artifact(scratch / "model", (256, 256))
         with Inspector.open(model, args.backend, num_threads=args.num_threads) as inspector:
-            frames = camera_frames(height, width)
+            frames = camera_frames(height, width, scene=args.scene)
             prepared = np.stack([prepare_image(frame, inspector.input_hw, colour="BGR") for frame in frames])
             batch = np.ascontiguousarray(prepared[np.arange(args.batch_size) % len(prepared)])  # [B, H, W, 3]
             inspector.backend.infer(batch)  # warm-up
-            bare, loop, latency_p50, latency_p99 = [], [], [], []
+            bare, loop, with_output, with_output_live, rendered = [], [], [], [], []
             for round_index in range(args.rounds):
                 bare.append(bare_fps(inspector, batch, args.frames))
                 stats = loop_run(inspector, frames, args.frames, args.batch_size, scratch / f"loop{round_index}")
                 loop.append(stats.mean_fps)
-                print(f"round {round_index + 1}: bare {bare[-1]:.1f} fps, loop {loop[-1]:.1f} fps", flush=True)
+                line = f"round {round_index + 1}: bare {bare[-1]:.1f} fps, loop {loop[-1]:.1f} fps"
+                if args.output:
+                    outputs = tuple(uri.replace("{round}", str(round_index)) for uri in args.output)
+                    stats = loop_run(inspector, frames, args.frames, args.batch_size, scratch / f"out{round_index}",
+                                     outputs=outputs)
+                    with_output.append(stats.mean_fps)
+                    line += f", loop with {len(outputs)} output(s) {with_output[-1]:.1f} fps"
+                    outputs = tuple(uri.replace("{round}", f"{round_index}-live") for uri in args.output)
+                    stats = loop_run(inspector, frames, args.frames, args.batch_size, scratch / f"live{round_index}",
+                                     outputs=outputs, live=True)
+                    with_output_live.append(stats.mean_fps)
+                    video = stats.sinks.get("video")
+                    rendered.append((video.written if video else 0) / max(1, stats.counters["inspected"]))
+                    line += f", live camera with output(s) {with_output_live[-1]:.1f} fps ({rendered[-1]:.0%} rendered)"
+                print(line, flush=True)
             paced_fps = min(args.camera_fps, 0.5 * statistics.median(bare))
             paced_frames = max(50, min(args.frames, int(paced_fps * 20)))  # at most ~20 s
             paced = loop_run(inspector, frames, paced_frames, args.batch_size, scratch / "paced", 1.0 / paced_fps)
@@ -131,6 +167,7 @@ def main() -> None:
         "model": str(args.model) if args.model else "tiny contract graph (tests/runtime/onnx_graphs.py)",
         "input_hw": list(input_hw),
         "camera_hw": [height, width],
+        "scene": args.scene,
         "backend": backend,
         "batch_size": args.batch_size,
         "frames_per_measurement": args.frames,
@@ -141,6 +178,16 @@ def main() -> None:
         "loop_fps_median": round(loop_median, 2),
         "loop_to_bare_per_round": [round(ratio, 3) for ratio in ratios],
         "loop_to_bare": round(statistics.median(ratios), 3),
+        "outputs": args.output,
+        "loop_with_outputs_fps": [round(value, 2) for value in with_output],
+        "loop_with_outputs_to_bare_per_round": [round(w / b, 3) for b, w in zip(bare, with_output)],
+        "loop_with_outputs_to_bare": round(statistics.median([w / b for b, w in zip(bare, with_output)]), 3)
+        if with_output else None,
+        "live_with_outputs_fps": [round(value, 2) for value in with_output_live],
+        "live_with_outputs_to_bare_per_round": [round(w / b, 3) for b, w in zip(bare, with_output_live)],
+        "live_with_outputs_to_bare": round(statistics.median([w / b for b, w in zip(bare, with_output_live)]), 3)
+        if with_output_live else None,
+        "live_outputs_rendered_fraction": [round(value, 3) for value in rendered],
         "paced_fps": round(paced_fps, 2),
         "paced_frames": paced_frames,
         "capture_to_decision_ms": {"p50": latency_p50, "p99": latency_p99},
@@ -156,6 +203,12 @@ def main() -> None:
         f"| {height}x{width} | {args.batch_size} | {bare_median:.1f} | {loop_median:.1f} | {record['loop_to_bare']:.3f} "
         f"| {paced_fps:.1f} | {latency_p50:.1f} / {latency_p99:.1f} |",
     ]
+    if with_output:
+        table += ["", f"with outputs {', '.join(args.output)}: loop/bare {record['loop_with_outputs_to_bare']:.3f} as a file "
+                      f"source (median of {record['loop_with_outputs_to_bare_per_round']}), "
+                      f"{record['live_with_outputs_to_bare']:.3f} as a live camera (median of "
+                      f"{record['live_with_outputs_to_bare_per_round']}; outputs rendered "
+                      f"{[f'{value:.0%}' for value in rendered]} of the inspected frames)"]
     (RESULTS / "bench_loop.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 

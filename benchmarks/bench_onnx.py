@@ -81,7 +81,8 @@ def export(preset: str, work: Path, reuse: bool) -> tuple[Path, Path, Path, floa
     """A random-weight checkpoint of ``preset`` and its fp32 and fp16 graphs (exported unless reused)."""
     import torch
 
-    from reconad.export.onnx import artifact_name, export_onnx
+    from reconad.export.naming import artifact_name
+    from reconad.export.onnx import export_onnx
     from reconad.model import PRESETS, build_detector, save_checkpoint
 
     config = PRESETS[preset]

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from reconad.runtime.cuda import probe_gpu
+from reconad.runtime.backends.device import probe_gpu
 from reconad.runtime.manifest import Manifest, manifest_path_for
-from reconad.runtime.trt_backend import TrtBackend
+from reconad.runtime.backends.trt import TrtBackend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

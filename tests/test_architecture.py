@@ -1,4 +1,4 @@
-"""The import rules of DESIGN.md: checked statically (AST + import-linter) and in a fresh interpreter."""
+"""The import rules of docs/architecture.md: checked statically (AST + import-linter), in a fresh interpreter, and no import cycles."""
 
 import ast
 import shutil
@@ -55,6 +55,81 @@ def test_model_and_train_never_import_export():
             assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {sorted(bad)}"
 
 
+def package_modules() -> dict[str, Path]:
+    """``reconad.x.y`` -> its file, for every module and package of reconad."""
+    modules = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports, anywhere in the file (function-level imports included)."""
+    modules = package_modules()
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                candidates = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+            else:
+                continue
+            for candidate in candidates:
+                while candidate and candidate not in modules:
+                    candidate = candidate.rpartition(".")[0]
+                if candidate and candidate != name:
+                    targets.add(candidate)
+                    if isinstance(node, ast.ImportFrom):
+                        break  # "from a import b": the submodule a.b when it exists, else a
+        graph[name] = targets
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), i.e. the import cycles."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_import_cycles_inside_the_package():
+    graph = import_graph()
+    assert "reconad.runtime.backends.trt" in graph["reconad.runtime.inspector"]  # the graph sees real edges
+    assert import_cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
 def test_import_linter_contracts_hold():
     lint_imports = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
     if lint_imports is None:
@@ -76,8 +151,8 @@ print("OURS:" + ",".join(ours))
 from reconad.export.cli import app as export_app
 from reconad.runtime.cli import app as inspect_app
 for app, command in (
-    (export_app, "verify"), (export_app, "build-engine"), (export_app, "to-onnx"),
-    (inspect_app, "run"), (inspect_app, "calibrate"),
+    (export_app, "verify"), (export_app, "build-engine"), (export_app, "to-onnx"), (export_app, "triton-repo"),
+    (inspect_app, "run"), (inspect_app, "calibrate"), (inspect_app, "serve"),
 ):
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output, (command, result.output)

@@ -1,4 +1,4 @@
-"""recon-export: checkpoint → ONNX, ONNX → TensorRT engine, verify an artifact against its reference.
+"""recon-export: checkpoint → ONNX, ONNX → TensorRT engine, verify an artifact, write a Triton model repository.
 
 Thin Typer commands delegating to plain functions; torch is imported only inside ``to-onnx``.
 """
@@ -9,11 +9,6 @@ from typing import Annotated, Literal, Optional
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
-
-
-def _not_built(command: str) -> None:
-    typer.echo(f"recon-export {command} is not built yet.", err=True)
-    raise typer.Exit(2)
 
 
 @app.command("to-onnx")
@@ -30,10 +25,14 @@ def to_onnx(
         Optional[Path],
         typer.Option(help="Folder of images for <stem>.reference.npz (up to 16); default 4 synthetic images."),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace manifests in --out that hold a calibration (it is discarded).")
+    ] = False,
 ) -> None:
     """Export a checkpoint to the fused ONNX graph, checked against PyTorch with ONNX Runtime before writing.
 
-    Exit 1 when a graph is over tolerance (nothing is written), 2 for bad input.
+    A calibrated manifest already in --out is never replaced without --overwrite: the new graph's scores
+    need a new calibration. Exit 1 when a graph is over tolerance (nothing is written), 2 for bad input.
     """
     import logging
 
@@ -54,6 +53,7 @@ def to_onnx(
             max_batch=max_batch,
             opset=opset,
             reference_images=reference_images,
+            overwrite=overwrite,
         )
     except ReconadError as error:
         exit_with(error)
@@ -103,11 +103,12 @@ def build_engine_command(
     1 when the built engine is not the precision asked for.
     """
     from reconad.export import engine
+    from reconad.export.build_config import load_build_profile, resolve_build_config
     from reconad.runtime.errors import ReconadError, exit_with
 
     try:
-        loaded = engine.load_build_profile(profile) if profile is not None else None
-        config = engine.resolve_build_config(
+        loaded = load_build_profile(profile) if profile is not None else None
+        config = resolve_build_config(
             loaded,
             precision=precision,
             workspace_mib=workspace_mib,
@@ -153,3 +154,46 @@ def verify(
     typer.echo(json.dumps(report.to_dict(), indent=2) if json_report else render_report(report))
     if not report.passed:
         raise typer.Exit(1)
+
+
+@app.command("triton-repo")
+def triton_repo(
+    artifacts: Annotated[
+        list[Path], typer.Argument(help="Exported .onnx or built .engine files (with manifests): versions 1, 2, ...")
+    ],
+    out: Annotated[Path, typer.Option(help="The model repository folder (created, or versions appended).")],
+    name: Annotated[Optional[str], typer.Option(help="Model name [default: the first artifact's run name].")] = None,
+    max_batch: Annotated[
+        Optional[int], typer.Option(help="Triton max_batch_size [default: the manifests' smallest max_batch].")
+    ] = None,
+    instances: Annotated[Optional[int], typer.Option(help="Model instances (instance_group count) [default: 1].")] = None,
+    instance_kind: Annotated[
+        Optional[str], typer.Option(help="gpu, cpu or auto (GPU when present) [default: gpu for engines, auto for ONNX].")
+    ] = None,
+    preferred_batch_size: Annotated[
+        Optional[list[int]], typer.Option(help="A batch size the dynamic batcher aims for; repeatable [default: max].")
+    ] = None,
+    max_queue_delay_us: Annotated[
+        Optional[int], typer.Option(help="How long a request may wait to be batched, in µs [default: 2000].")
+    ] = None,
+) -> None:
+    """Write a Triton Inference Server model repository (config.pbtxt, versions, manifests); torch-free.
+
+    Appending to an existing model adds versions after its last; a failed run leaves the repository
+    as it was. Exit 2 for bad input.
+    """
+    from reconad.export.triton import TritonRepoConfig, write_triton_repo
+    from reconad.runtime.errors import ReconadError, exit_with
+
+    try:
+        config = TritonRepoConfig(
+            name=name,
+            max_batch=max_batch,
+            instances=instances,
+            instance_kind=instance_kind,
+            preferred_batch_sizes=tuple(preferred_batch_size) if preferred_batch_size else None,
+            max_queue_delay_us=max_queue_delay_us,
+        )
+        write_triton_repo(artifacts, out, config, report=typer.echo)
+    except ReconadError as error:
+        exit_with(error)

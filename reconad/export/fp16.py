@@ -1,7 +1,7 @@
 """The mixed-precision graph: FP16 weights and activations, FP32 islands, I/O types unchanged.
 
 Written here rather than by onnxconverter-common so that the islands are exactly those of
-``export.islands`` (DESIGN.md "Precision plan") and every precision border is an explicit Cast.
+``export.islands`` (docs/architecture.md, "Precision plan") and every precision border is an explicit Cast.
 The uint8 -> float cast and (x - mean) / std stay FP32 (an island); the result is cast to FP16.
 ``emulate_fp16_storage`` gives the FP32 graph that rounds like FP16 storage, for CPU validation.
 """

@@ -1,7 +1,7 @@
 """The FP32 islands of the fused graph, found by structure (op types and wiring), never by node names.
 
 Used by ``export.fp16`` to write the mixed-precision ONNX, and by the TensorRT 8.x path to put FP32
-precision constraints on the same nodes of the fp32 graph. See DESIGN.md, "Precision plan".
+precision constraints on the same nodes of the fp32 graph. See docs/architecture.md, "Precision plan".
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import ANOMALY_MAP_NAME, INPUT_NAME, OUTPUT_NAMES
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, CATEGORY_OUTPUT_NAMES, INPUT_NAME, SCORE_OUTPUT_NAMES
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
@@ -21,7 +21,8 @@ LAYER_NORM = "LayerNormalization"
 SOFTMAX_LOGITS = "softmax logits"
 ANOMALY_HEAD = "anomaly head"
 INPUT_NORMALIZATION = "input normalisation"
-ISLAND_NAMES = (INPUT_NORMALIZATION, LAYER_NORM, SOFTMAX_LOGITS, ANOMALY_HEAD)
+CATEGORY_HEAD = "category head"
+ISLAND_NAMES = (INPUT_NORMALIZATION, LAYER_NORM, SOFTMAX_LOGITS, ANOMALY_HEAD, CATEGORY_HEAD)
 
 # Ops between a Softmax and the Q.K^T product that produce the logits: mask add, scaling.
 _LOGIT_OPS = ("Add", "Sub", "Mul", "Div", "Where")
@@ -58,6 +59,19 @@ class _GraphIndex:
 
     def computes_floats(self, node: onnx.NodeProto) -> bool:
         return node.op_type != "Shape" and any(self.is_float(name) for name in node.output)
+
+    def reads_floats(self, node: onnx.NodeProto) -> bool:
+        return node.op_type != "Shape" and any(self.is_float(name) for name in node.input if name)
+
+    def ancestors(self, outputs: tuple[str, ...]) -> set[int]:
+        """``id`` of every node the tensors ``outputs`` are computed from (through non-constant inputs)."""
+        found, queue = set(), deque(outputs)
+        while queue:
+            node = self.producer.get(queue.popleft())
+            if node is not None and id(node) not in found:
+                found.add(id(node))
+                queue.extend(self.dynamic_inputs(node))
+        return found
 
 
 def _softmax_logits(index: _GraphIndex) -> list[onnx.NodeProto]:
@@ -97,12 +111,7 @@ def _anomaly_head(index: _GraphIndex) -> list[onnx.NodeProto]:
             "The graph has no feature difference (a Sub of two computed tensors) upstream of "
             f"{ANOMALY_MAP_NAME}, so it is not a reconad graph."
         )
-    ancestors, queue = set(), deque(OUTPUT_NAMES)
-    while queue:
-        node = index.producer.get(queue.popleft())
-        if node is not None and id(node) not in ancestors:
-            ancestors.add(id(node))
-            queue.extend(index.dynamic_inputs(node))
+    ancestors = index.ancestors(SCORE_OUTPUT_NAMES)
     head, queue = [], deque([difference])
     reached = {id(difference)}
     while queue:
@@ -114,6 +123,20 @@ def _anomaly_head(index: _GraphIndex) -> list[onnx.NodeProto]:
                     reached.add(id(consumer))
                     queue.append(consumer)
     return head
+
+
+def _category_head(index: _GraphIndex) -> list[onnx.NodeProto]:
+    """What only the category outputs are computed from: the pooling of the backbone features, their
+    normalisation, the centroid distances and the arg-min (the features themselves are shared).
+
+    Nodes that read floats count, not only those that write them: an ArgMin over FP16 distances would
+    break near ties differently than the FP32 reference does.
+    """
+    outputs = tuple(output.name for output in index.graph.output if output.name in CATEGORY_OUTPUT_NAMES)
+    if not outputs:
+        return []
+    own = index.ancestors(outputs) - index.ancestors(SCORE_OUTPUT_NAMES)
+    return [node for node in index.graph.node if id(node) in own and (index.computes_floats(node) or index.reads_floats(node))]
 
 
 def _input_normalization(index: _GraphIndex) -> list[onnx.NodeProto]:
@@ -136,8 +159,10 @@ def find_fp32_island_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
     Islands: the input normalisation (uint8 -> float, (x - mean) / std: cheap, and the first place a
     rounding error would spread everywhere), every LayerNormalization, each attention's logits
     (Q.K^T product, mask add, Softmax: the mask fill and large logits need FP32), and the whole
-    anomaly head (the channel sum of squared errors overflows FP16's 65504 on strong anomalies).
-    Only nodes that compute floating-point tensors are listed (shape arithmetic is left out).
+    anomaly head (the channel sum of squared errors overflows FP16's 65504 on strong anomalies), and the
+    category head (pooled-feature distances to the centroids and their arg-min: near ties must break
+    as in FP32; a graph exported before schema 2 has none). Only nodes that compute floating-point
+    tensors are listed (shape arithmetic is left out), and in the category head those that read them.
 
     Raises:
         ReconadError: the graph has no anomaly head, or an island node has no name.
@@ -148,11 +173,13 @@ def find_fp32_island_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
         LAYER_NORM: [node for node in index.graph.node if node.op_type == "LayerNormalization"],
         SOFTMAX_LOGITS: _softmax_logits(index),
         ANOMALY_HEAD: _anomaly_head(index),
+        CATEGORY_HEAD: _category_head(index),
     }
     order = {id(node): position for position, node in enumerate(index.graph.node)}
     named = {}
     for group, nodes in groups.items():
-        nodes = sorted({id(n): n for n in nodes if index.computes_floats(n)}.values(), key=lambda n: order[id(n)])
+        keep = index.reads_floats if group == CATEGORY_HEAD else index.computes_floats
+        nodes = sorted({id(n): n for n in nodes if index.computes_floats(n) or keep(n)}.values(), key=lambda n: order[id(n)])
         unnamed = [node.op_type for node in nodes if not node.name]
         if unnamed:
             raise ReconadError(f"The graph has unnamed {unnamed[0]} nodes in its {group}; re-export it with reconad.")

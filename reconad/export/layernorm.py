@@ -1,6 +1,6 @@
 """LayerNormalization rewritten as primitive ops, for TensorRT 8.5's ONNX parser (it has the op from 8.6).
 
-The exported graph keeps LayerNormalization as one op (opset 17, DESIGN.md); ``export.engine`` rewrites
+The exported graph keeps LayerNormalization as one op (opset 17, docs/architecture.md); ``export.builder`` rewrites
 a copy just before a TensorRT 8.5 parse. Each new node is named ``<LayerNormalization node>/<step>``
 so the FP32-island mapping can follow it (``decomposed_node_names``).
 """

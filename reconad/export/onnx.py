@@ -1,4 +1,4 @@
-"""Checkpoint -> the fused ONNX graph (DESIGN.md "The fused graph"), its fp16 twin, manifests and references.
+"""Checkpoint -> the fused ONNX graph (docs/architecture.md, "The fused graph"), its fp16 twin, manifests and references.
 
 The only export module that imports torch (inside functions). Like timm's ``onnx_export``: export,
 ``onnx.checker``, then ONNX Runtime parity with PyTorch before any file is written. The exporter is
@@ -12,8 +12,6 @@ import hashlib
 import io
 import logging
 import os
-import re
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,22 +24,12 @@ from onnx import helper, numpy_helper
 import reconad
 from reconad.export.fp16 import convert_to_fp16, emulate_fp16_storage
 from reconad.export.islands import ISLAND_NAMES, find_fp32_island_groups
+from reconad.export.naming import artifact_name, artifact_stem
+from reconad.runtime.atomic import temp_file_beside
+from reconad.runtime.backends.ort import OrtBackend
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import (
-    ANOMALY_MAP_NAME,
-    IMAGE_SCORE_NAME,
-    INPUT_NAME,
-    METADATA_KEY,
-    OUTPUT_NAMES,
-    ExporterInfo,
-    Manifest,
-    Precision,
-    ScoreReducer,
-    manifest_path_for,
-    reference_path_for,
-    sha256_file,
-)
-from reconad.runtime.verify import VerifyReport, compare_outputs
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, UNNAMED_CATEGORY, CategoryHead, ExporterInfo, Manifest, Precision, ScoreReducer, manifest_path_for, reference_path_for, sha256_file
+from reconad.runtime.verify import CATEGORY_MARGIN_KEY, VerifyReport, compare_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +38,11 @@ MIN_OPSET = 17  # LayerNormalization is one op from 17 on
 EXPORTER_OPSET = 18  # torch.onnx's dynamo exporter writes opset 18 at least; lower targets are converted
 MAX_REFERENCE_IMAGES = 16  # from --reference-images DIR: evenly spaced over the sorted files
 SYNTHETIC_REFERENCE_COUNT = 4
-# Checkpoint file names that say nothing about the model: the run folder names the artifacts instead.
-GENERIC_CHECKPOINT_STEMS = ("model", "checkpoint", "last", "best", "final")
 # Folding a constant subgraph may not blow a weight up beyond this (e.g. Expand to a large shape).
 FOLD_MAX_GROWTH_BYTES = 1 << 20
 FP16_RECIPE = (
     "FP16 weights and activations; FP32 islands (input normalisation, LayerNormalization, softmax logits, "
-    "anomaly head) behind explicit Casts; uint8 in, float32 out"
+    "anomaly head, category head) behind explicit Casts; uint8 in, float32 and int64 out"
 )
 
 
@@ -64,23 +50,6 @@ class ParityError(ReconadError):
     """The exported graph does not reproduce PyTorch within tolerance (nothing was written)."""
 
     exit_code = 1
-
-
-def artifact_stem(checkpoint: str | os.PathLike, provenance: dict[str, Any]) -> str:
-    """The name shared by a checkpoint's artifacts: provenance ``run_name``, else the checkpoint's file
-    stem, or its folder's name when the stem is generic (``runs/weave/model.ckpt`` -> ``weave``)."""
-    checkpoint = Path(checkpoint).resolve()
-    name = provenance.get("run_name") if isinstance(provenance.get("run_name"), str) else None
-    if not name:
-        name = checkpoint.stem
-        if name.lower() in GENERIC_CHECKPOINT_STEMS and checkpoint.parent.name:
-            name = checkpoint.parent.name
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "model"
-
-
-def artifact_name(stem: str, input_hw: tuple[int, int], precision: str) -> str:
-    """``<stem>-<H>x<W>-<precision>.onnx``, e.g. ``weave-512x512-fp16.onnx``."""
-    return f"{stem}-{input_hw[0]}x{input_hw[1]}-{precision}.onnx"
 
 
 def synthetic_reference_images(input_hw: tuple[int, int], count: int = SYNTHETIC_REFERENCE_COUNT) -> np.ndarray:
@@ -111,7 +80,7 @@ def synthetic_reference_images(input_hw: tuple[int, int], count: int = SYNTHETIC
 def load_reference_images(folder: str | os.PathLike, input_hw: tuple[int, int]) -> np.ndarray:
     """Up to ``MAX_REFERENCE_IMAGES`` image files of ``folder`` (evenly spaced, sorted), prepared
     exactly as the runtime prepares frames: uint8 [K, H, W, 3] RGB."""
-    from reconad.runtime.preprocess import list_images, prepare_batch
+    from reconad.runtime.frames import list_images, prepare_batch
 
     paths = list_images(folder)
     if not paths:
@@ -173,7 +142,7 @@ def trace_to_onnx(detector: Any, max_batch: int, opset: int) -> onnx.ModelProto:
     model = deduplicate_initializers(model)
     name_nodes(model)
     model.producer_name, model.producer_version = "reconad", reconad.__version__
-    model.doc_string = f"reconad fused graph ({detector.config.preset}): uint8 images -> anomaly_map, image_score"
+    model.doc_string = f"reconad fused graph ({detector.config.preset}): uint8 images -> {', '.join(OUTPUT_NAMES)}"
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -271,27 +240,66 @@ def name_nodes(model: onnx.ModelProto) -> None:
 
 
 def run_onnx(model: onnx.ModelProto, images: np.ndarray, max_batch: int) -> dict[str, np.ndarray]:
-    """ONNX Runtime (CPU, spinning off) over ``images`` in chunks of at most ``max_batch``."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    chunks = [session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i : i + max_batch]}) for i in range(0, len(images), max_batch)]
-    return {name: np.concatenate([chunk[k] for chunk in chunks]) for k, name in enumerate(OUTPUT_NAMES)}
+    """The graph on the runtime's own ONNX Runtime backend (CPU), in chunks of at most ``max_batch``."""
+    with OrtBackend(model.SerializeToString(), "ort-cpu", max_batch=max_batch, memory_arena=True) as backend:
+        return backend.infer(images)
 
 
 def run_torch(detector: Any, images: np.ndarray, max_batch: int) -> dict[str, np.ndarray]:
-    """The PyTorch reference outputs for ``images``, in chunks of at most ``max_batch``."""
+    """The PyTorch reference outputs for ``images`` (every graph output), in chunks of at most ``max_batch``."""
     import torch
 
-    maps, scores = [], []
+    pieces: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
     with torch.inference_mode():
         for start in range(0, len(images), max_batch):
-            anomaly_map, image_score = detector(torch.from_numpy(images[start : start + max_batch]))
-            maps.append(anomaly_map.numpy())
-            scores.append(image_score.numpy())
-    return {ANOMALY_MAP_NAME: np.concatenate(maps), IMAGE_SCORE_NAME: np.concatenate(scores)}
+            outputs = detector(torch.from_numpy(images[start : start + max_batch]))
+            for name, value in zip(OUTPUT_NAMES, outputs, strict=True):
+                pieces[name].append(value.numpy())
+    return {name: np.concatenate(values) for name, values in pieces.items()}
+
+
+def category_margins(detector: Any, images: np.ndarray, max_batch: int) -> np.ndarray:
+    """Per image, the second-nearest centroid's cosine distance minus the nearest's (PyTorch), float32 [K].
+
+    ``verify`` forgives a different ``category`` only where this margin is within its tolerance (a near
+    tie); +inf with fewer than two centroids, where no tie is possible.
+    """
+    import torch
+
+    if len(detector.category_centroids) < 2:
+        return np.full(len(images), np.inf, np.float32)
+    margins = []
+    with torch.inference_mode():
+        for start in range(0, len(images), max_batch):
+            features = detector.extract_features(torch.from_numpy(images[start : start + max_batch]))
+            distance = 1.0 - detector.pooled_features(features) @ detector.category_centroids.T  # [B, K]
+            nearest_two = distance.topk(2, dim=1, largest=False).values  # [B, 2]
+            margins.append((nearest_two[:, 1] - nearest_two[:, 0]).numpy())
+    return np.concatenate(margins).astype(np.float32)
+
+
+def category_head_for(detector: Any, data_source: str | None = None) -> CategoryHead:
+    """The manifest's description of the detector's category head (``"none"`` without centroids)."""
+    from reconad.model import category_names
+
+    names = category_names(detector)
+    if not names:
+        return CategoryHead(method="none", names=(UNNAMED_CATEGORY,))
+    head = detector.provenance.get("category_head") or {}
+    counts = head.get("n_images") if isinstance(head.get("n_images"), list) else []
+    separation: tuple[float, ...] = ()
+    if len(names) > 1:
+        centroids = detector.category_centroids.detach().double()
+        distance = 1.0 - centroids @ centroids.T  # [K, K]
+        distance.fill_diagonal_(float("inf"))
+        separation = tuple(round(float(value), 6) for value in distance.min(dim=1).values)
+    return CategoryHead(
+        method="nearest_centroid",
+        names=names,
+        n_images=tuple(int(count) for count in counts) if len(counts) == len(names) else (),
+        separation=separation,
+        source=str(head.get("source") or data_source or ""),
+    )
 
 
 def check_parity(
@@ -327,13 +335,17 @@ def check_parity(
     if failures:
         raise ParityError(f"The {label} does not match PyTorch ({'; '.join(failures)}), so nothing was written.")
     logger.info(
-        "%s vs PyTorch: map max abs %.3g, p99 abs %.3g (map range %.3g), score max abs %.3g, %d decision flips",
+        "%s vs PyTorch: map max abs %.3g, p99 abs %.3g (map range %.3g), score max abs %.3g, %d decision flips; "
+        "category_distance max abs %.3g, %d category mismatches (%d near ties)",
         label,
         report.anomaly_map.max_abs,
         report.anomaly_map.p99_abs,
         float(np.ptp(reference[ANOMALY_MAP_NAME])),
         report.image_score.max_abs,
         report.decision_flips,
+        report.category_distance.max_abs if report.category_distance else float("nan"),
+        report.category_mismatches,
+        report.category_near_ties,
     )
     return report
 
@@ -372,8 +384,29 @@ def build_manifest(
         ),
         preset=config.preset if PRESETS.get(config.preset) == config else None,
         categories=tuple(str(c) for c in categories) if isinstance(categories, (list, tuple)) else (),
+        category_head=category_head_for(detector),
         checkpoint_sha256=checkpoint_sha256,
     )
+
+
+def check_no_calibration(manifest_path: Path) -> None:
+    """Refuse to replace ``manifest_path`` when it holds a calibration (or cannot be read to tell)."""
+    if not manifest_path.exists():
+        return
+    try:
+        existing = Manifest.load(manifest_path)
+    except ReconadError:
+        raise ReconadError(
+            f"{manifest_path} exists and is not a manifest this reconad reads; pass --overwrite to replace it."
+        ) from None
+    points = {"global": existing.global_operating_point, **existing.category_thresholds}
+    calibrated = {name: point for name, point in points.items() if not point.is_empty}
+    if calibrated:
+        first = next(iter(calibrated.values()))
+        raise ReconadError(
+            f"{manifest_path} holds a calibration ({', '.join(calibrated)}; {first.describe()}), which a new export "
+            "would discard: pass --overwrite to replace it, or export into another folder."
+        )
 
 
 def embed_manifest(model: onnx.ModelProto, manifest: Manifest) -> bytes:
@@ -392,14 +425,13 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
 def write_files_atomically(contents: dict[Path, bytes]) -> list[Path]:
     """Write every file to a temp file beside it first, then rename them all into place; on any error
     the temp files are removed, so an interrupted export leaves no partial file."""
-    temps: dict[Path, str] = {}
+    temps: dict[Path, Path] = {}
     try:
         for path in {path.parent for path in contents}:
             path.mkdir(parents=True, exist_ok=True)
         for path, data in contents.items():
-            descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps[path] = temp
-            with os.fdopen(descriptor, "wb") as handle:
+            temps[path] = temp = temp_file_beside(path)
+            with open(temp, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -420,16 +452,19 @@ def export_onnx(
     max_batch: int = 8,
     opset: int = MIN_OPSET,
     reference_images: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Export a checkpoint to the fused ONNX graph(s) with manifests and reference outputs.
 
     Writes, for each precision P asked (``"both"`` = fp32 and fp16), ``<stem>-<H>x<W>-P.onnx`` (the
     manifest also in its ``metadata_props``), ``<stem>-<H>x<W>-P.json`` and
     ``<stem>-<H>x<W>-P.reference.npz`` (``images`` uint8 [K, H, W, 3] and the PyTorch ``anomaly_map``
-    [K, 1, H, W] and ``image_score`` [K] for them; the same content for both precisions). ``stem``
-    comes from ``artifact_stem``. Nothing is written unless the fp32 graph matches PyTorch and the
-    fp16 graph passes the fp16 tolerances of ``recon-export verify``, both as ONNX Runtime runs it and
-    with FP16 storage emulated (``emulate_fp16_storage``).
+    [K, 1, H, W], ``image_score`` [K], ``category`` int64 [K], ``category_distance`` [K] for them, and
+    ``category_margin`` [K], the gap to the second-nearest centroid; the same content for both
+    precisions). ``stem`` comes from ``artifact_stem``. Nothing is written unless the fp32 graph matches
+    PyTorch and the fp16 graph passes the fp16 tolerances of ``recon-export verify``, both as ONNX
+    Runtime runs it and with FP16 storage emulated (``emulate_fp16_storage``). A manifest already in
+    ``out_dir`` that holds a calibration is never replaced without ``overwrite``.
 
     Args:
         checkpoint: a ``reconad.model`` checkpoint.
@@ -438,6 +473,8 @@ def export_onnx(
         max_batch: the batch axis accepts 1..max_batch (1 gives a static batch of 1).
         opset: ONNX opset, at least 17.
         reference_images: a folder of images for the reference set; default 4 synthetic images.
+        overwrite: replace manifests in ``out_dir`` that hold a calibration (thresholds calibrated
+            for the old graph; the new graph's scores need a new calibration).
 
     Returns:
         The paths written.
@@ -464,11 +501,16 @@ def export_onnx(
     if out_dir.exists() and not out_dir.is_dir():
         raise ReconadError(f"Output folder {out_dir} is a file.")
     stem = artifact_stem(checkpoint, detector.provenance)
+    wanted = ("fp32", "fp16") if precision == "both" else (precision,)
+    if not overwrite:
+        for mode in wanted:
+            check_no_calibration(manifest_path_for(out_dir / artifact_name(stem, config.input_hw, mode)))
 
     logger.info("exporting %s (%s, %dx%d) with opset %d", checkpoint, config.preset, *config.input_hw, opset)
     fp32_model = trace_to_onnx(detector, max_batch, opset)
     reference = run_torch(detector, images, max_batch)
     graphs = {"fp32": fp32_model}
+    reference = {**reference, CATEGORY_MARGIN_KEY: category_margins(detector, images, max_batch)}
     check_parity(fp32_model, images, reference, "fp32", max_batch)
     islands: tuple[str, ...] = ()
     if precision in ("fp16", "both"):
@@ -482,8 +524,6 @@ def export_onnx(
         emulated = emulate_fp16_storage(graphs["fp16"])
         label = "fp16 graph with FP16 storage emulated"
         check_parity(emulated, images, reference, "fp16", max_batch, label, check_batch_axis=False, count_flips=False)
-    wanted = ("fp32", "fp16") if precision == "both" else (precision,)
-
     checkpoint_sha256 = sha256_file(checkpoint)
     reference_npz = npz_bytes(images=images, **reference)
     contents: dict[Path, bytes] = {}

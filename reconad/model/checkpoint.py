@@ -76,9 +76,32 @@ def load_detector(path: str | Path) -> AnomalyDetector:
     except (TypeError, ValueError) as error:
         raise ReconadError(f"{path} has an invalid model config: {error}.") from error
     detector = build_detector(config)
+    state = dict(payload["state_dict"])
+    # Checkpoints written before the category head have no centroids: the model names no category.
+    centroids = state.setdefault("category_centroids", torch.zeros(0, config.channels))
+    detector.category_centroids = torch.zeros_like(centroids)  # sized as saved, so the weights load
     try:
-        detector.load_state_dict(payload["state_dict"])
+        detector.load_state_dict(state)
     except RuntimeError as error:
         raise ReconadError(f"{path} does not match its own model config: {str(error).splitlines()[0]}") from error
     detector.provenance = payload.get("provenance", {})
+    names = category_names(detector)
+    if len(names) != len(centroids):
+        raise ReconadError(
+            f"{path} has {len(centroids)} category centroids but names {len(names)} categories for them "
+            "(provenance category_head.names)."
+        )
     return detector.eval()
+
+
+def category_names(detector: AnomalyDetector) -> tuple[str, ...]:
+    """The names of the detector's category centroids, in row order (empty when it has none).
+
+    They travel in the checkpoint's provenance as ``category_head = {"names": [...], "n_images": [...],
+    "source": "..."}``, written by ``recon-train fit``.
+    """
+    if len(detector.category_centroids) == 0:
+        return ()
+    head = detector.provenance.get("category_head") or {}
+    names = head.get("names") if isinstance(head, dict) else None
+    return tuple(str(name) for name in names) if isinstance(names, list) else ()

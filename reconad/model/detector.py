@@ -1,11 +1,14 @@
-"""AnomalyDetector: the fused, exportable pipeline (uint8 images -> anomaly map and image score).
+"""AnomalyDetector: the fused, exportable pipeline (uint8 images -> anomaly map, image score and category).
 
 Like anomalib's AnomalibModule: forward = pre-processing -> model -> post-processing, with the
-normalisation constants as buffers, so the evaluated forward is exactly the exported forward.
+normalisation constants as buffers, so the evaluated forward is exactly the exported forward. The
+category head names the product from the same backbone features: nearest class centroid (Mensink et
+al., TPAMI 2013) of the globally pooled, L2-normalised features, centroids fitted on the training images.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,6 +40,10 @@ class AnomalyDetector(nn.Module):
         # Buffers so the cast and normalisation live inside the exported graph.
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # One L2-normalised centroid per category, rows in provenance["category_head"]["names"] order,
+        # fitted by ``fit_category_centroids``; none (0 rows): the model names no category. A buffer, so
+        # it travels in the checkpoint and is folded into the exported graph.
+        self.register_buffer("category_centroids", torch.zeros(0, config.channels))
 
     def train(self, mode: bool = True) -> AnomalyDetector:
         super().train(mode)
@@ -66,7 +73,48 @@ class AnomalyDetector(nn.Module):
             image_score = F.avg_pool2d(anomaly_map, k, stride=1).flatten(1).amax(dim=1)
         return anomaly_map, image_score
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def pooled_features(features: torch.Tensor) -> torch.Tensor:
+        """Features [N, C, h, w] -> their mean over the token grid, L2-normalised: float32 [N, C]."""
+        return F.normalize(features.mean(dim=(2, 3)), dim=1)
+
+    def classify(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The category head: the nearest centroid to the pooled features, by cosine distance.
+
+        Returns:
+            category: int64 [N], a row of ``category_centroids`` (0 for all when there are none).
+            category_distance: float32 [N], 1 - cosine similarity to that centroid, in [0, 2] (0 for all
+            when there are none).
+        """
+        if len(self.category_centroids) == 0:  # static at export: the graph outputs constant zeros
+            zeros = torch.zeros_like(features[:, 0, 0, 0])  # [N]
+            return zeros.long(), zeros
+        distance = 1.0 - self.pooled_features(features) @ self.category_centroids.T  # [N, K]
+        category_distance, category = distance.min(dim=1)  # the first index among exact ties
+        return category, category_distance
+
+    def fit_category_centroids(self, pooled: torch.Tensor, categories: Sequence[str], names: Sequence[str]) -> None:
+        """Set one centroid per name: the normalised mean of its images' ``pooled_features``.
+
+        Args:
+            pooled: ``pooled_features`` of the training images, float32 [N, C].
+            categories: the category of each row of ``pooled`` [N].
+            names: the categories in centroid order; each must have at least one image.
+
+        Raises:
+            ValueError: a name without images, or ``categories`` not parallel to ``pooled``.
+        """
+        if len(categories) != len(pooled):
+            raise ValueError(f"{len(categories)} categories for {len(pooled)} pooled feature vectors")
+        rows = []
+        for name in names:
+            keep = torch.tensor([category == name for category in categories])
+            if not keep.any():
+                raise ValueError(f"category {name!r} has no training images to fit its centroid on")
+            rows.append(F.normalize(pooled[keep].mean(dim=0), dim=0))
+        self.category_centroids = torch.stack(rows).to(self.category_centroids.device)  # [K, C]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inspect a batch.
 
         Args:
@@ -76,10 +124,14 @@ class AnomalyDetector(nn.Module):
             anomaly_map: float32 [N, 1, H, W], >= 0, feature-space distance at input resolution.
             image_score: float32 [N], >= 0; higher is more anomalous. Uncalibrated: the threshold
             lives in the artifact manifest.
+            category: int64 [N], the nearest category centroid (see ``classify``).
+            category_distance: float32 [N], its cosine distance, in [0, 2].
         """
         features = self.extract_features(images)
         reconstruction = self.reconstructor(features)
-        return self.score(features, reconstruction)
+        anomaly_map, image_score = self.score(features, reconstruction)
+        category, category_distance = self.classify(features)
+        return anomaly_map, image_score, category, category_distance
 
 
 def build_detector(config: ModelConfig, backbone_weights: str | Path | None = None) -> AnomalyDetector:

@@ -270,18 +270,25 @@ class Reconstructor(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def add_jitter(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feature jitter: Gaussian noise scaled by each token's norm / C (training only)."""
+    def add_jitter(self, tokens: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature jitter (the official ``add_jitter``): tokens + N(0, 1) * ||token|| / C * jitter_scale,
+        applied with probability ``jitter_prob``. ``noise`` [N, L, C]: the N(0, 1) draw; None = torch.randn."""
         if torch.rand(()) > self.jitter_prob:
             return tokens
         scale = tokens.norm(dim=-1, keepdim=True) / tokens.shape[-1] * self.jitter_scale  # [N, L, 1]
-        return tokens + torch.randn_like(tokens) * scale
+        return tokens + (torch.randn_like(tokens) if noise is None else noise) * scale
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, jitter_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """features [N, C, h, w] -> reconstruction [N, C, h, w].
+
+        ``jitter_noise`` (training only): the standard-normal draw of the feature jitter, [N, C, h, w] like
+        ``features``, so a caller can replay exact noise; None draws it from torch's global generator.
+        """
         n, c, h, w = features.shape
         tokens = features.flatten(2).transpose(1, 2)  # [N, L, C]
         if self.training and self.jitter_scale > 0:
-            tokens = self.add_jitter(tokens)
+            noise = None if jitter_noise is None else jitter_noise.flatten(2).transpose(1, 2)  # [N, L, C]
+            tokens = self.add_jitter(tokens, noise)
         x = self.input_proj(tokens)  # [N, L, D]
         pos = self.pos_embed().unsqueeze(0)  # [1, L, D]
         enc_mask, dec1_mask, dec2_mask = (self.attn_mask if use else None for use in self.neighbor_mask)

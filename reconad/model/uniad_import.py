@@ -80,6 +80,7 @@ def convert_official_state_dict(state: dict[str, torch.Tensor], config: ModelCon
                 f"expected {tuple(ours[target].shape)}."
             )
         converted[target] = value
+    converted["category_centroids"] = ours["category_centroids"]  # none: the official model names no category
     missing = sorted(set(ours) - set(converted))
     if missing:
         raise ReconadError(f"{source} lacks {len(missing)} weights preset {config.preset} needs, e.g. {missing[0]}.")

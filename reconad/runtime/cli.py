@@ -1,24 +1,52 @@
-"""recon-inspect: calibrate thresholds and run the inspection loop on an exported artifact."""
+"""recon-inspect: calibrate thresholds, run the inspection loop, or serve an artifact from Triton."""
 
+import dataclasses
+import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 
 
 def _given(**options: object) -> dict[str, object]:
-    """The options the user set: None means "the dataclass default" (defaults live in the configs)."""
+    """The options the user gave (not None): the layer ``config.resolve`` puts over the defaults."""
     return {name: value for name, value in options.items() if value is not None}
 
 
-@app.command("calibrate")
+class _PairOptionCommand(TyperCommand):
+    """``--category NAME DIR``: Typer has no repeatable two-value option, so the option is given two values here."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.name == "category":
+                param.nargs = 2
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.1%}"
+
+
+@app.command("calibrate", cls=_PairOptionCommand)
 def calibrate(
     artifact: Annotated[Path, typer.Argument(help="The .onnx or .engine artifact; its <stem>.json manifest is updated.")],
-    good_dirs: Annotated[
-        list[Path], typer.Argument(help="Folder(s) of defect-free images from the line (recursive); goods of every product.")
-    ],
+    folders: Annotated[
+        Optional[list[Path]],
+        typer.Argument(
+            help="An MVTec-layout data root (each category on its test/good, the global thresholds on all), "
+            "or folder(s) of defect-free images for the global thresholds (recursive).",
+            show_default=False,
+        ),
+    ] = None,
+    category: Annotated[
+        Optional[list[Any]],
+        typer.Option(
+            "--category", metavar="NAME DIR", help="Thresholds of category NAME from the good images in DIR (repeatable)."
+        ),
+    ] = None,
     max_fpr: Annotated[
         Optional[float], typer.Option(help="False-positive rate allowed on good images [default: 0.01].")
     ] = None,
@@ -33,45 +61,72 @@ def calibrate(
     ] = None,
     roi: Annotated[Optional[str], typer.Option(help="Crop X,Y,W,H (pixels), the same as for run.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per inference call.")] = None,
+    bit_depth: Annotated[
+        Optional[int], typer.Option(min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk (e.g. 12).")
+    ] = None,
     backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
 ) -> None:
-    """Write thresholds computed from defect-free images into the manifest."""
+    """Write thresholds computed from defect-free images into the manifest: per category and global.
+
+    A data root's test split (its defect folders) reports each category's operating point: the
+    threshold, recall and false-alarm rate at it, and the confusion counts.
+    """
     import numpy as np
 
     from reconad.runtime.calibration import CalibrationConfig, calibrate_artifact
+    from reconad.runtime.config import resolve
     from reconad.runtime.errors import ReconadError, exit_with
-    from reconad.runtime.folder import parse_roi
+    from reconad.runtime.frames import parse_roi
 
     try:
-        config = CalibrationConfig(
-            **_given(
+        config = resolve(
+            CalibrationConfig,
+            dict(
                 max_fpr=max_fpr,
                 pixel_max_fpr=pixel_max_fpr,
                 margin=margin,
                 normalize=normalize,
                 roi=parse_roi(roi) if roi else None,
                 batch_size=batch_size,
-            )
+                bit_depth=bit_depth,
+            ),
+            what="calibrate options",
         )
         result = calibrate_artifact(
-            artifact, good_dirs, config, backend=backend, report=lambda line: typer.echo(line, err=True)
+            artifact,
+            folders or [],
+            config,
+            categories=[(str(name), Path(folder)) for name, folder in category or []],
+            backend=backend,
+            report=lambda line: typer.echo(line, err=True),
         )
     except ReconadError as error:
         exit_with(error)
-    manifest = result.manifest
-    scores = result.scores
-    typer.echo(
-        f"{result.n_images} good images ({result.n_unreadable} unreadable): scores min {scores.min():.6g}, "
-        f"median {float(np.median(scores)):.6g}, max {scores.max():.6g}"
-    )
-    typer.echo(
-        f"image threshold {manifest.image_threshold.value:.6g} (max_fpr {config.max_fpr:g}, "
-        f"{result.false_positive_rate:.2%} of the good images at or above it); "
-        f"pixel threshold {manifest.pixel_threshold.value:.6g}"
-    )
-    if manifest.score_normalization is not None:
-        normalization = manifest.score_normalization
-        typer.echo(f"score normalisation {normalization.method}: {normalization.low:.6g} -> 0, threshold -> 0.5")
+    for point in result.points:
+        name = "global" if point.category is None else point.category
+        scores, thresholds = point.scores, point.point
+        line = (
+            f"{name}: {point.n_images} good images ({point.n_unreadable} unreadable), scores min {scores.min():.6g}, "
+            f"median {float(np.median(scores)):.6g}, max {scores.max():.6g}; image threshold "
+            f"{thresholds.image_threshold.value:.6g} ({point.false_positive_rate:.2%} of these good images at or "
+            f"above it), pixel threshold {thresholds.pixel_threshold.value:.6g}"
+        )
+        if thresholds.distance_limit is not None:
+            line += f", distance limit {thresholds.distance_limit.value:.4g}"
+        if point.recognized is not None:
+            line += f", {_percent(point.recognized)} of them recognised as {name}"
+        typer.echo(line)
+        if point.counts is not None:
+            counts = point.counts
+            typer.echo(
+                f"  {name} operating point on its test split: recall {_percent(counts.recall)}, false-alarm rate "
+                f"{_percent(counts.false_alarm_rate)} (on the good images it was calibrated on); "
+                f"TP {counts.true_positives} FN {counts.false_negatives} FP {counts.false_positives} "
+                f"TN {counts.true_negatives}, {counts.unknown} unknown"
+                + (f"; recognition {_percent(point.recognition_accuracy)}" if point.recognition_accuracy is not None else "")
+            )
+        if point.replaced is not None:
+            typer.echo(f"  replaced {name}: {point.replaced.describe()}")
     typer.echo(f"wrote {result.manifest_path}")
 
 
@@ -80,7 +135,11 @@ def run(
     source: Annotated[
         str, typer.Argument(help="csi://N, v4l2:///dev/videoN, rtsp://..., a video file, or an image folder/file.")
     ],
-    model: Annotated[Path, typer.Option(help="The .onnx or .engine artifact, with its manifest.")],
+    model: Annotated[Optional[Path], typer.Option(help="The .onnx or .engine artifact, with its manifest.")] = None,
+    server: Annotated[
+        Optional[str],
+        typer.Option(help="Infer on a Triton server instead of --model: grpc://HOST:8001/MODEL or http://HOST:8000/MODEL."),
+    ] = None,
     out: Annotated[
         Optional[Path], typer.Option(help="Folder for verdicts.jsonl, overlays/ and summary.json; none if unset.")
     ] = None,
@@ -89,7 +148,13 @@ def run(
     roi: Annotated[Optional[str], typer.Option(help="Crop X,Y,W,H (pixels) of every frame before inference.")] = None,
     backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
     threshold: Annotated[
-        Optional[float], typer.Option(help="Image threshold in raw score units; overrides the manifest's.")
+        Optional[float], typer.Option(help="One image threshold for every image (raw score units), not the manifest's.")
+    ] = None,
+    no_threshold: Annotated[
+        bool, typer.Option("--no-threshold", help="Scores only: judge no image (no calibration needed).")
+    ] = False,
+    category: Annotated[
+        Optional[str], typer.Option(help="Judge every image as this category (its thresholds), whatever the model names.")
     ] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Frames per inference call [default: 1].")] = None,
     overlays: Annotated[Optional[str], typer.Option(help="Heatmap overlays for: anomalies, all or none.")] = None,
@@ -99,8 +164,72 @@ def run(
     overlay_quota_mb: Annotated[
         Optional[float], typer.Option(help="Stop saving overlays once overlays/ holds this much [default: 500].")
     ] = None,
-    webhook: Annotated[Optional[str], typer.Option(help="http(s) URL receiving a JSON POST per anomaly.")] = None,
+    webhook: Annotated[
+        Optional[str], typer.Option(help="http(s) URL receiving a JSON POST per anomaly and camera-blind episode.")
+    ] = None,
     webhook_timeout_s: Annotated[Optional[float], typer.Option(help="Webhook timeout [default: 2].")] = None,
+    webhook_retries: Annotated[
+        Optional[int], typer.Option(min=0, help="Webhook attempts after a failure, with backoff [default: 3].")
+    ] = None,
+    webhook_header: Annotated[
+        Optional[list[str]], typer.Option(help="'Name: value' request header for the webhook; repeatable.")
+    ] = None,
+    webhook_auth_file: Annotated[
+        Optional[Path],
+        typer.Option(help="File (chmod 600) whose first line is the webhook's Authorization header "
+                          "[default: $RECONAD_WEBHOOK_AUTHORIZATION]."),
+    ] = None,
+    output: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Annotated video out: display://0, rtsp://@:8554/inspect (loopback; "
+                          "rtsp://0.0.0.0:8554/inspect for the network), or FILE.mp4/.mkv/.avi; repeatable."),
+    ] = None,
+    mqtt: Annotated[
+        Optional[str], typer.Option(help="Publish verdicts to mqtt://[user@]host[:port]/topic (mqtts:// for TLS).")
+    ] = None,
+    mqtt_qos: Annotated[Optional[int], typer.Option(min=0, max=2, help="MQTT QoS 0, 1 or 2 [default: 1].")] = None,
+    mqtt_events: Annotated[
+        Optional[str], typer.Option(help="MQTT messages for: all (every frame) or anomalies [default: all].")
+    ] = None,
+    mqtt_retain: Annotated[
+        Optional[bool], typer.Option("--mqtt-retain", help="The broker keeps the last verdict for new subscribers.")
+    ] = None,
+    mqtt_client_id: Annotated[Optional[str], typer.Option(help="MQTT client id [default: reconad-<host>-<pid>].")] = None,
+    mqtt_password_file: Annotated[
+        Optional[Path],
+        typer.Option(help="File (chmod 600) holding the MQTT password [default: $RECONAD_MQTT_PASSWORD]."),
+    ] = None,
+    mqtt_ca_file: Annotated[Optional[Path], typer.Option(help="mqtts: CA bundle for the broker [default: system's].")] = None,
+    mqtt_cert_file: Annotated[Optional[Path], typer.Option(help="mqtts: client certificate.")] = None,
+    mqtt_key_file: Annotated[Optional[Path], typer.Option(help="mqtts: the client certificate's key.")] = None,
+    metrics_port: Annotated[
+        Optional[int], typer.Option(min=0, max=65535, help="Serve Prometheus metrics at http://ADDRESS:PORT/metrics.")
+    ] = None,
+    metrics_address: Annotated[
+        Optional[str], typer.Option(help="Address the metrics endpoint binds [default: 127.0.0.1, loopback only].")
+    ] = None,
+    jsonl_max_mb: Annotated[
+        Optional[float], typer.Option(help="Rotate verdicts.jsonl past this size; 0 never [default: 100].")
+    ] = None,
+    jsonl_keep: Annotated[Optional[int], typer.Option(min=0, help="Rotated verdict logs kept [default: 20].")] = None,
+    summary_interval_s: Annotated[
+        Optional[float], typer.Option(help="Rewrite summary.json this often while running; 0 at the end only [default: 10].")
+    ] = None,
+    blind_checks: Annotated[
+        Optional[str], typer.Option(help="Camera-blind checks for: live (sources), always or never [default: live].")
+    ] = None,
+    black_level: Annotated[
+        Optional[int], typer.Option(help="Black frame: 99% of gray levels at or below this [default: 30].")
+    ] = None,
+    saturated_level: Annotated[
+        Optional[int], typer.Option(help="Saturated frame: 99% of gray levels at or above this [default: 225].")
+    ] = None,
+    flat_range: Annotated[
+        Optional[int], typer.Option(help="Flat frame: 98% of gray levels within this range [default: 6].")
+    ] = None,
+    frozen_s: Annotated[
+        Optional[float], typer.Option(help="Frozen camera: the identical frame for this long; 0 off [default: 3].")
+    ] = None,
     width: Annotated[Optional[int], typer.Option(min=1, help="Capture width (files: rescale); with --height.")] = None,
     height: Annotated[Optional[int], typer.Option(min=1, help="Capture height.")] = None,
     fps: Annotated[Optional[float], typer.Option(help="Camera frame rate to request.")] = None,
@@ -109,6 +238,9 @@ def run(
         typer.Option(help="none, counterclockwise, rotate-180, clockwise, horizontal, vertical, upper-right-diagonal, upper-left-diagonal."),
     ] = None,
     codec: Annotated[Optional[str], typer.Option(help="v4l2 cameras: raw or mjpeg [default: raw].")] = None,
+    bit_depth: Annotated[
+        Optional[int], typer.Option(min=1, max=16, help="Image files: real bit depth of 16-bit images without an sBIT chunk.")
+    ] = None,
     queue_size: Annotated[
         Optional[int], typer.Option(min=1, help="Frames waiting for inference before a camera drops the oldest.")
     ] = None,
@@ -123,20 +255,49 @@ def run(
 ) -> None:
     """Inspect frames from a camera, stream, video file or image folder until it ends or Ctrl+C.
 
+    The model names each image's category and judges it with that category's thresholds (or the
+    global ones); an image unlike every category is UNKNOWN. Without a calibration for every category
+    it may judge, run refuses (exit 2) unless --threshold or --no-threshold is given.
+
     Exit codes: 0 at the end of the stream, --max-frames, SIGINT or SIGTERM; 2 for bad input; 3 when
     inference fails or hangs.
     """
+    from reconad.runtime.config import resolve
     from reconad.runtime.errors import ReconadError, exit_with
-    from reconad.runtime.folder import parse_roi
-    from reconad.runtime.loop import InspectConfig, inspect_stream
-    from reconad.runtime.sources import SourceConfig
+    from reconad.runtime.frames import parse_roi
+    from reconad.runtime.line.loop import InspectConfig
+    from reconad.runtime.line.session import inspect_stream
+    from reconad.runtime.line.sources import SourceConfig
 
     def report(line: str) -> None:
         typer.echo(line, err=True)
 
     try:
-        config = InspectConfig(
-            **_given(
+        blind = _given(black_level=black_level, saturated_level=saturated_level, flat_range=flat_range,
+                       frozen_s=frozen_s)
+        mqtt_config = None
+        if mqtt is not None:
+            mqtt_config = _given(uri=mqtt, qos=mqtt_qos, events=mqtt_events, retain=mqtt_retain,
+                                 client_id=mqtt_client_id, password_file=mqtt_password_file, ca_file=mqtt_ca_file,
+                                 cert_file=mqtt_cert_file, key_file=mqtt_key_file)
+        elif any(value is not None for value in (mqtt_qos, mqtt_events, mqtt_retain, mqtt_client_id,
+                                                 mqtt_password_file, mqtt_ca_file, mqtt_cert_file, mqtt_key_file)):
+            raise ReconadError("The --mqtt-* options need --mqtt URI.")
+        config = resolve(
+            InspectConfig,
+            dict(
+                blind=blind or None,
+                blind_checks=blind_checks,
+                mqtt=mqtt_config,
+                outputs=tuple(output) if output else None,
+                metrics_port=metrics_port,
+                metrics_address=metrics_address,
+                webhook_retries=webhook_retries,
+                webhook_headers=tuple(webhook_header) if webhook_header else None,
+                webhook_auth_file=webhook_auth_file,
+                jsonl_max_mb=jsonl_max_mb,
+                jsonl_keep=jsonl_keep,
+                summary_interval_s=summary_interval_s,
                 out=out,
                 max_frames=max_frames,
                 roi=parse_roi(roi) if roi else None,
@@ -150,11 +311,24 @@ def run(
                 preprocess_threads=preprocess_threads,
                 stats_interval_s=stats_interval_s,
                 inference_timeout_s=inference_timeout_s,
-            )
+            ),
+            what="run options",
         )
-        source_config = SourceConfig(**_given(width=width, height=height, fps=fps, flip=flip, codec=codec, loop=loop))
+        source_config = resolve(
+            SourceConfig, dict(width=width, height=height, fps=fps, flip=flip, codec=codec, loop=loop, bit_depth=bit_depth), what="run options"
+        )
         result = inspect_stream(
-            source, model, config, source_config, backend=backend, threshold=threshold, num_threads=num_threads, report=report
+            source,
+            model,
+            config,
+            source_config,
+            backend=backend,
+            threshold=threshold,
+            category=category,
+            no_threshold=no_threshold,
+            num_threads=num_threads,
+            report=report,
+            server=server,
         )
     except ReconadError as error:
         exit_with(error)
@@ -171,3 +345,113 @@ def run(
     if result.failure is not None:
         typer.echo(result.failure, err=True)
         raise typer.Exit(result.exit_code)
+
+
+@app.command("doctor")
+def doctor(
+    target: Annotated[
+        Optional[str], typer.Option("--for", help="Exit 1 unless this backend works here: trt, ort-cuda or ort-cpu.")
+    ] = None,
+    source: Annotated[
+        Optional[str], typer.Option(help="Also open this camera, stream, video or folder and read one frame.")
+    ] = None,
+    json_report: Annotated[bool, typer.Option("--json", help="Print the environment and findings as JSON.")] = False,
+    environment: Annotated[
+        Optional[Path], typer.Option(help="Diagnose a recorded environment (a --json report) instead of this machine.")
+    ] = None,
+) -> None:
+    """Say which backends and source kinds work on this device, and what to install for the others (torch-free)."""
+    import json
+
+    from reconad.runtime import doctor as checks
+    from reconad.runtime.config import read_text
+    from reconad.runtime.errors import ReconadError, exit_with
+
+    try:
+        if target is not None and target not in checks.TARGETS:
+            raise ReconadError(f"--for must be one of {list(checks.TARGETS)}, got {target!r}.")
+        if environment is not None:
+            try:
+                recorded = json.loads(read_text(environment, "environment"))
+            except json.JSONDecodeError as error:
+                raise ReconadError(f"{environment} is not valid JSON ({error.msg} at line {error.lineno}).") from None
+            env = checks.Environment.from_dict(recorded.get("environment", recorded))
+        else:
+            env = checks.probe_environment()
+        findings = checks.diagnose(env)
+        if source is not None:
+            findings.append(checks.check_source(source))
+    except ReconadError as error:
+        exit_with(error)
+    if json_report:
+        payload = {"environment": env.to_dict(), "findings": [dataclasses.asdict(f) for f in findings]}
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        typer.echo(checks.render(findings))
+    by_name = {finding.name: finding for finding in findings}
+    failed = [name for name in ([target] if target else []) + ([source] if source else []) if not by_name[name].works]
+    if failed or (target and not by_name["platform"].works):
+        typer.echo(f"cannot work here: {', '.join(failed or ['platform'])}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("serve")
+def serve(
+    artifact: Annotated[Path, typer.Argument(help="The .onnx or .engine artifact, with its manifest.")],
+    http_port: Annotated[Optional[int], typer.Option(help="Triton HTTP/REST port [default: 8000].")] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(help="Triton gRPC port [default: 8001].")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus metrics port [default: 8002].")] = None,
+    address: Annotated[
+        Optional[str], typer.Option(help="Address every endpoint binds to [default: 127.0.0.1, loopback only].")
+    ] = None,
+    name: Annotated[Optional[str], typer.Option(help="Triton model name [default: the artifact's run name].")] = None,
+    max_batch: Annotated[
+        Optional[int], typer.Option(help="Largest batch Triton forms [default: the manifest's max_batch].")
+    ] = None,
+    max_queue_delay_us: Annotated[
+        Optional[int], typer.Option(help="How long a request may wait to be batched, in µs [default: 2000].")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
+    threshold: Annotated[
+        Optional[float], typer.Option(help="Image threshold in raw score units; overrides the manifest's.")
+    ] = None,
+    num_threads: Annotated[Optional[int], typer.Option(min=1, help="ONNX Runtime threads [default: all cores].")] = None,
+    log_file: Annotated[
+        Optional[Path], typer.Option(help="tritonserver's log [default: a new file in the temp folder].")
+    ] = None,
+) -> None:
+    """Serve the Inspector from a Triton Inference Server (PyTriton) with dynamic batching across clients.
+
+    Outputs per frame: the graph's (anomaly_map, image_score, ...) plus is_anomalous and threshold.
+    Stops on Ctrl+C or SIGTERM (exit 0); exit 2 for bad input or a server that cannot start.
+    """
+    from reconad.runtime.config import resolve
+    from reconad.runtime.errors import ReconadError, exit_with
+    from reconad.runtime.serve import ServeConfig, serve_artifact
+
+    try:
+        config = resolve(
+            ServeConfig,
+            dict(
+                http_port=http_port,
+                grpc_port=grpc_port,
+                metrics_port=metrics_port,
+                address=address,
+                model_name=name,
+                max_batch=max_batch,
+                max_queue_delay_us=max_queue_delay_us,
+                log_file=log_file,
+            ),
+            what="serve options",
+        )
+        serve_artifact(
+            artifact,
+            config,
+            backend=backend,
+            threshold=threshold,
+            num_threads=num_threads,
+            report=lambda line: typer.echo(line, err=True),
+        )
+    except ReconadError as error:
+        exit_with(error)
+    typer.echo("server stopped", err=True)

@@ -15,6 +15,12 @@ class ReconadError(Exception):
     exit_code = 2
 
 
+class BackendUnavailableError(ReconadError):
+    """A backend that cannot be reached right now (a Triton server restarting): the loop retries with backoff."""
+
+    exit_code = 3
+
+
 def exit_with(error: BaseException, prefix: str = "") -> NoReturn:
     """For CLI commands only: print ``error`` as one line on stderr, exit with its code, no traceback."""
     import typer

@@ -2,70 +2,56 @@
 
 The names below are the only definition of the fused graph's I/O; every other module imports them.
 Every ``.onnx`` / ``.engine`` has a ``<stem>.json`` manifest (schema ``SCHEMA_VERSION``) described by
-the frozen dataclasses here; ``Manifest.from_dict`` validates a JSON document field by field.
+the frozen dataclasses here; ``Manifest.from_dict`` validates a JSON document field by field with the
+project's one record decoder (``reconad.runtime.config.decode``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
-import math
 import os
 import re
-import types
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from reconad.runtime.atomic import write_text_atomic
+from reconad.runtime.config import check_choice, check_iso_date, decode, encode, read_text, require, utc_now_iso
 from reconad.runtime.errors import ReconadError
+from reconad.runtime.thresholds import OperatingPoint, ScoreNormalization, Threshold
 
 INPUT_NAME = "images"  # uint8 [N, H, W, 3] RGB
 ANOMALY_MAP_NAME = "anomaly_map"  # float32 [N, 1, H, W]
 IMAGE_SCORE_NAME = "image_score"  # float32 [N]
-OUTPUT_NAMES = (ANOMALY_MAP_NAME, IMAGE_SCORE_NAME)
+CATEGORY_NAME = "category"  # int64 [N] (int32 from TensorRT 8.x engines): index into category_head.names
+CATEGORY_DISTANCE_NAME = "category_distance"  # float32 [N]: cosine distance to that category's centroid
+SCORE_OUTPUT_NAMES = (ANOMALY_MAP_NAME, IMAGE_SCORE_NAME)
+CATEGORY_OUTPUT_NAMES = (CATEGORY_NAME, CATEGORY_DISTANCE_NAME)
+OUTPUT_NAMES = (*SCORE_OUTPUT_NAMES, *CATEGORY_OUTPUT_NAMES)  # the graph's outputs, in this order
+# TensorRT 8.5/8.6 have no INT64 tensors: their ONNX parser maps an int64 graph output to INT32 and makes
+# ArgMin a TopK whose indices are INT32; 10.x casts them to INT64 (onnx-tensorrt argMinMaxHelper).
+CATEGORY_DTYPES = ("int64", "int32")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # schema 1 (no category head, global thresholds only) migrates on load
+CATEGORY_METHODS = ("nearest_centroid", "none")
+UNNAMED_CATEGORY = "all"  # the one category of a graph whose checkpoint had no centroids
 METADATA_KEY = "reconad_manifest"  # ONNX metadata_props key holding the manifest JSON
 ARTIFACT_KINDS = ("onnx", "engine")
 PRECISION_MODES = ("fp32", "fp16")
 SCORE_REDUCERS = ("max_avgpool", "mean")
-NORMALIZATION_METHODS = ("minmax", "quantile")
 
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ReconadError(message)
-
-
-def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
-    _require(value in choices, f"manifest field {key} must be one of {list(choices)}, got {value!r}")
-
-
-def _check_sha256(value: str | None, key: str) -> None:
-    _require(
+def check_sha256(value: str | None, key: str) -> None:
+    require(
         value is None or _SHA256_PATTERN.fullmatch(value) is not None,
         f"manifest field {key} must be 64 lowercase hex digits, got {value!r}",
     )
-
-
-def _check_iso_date(value: str, key: str) -> None:
-    try:
-        datetime.datetime.fromisoformat(value)
-    except ValueError:
-        raise ReconadError(f"manifest field {key} must be an ISO 8601 date, got {value!r}") from None
-
-
-def utc_now_iso() -> str:
-    """The current time as an ISO 8601 UTC string (seconds), the format of every date in a manifest."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,21 +77,21 @@ class InputTensor:
     max_batch: int
 
     def __post_init__(self) -> None:
-        _require(self.name == INPUT_NAME, f"manifest input_tensor.name must be {INPUT_NAME!r}, got {self.name!r}")
-        _require(
+        require(self.name == INPUT_NAME, f"manifest input_tensor.name must be {INPUT_NAME!r}, got {self.name!r}")
+        require(
             len(self.shape) == 4 and self.shape[3] == 3 and self.shape[1] > 0 and self.shape[2] > 0,
             f"manifest input_tensor.shape must be [N, H, W, 3], got {list(self.shape)}",
         )
-        _require(self.dtype == "uint8", f"manifest input_tensor.dtype must be 'uint8', got {self.dtype!r}")
-        _require(self.layout == "NHWC", f"manifest input_tensor.layout must be 'NHWC', got {self.layout!r}")
-        _require(self.colour == "RGB", f"manifest input_tensor.colour must be 'RGB', got {self.colour!r}")
-        _require(
+        require(self.dtype == "uint8", f"manifest input_tensor.dtype must be 'uint8', got {self.dtype!r}")
+        require(self.layout == "NHWC", f"manifest input_tensor.layout must be 'NHWC', got {self.layout!r}")
+        require(self.colour == "RGB", f"manifest input_tensor.colour must be 'RGB', got {self.colour!r}")
+        require(
             1 <= self.min_batch <= self.max_batch,
             f"manifest input_tensor batch range must satisfy 1 <= min_batch <= max_batch, "
             f"got {self.min_batch}..{self.max_batch}",
         )
         batch = self.shape[0]
-        _require(
+        require(
             batch == -1 or batch == self.min_batch == self.max_batch,
             f"manifest input_tensor.shape has fixed batch {batch} but min_batch/max_batch are "
             f"{self.min_batch}/{self.max_batch}",
@@ -126,8 +112,10 @@ class OutputTensor:
 
     Attributes:
         name: one of ``OUTPUT_NAMES``.
-        shape: ``[N, 1, H, W]`` for ``anomaly_map``, ``[N]`` for ``image_score``; N as in the input.
-        dtype: ``"float32"`` (also for fp16 artifacts: their I/O types are unchanged).
+        shape: ``[N, 1, H, W]`` for ``anomaly_map``, ``[N]`` for the others; N as in the input.
+        dtype: ``"float32"`` (also for fp16 artifacts: their I/O types are unchanged); ``category`` is
+            ``"int64"``, or ``"int32"`` in an engine of a TensorRT without INT64 tensors (8.x): the
+            dtype the artifact really returns.
     """
 
     name: str
@@ -135,8 +123,73 @@ class OutputTensor:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _check_choice(self.name, OUTPUT_NAMES, "output_tensors.name")
-        _require(self.dtype == "float32", f"manifest output {self.name} dtype must be 'float32', got {self.dtype!r}")
+        check_choice(self.name, OUTPUT_NAMES, "output_tensors.name")
+        if self.name == CATEGORY_NAME:
+            check_choice(self.dtype, CATEGORY_DTYPES, f"output {CATEGORY_NAME} dtype")
+        else:
+            require(self.dtype == "float32", f"manifest output {self.name} dtype must be 'float32', got {self.dtype!r}")
+
+
+def output_tensors_for(
+    input_shape: tuple[int, ...], with_category: bool, dtypes: Mapping[str, str] | None = None
+) -> tuple[OutputTensor, ...]:
+    """The graph outputs for an input of ``input_shape`` ``[N, H, W, 3]``, in ``OUTPUT_NAMES`` order.
+
+    Args:
+        with_category: the graph has the ``category`` and ``category_distance`` outputs.
+        dtypes: dtype per output name where it is not the default (``category``: int64).
+    """
+    batch, height, width, _ = input_shape
+    shapes = {ANOMALY_MAP_NAME: (batch, 1, height, width), IMAGE_SCORE_NAME: (batch,)}
+    if with_category:
+        shapes |= {CATEGORY_NAME: (batch,), CATEGORY_DISTANCE_NAME: (batch,)}
+    defaults = {CATEGORY_NAME: "int64"}
+    chosen = {**defaults, **(dtypes or {})}
+    return tuple(OutputTensor(name=name, shape=shape, dtype=chosen.get(name, "float32")) for name, shape in shapes.items())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CategoryHead:
+    """How the graph's ``category`` output names the product in front of the camera (``reconad.model.detector``).
+
+    Attributes:
+        method: ``"nearest_centroid"``: the image's backbone features, average-pooled over the token grid
+            and L2-normalised, against one L2-normalised centroid per category fitted on the training
+            images; ``category`` is the nearest centroid's index and ``category_distance`` its cosine
+            distance (1 - cosine similarity, 0..2). ``"none"``: the checkpoint had no centroids (an older
+            run, ``import-uniad``): the graph outputs ``category`` 0 (``"all"``) and distance 0 for every
+            image, and the runtime judges every image with the global thresholds (or the ``--category``
+            it is given).
+        names: category names in the order of the ``category`` index; ``("all",)`` for ``"none"``.
+        n_images: training images each centroid was fitted on, parallel to ``names``; empty for ``"none"``.
+        separation: per name, the cosine distance from its centroid to the nearest other one (how far
+            the next product is); empty with fewer than two centroids. The calibrated distance limit
+            sits between a category's good images and half this (``reconad.runtime.calibration``).
+        source: what the centroids were fitted on, e.g. ``"160 training images of /data"``.
+    """
+
+    method: str
+    names: tuple[str, ...]
+    n_images: tuple[int, ...] = ()
+    separation: tuple[float, ...] = ()
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, CATEGORY_METHODS, "category_head.method")
+        require(bool(self.names) and len(set(self.names)) == len(self.names),
+                f"manifest category_head.names must be distinct and not empty, got {list(self.names)}")
+        if self.method == "none":
+            require(self.names == (UNNAMED_CATEGORY,),
+                    f"manifest category_head 'none' names only {UNNAMED_CATEGORY!r}, got {list(self.names)}")
+        require(not self.n_images or len(self.n_images) == len(self.names),
+                "manifest category_head.n_images must have one count per name")
+        require(not self.separation or len(self.separation) == len(self.names),
+                "manifest category_head.separation must have one distance per name")
+
+    @property
+    def recognizes(self) -> bool:
+        """Whether the graph really tells the categories apart (``"nearest_centroid"``)."""
+        return self.method == "nearest_centroid"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -154,96 +207,11 @@ class ScoreReducer:
     stride: int | None = None
 
     def __post_init__(self) -> None:
-        _check_choice(self.method, SCORE_REDUCERS, "score_reducer.method")
-        _require(
+        check_choice(self.method, SCORE_REDUCERS, "score_reducer.method")
+        require(
             self.method != "max_avgpool" or ((self.kernel_size or 0) >= 1 and (self.stride or 0) >= 1),
             "manifest score_reducer 'max_avgpool' needs a positive kernel_size and stride",
         )
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Calibration:
-    """Where a threshold or a score normalisation came from.
-
-    Attributes:
-        method: how it was computed, e.g. ``"max_fpr"`` (a quantile of defect-free scores),
-            ``"f1"`` (best F1 on labelled images) or ``"manual"``.
-        n_images: number of images it was computed from (0 for ``"manual"``).
-        max_fpr: the false-positive rate allowed on defect-free images, when the method uses one.
-        date: ISO 8601 date of the calibration.
-        source: what it was computed on: a folder, a dataset split, or who set it by hand.
-        margin: for ``"max_fpr"``, the fraction of the good-score spread added above the quantile
-            (``reconad.runtime.calibration.threshold_at_fpr``).
-    """
-
-    method: str
-    n_images: int
-    max_fpr: float | None = None
-    date: str
-    source: str
-    margin: float | None = None
-
-    def __post_init__(self) -> None:
-        _require(self.n_images >= 0, f"manifest calibration n_images must be >= 0, got {self.n_images}")
-        _require(
-            self.max_fpr is None or 0.0 <= self.max_fpr <= 1.0,
-            f"manifest calibration max_fpr must be in [0, 1], got {self.max_fpr}",
-        )
-        _check_iso_date(self.date, "calibration.date")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Threshold:
-    """A decision threshold in raw score units (not normalised): anomalous when ``score >= value``.
-
-    Attributes:
-        value: the threshold on ``image_score`` (image threshold) or on ``anomaly_map`` values
-            (pixel threshold, for defect masks).
-        calibration: how the value was obtained.
-    """
-
-    value: float
-    calibration: Calibration
-
-    def __post_init__(self) -> None:
-        _require(math.isfinite(self.value), f"manifest threshold value must be finite, got {self.value}")
-
-    def is_exceeded_by(self, scores: np.ndarray | float) -> np.ndarray:
-        """The decision rule used everywhere (Inspector, verify, calibration): ``scores >= value``."""
-        return np.asarray(scores) >= self.value
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ScoreNormalization:
-    """An affine map from raw image scores to 0..1 so operators read a familiar scale.
-
-    ``normalized = clip((score - low) / (high - low), 0, 1)``; the threshold stays in raw units.
-
-    Attributes:
-        method: ``"minmax"`` (low/high = min/max of calibration scores) or ``"quantile"``
-            (low/high = two quantiles of them, robust to outliers). ``recon-inspect calibrate`` takes
-            ``low`` = the min (minmax) or the ``max_fpr`` quantile (quantile) of the good scores and
-            ``high = 2 * threshold - low``, so the image threshold reads 0.5.
-        low: raw score mapped to 0.
-        high: raw score mapped to 1; greater than ``low``.
-        calibration: where low and high came from.
-    """
-
-    method: str
-    low: float
-    high: float
-    calibration: Calibration | None = None
-
-    def __post_init__(self) -> None:
-        _check_choice(self.method, NORMALIZATION_METHODS, "score_normalization.method")
-        _require(
-            math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low,
-            f"manifest score_normalization needs finite low < high, got {self.low} and {self.high}",
-        )
-
-    def apply(self, scores: np.ndarray | float) -> np.ndarray:
-        scores = np.asarray(scores, dtype=np.float64)
-        return np.clip((scores - self.low) / (self.high - self.low), 0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -263,7 +231,7 @@ class Precision:
     description: str = ""
 
     def __post_init__(self) -> None:
-        _check_choice(self.mode, PRECISION_MODES, "precision.mode")
+        check_choice(self.mode, PRECISION_MODES, "precision.mode")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -317,21 +285,28 @@ class Manifest:
     ``onnx_sha256 = None`` (a file cannot contain its own hash) and the sidecar JSON wins when both exist.
 
     Attributes:
-        schema_version: ``SCHEMA_VERSION``; other versions are refused.
+        schema_version: ``SCHEMA_VERSION``; schema 1 is migrated on load (its graph has no category
+            outputs and its thresholds are global), other versions are refused.
         artifact_kind: ``"onnx"`` or ``"engine"``.
         artifact_file: file name of the model, relative to the manifest's folder.
         preset: ``reconad.model`` preset name, or None for a custom config.
         model_config: the full ``ModelConfig`` as a JSON dict.
         input_tensor: the graph input.
-        output_tensors: the graph outputs, ``anomaly_map`` then ``image_score``.
+        output_tensors: the graph outputs in ``OUTPUT_NAMES`` order; a graph exported before schema 2
+            has only ``anomaly_map`` and ``image_score``.
         score_reducer: how the graph computes ``image_score`` from ``anomaly_map``.
         precision: fp32 / fp16 recipe.
         exporter: versions of the exporting software.
         created_at: ISO 8601 UTC time the artifact was written.
-        image_threshold: threshold on ``image_score``; None until calibrated.
-        pixel_threshold: threshold on ``anomaly_map`` values for defect masks; None until calibrated.
-        score_normalization: optional map of raw scores to 0..1 for display.
+        image_threshold: the global threshold on ``image_score``; None until calibrated.
+        pixel_threshold: the global threshold on ``anomaly_map`` values for defect masks; None until calibrated.
+        score_normalization: optional global map of raw scores to 0..1 for display.
+        distance_limit: the global out-of-distribution limit on ``category_distance``; None: no limit.
+        category_thresholds: per category name, its own ``OperatingPoint`` (image and pixel threshold,
+            normalisation, distance limit, each with its provenance); a category without one is judged
+            with the global fields above (``operating_point``).
         categories: the training categories (one model for all of them).
+        category_head: how the ``category`` output names the product; None for a graph without it.
         checkpoint_sha256: sha256 of the checkpoint the graph was exported from.
         onnx_sha256: sha256 of the ONNX file (for an engine: the ONNX it was built from).
         engine_sha256: sha256 of the engine file; engines only.
@@ -352,44 +327,58 @@ class Manifest:
     image_threshold: Threshold | None = None
     pixel_threshold: Threshold | None = None
     score_normalization: ScoreNormalization | None = None
+    distance_limit: Threshold | None = None
+    category_thresholds: dict[str, OperatingPoint] = dataclasses.field(default_factory=dict)
     categories: tuple[str, ...] = ()
+    category_head: CategoryHead | None = None
     checkpoint_sha256: str | None = None
     onnx_sha256: str | None = None
     engine_sha256: str | None = None
     engine: EngineInfo | None = None
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.schema_version == SCHEMA_VERSION,
             f"manifest schema version is {self.schema_version} but this reconad reads version {SCHEMA_VERSION}",
         )
-        _check_choice(self.artifact_kind, ARTIFACT_KINDS, "artifact_kind")
-        _require(
+        check_choice(self.artifact_kind, ARTIFACT_KINDS, "artifact_kind")
+        require(
             bool(self.artifact_file) and Path(self.artifact_file).name == self.artifact_file,
             f"manifest artifact_file must be a bare file name, got {self.artifact_file!r}",
         )
         object.__setattr__(self, "model_config", _json_normalized(self.model_config, "model_config"))
         names = tuple(output.name for output in self.output_tensors)
-        _require(
-            names == OUTPUT_NAMES, f"manifest outputs must be {list(OUTPUT_NAMES)} in that order, got {list(names)}"
+        require(
+            names in (OUTPUT_NAMES, SCORE_OUTPUT_NAMES),
+            f"manifest outputs must be {list(OUTPUT_NAMES)} (or, before schema 2, {list(SCORE_OUTPUT_NAMES)}) "
+            f"in that order, got {list(names)}",
         )
-        batch, height, width, _ = self.input_tensor.shape
-        expected_shapes = {ANOMALY_MAP_NAME: (batch, 1, height, width), IMAGE_SCORE_NAME: (batch,)}
+        expected = {t.name: t.shape for t in output_tensors_for(self.input_tensor.shape, names == OUTPUT_NAMES)}
         for output in self.output_tensors:
-            _require(
-                tuple(output.shape) == expected_shapes[output.name],
+            require(
+                tuple(output.shape) == expected[output.name],
                 f"manifest output {output.name} shape {list(output.shape)} does not match the input "
-                f"(expected {list(expected_shapes[output.name])})",
+                f"(expected {list(expected[output.name])})",
             )
-        _check_iso_date(self.created_at, "created_at")
+        require(
+            (self.category_head is not None) == (names == OUTPUT_NAMES),
+            f"manifest category_head must be present exactly when the graph has the {CATEGORY_NAME} output",
+        )
+        known = self.known_categories
+        unknown = sorted(set(self.category_thresholds) - set(known))
+        require(
+            not known or not unknown,
+            f"manifest category_thresholds name {unknown}, which are not categories of this model ({list(known)})",
+        )
+        check_iso_date(self.created_at, "created_at")
         for key in ("checkpoint_sha256", "onnx_sha256", "engine_sha256"):
-            _check_sha256(getattr(self, key), key)
+            check_sha256(getattr(self, key), key)
         is_engine = self.artifact_kind == "engine"
-        _require(
+        require(
             is_engine == (self.engine is not None),
             "manifest field engine must be present for an engine artifact and absent for an ONNX artifact",
         )
-        _require(is_engine or self.engine_sha256 is None, "manifest of an ONNX artifact must not carry engine_sha256")
+        require(is_engine or self.engine_sha256 is None, "manifest of an ONNX artifact must not carry engine_sha256")
 
     @classmethod
     def for_onnx(
@@ -405,6 +394,7 @@ class Manifest:
         dynamic_batch: bool = True,
         preset: str | None = None,
         categories: tuple[str, ...] = (),
+        category_head: CategoryHead | None = None,
         checkpoint_sha256: str | None = None,
         image_threshold: Threshold | None = None,
         pixel_threshold: Threshold | None = None,
@@ -418,6 +408,7 @@ class Manifest:
             input_hw: the graph's static (H, W).
             max_batch: largest batch; with ``dynamic_batch=False`` the fixed batch size.
             dynamic_batch: whether the batch axis is dynamic (1..max_batch).
+            category_head: the graph's category head; None for a graph without ``category`` outputs.
         """
         height, width = input_hw
         batch = -1 if dynamic_batch else max_batch
@@ -431,10 +422,7 @@ class Manifest:
                 min_batch=1 if dynamic_batch else max_batch,
                 max_batch=max_batch,
             ),
-            output_tensors=(
-                OutputTensor(name=ANOMALY_MAP_NAME, shape=(batch, 1, height, width)),
-                OutputTensor(name=IMAGE_SCORE_NAME, shape=(batch,)),
-            ),
+            output_tensors=output_tensors_for((batch, height, width, 3), category_head is not None),
             score_reducer=score_reducer,
             precision=precision,
             exporter=exporter,
@@ -443,6 +431,7 @@ class Manifest:
             pixel_threshold=pixel_threshold,
             score_normalization=score_normalization,
             categories=tuple(categories),
+            category_head=category_head,
             checkpoint_sha256=checkpoint_sha256,
         )
 
@@ -454,6 +443,7 @@ class Manifest:
         precision: Precision | None = None,
         min_batch: int | None = None,
         max_batch: int | None = None,
+        output_dtypes: Mapping[str, str] | None = None,
     ) -> Manifest:
         """The manifest of an engine built from this ONNX manifest's graph, stamped with its sha256.
 
@@ -463,9 +453,11 @@ class Manifest:
             precision: the engine's recipe; defaults to the ONNX graph's.
             min_batch: the optimisation profile's smallest batch; defaults to the graph's.
             max_batch: the optimisation profile's largest batch; defaults to the graph's.
+            output_dtypes: the engine's real output dtypes (numpy names) where they differ from the
+                graph's, e.g. ``{"category": "int32"}`` on TensorRT 8.x.
         """
-        _require(self.artifact_kind == "onnx", "an engine manifest can only be derived from an ONNX manifest")
-        _require(
+        require(self.artifact_kind == "onnx", "an engine manifest can only be derived from an ONNX manifest")
+        require(
             self.onnx_sha256 is not None,
             "the ONNX manifest has no onnx_sha256; load the sidecar JSON, not the embedded copy",
         )
@@ -475,16 +467,13 @@ class Manifest:
             high = tensor.max_batch if max_batch is None else max_batch
             batch = -1 if low != high or tensor.dynamic_batch else low
             tensor = dataclasses.replace(tensor, shape=(batch, *tensor.shape[1:]), min_batch=low, max_batch=high)
-        batch, height, width, _ = tensor.shape
+        dtypes = {output.name: output.dtype for output in self.output_tensors} | dict(output_dtypes or {})
         derived = dataclasses.replace(
             self,
             artifact_kind="engine",
             artifact_file=Path(engine_file).name,
             input_tensor=tensor,
-            output_tensors=(
-                OutputTensor(name=ANOMALY_MAP_NAME, shape=(batch, 1, height, width)),
-                OutputTensor(name=IMAGE_SCORE_NAME, shape=(batch,)),
-            ),
+            output_tensors=output_tensors_for(tensor.shape, self.category_head is not None, dtypes),
             precision=precision or self.precision,
             engine=engine,
             created_at=utc_now_iso(),
@@ -510,21 +499,63 @@ class Manifest:
     def input_hw(self) -> tuple[int, int]:
         return self.input_tensor.input_hw
 
+    @property
+    def recognizes_categories(self) -> bool:
+        """Whether the graph names the category of each image (a fitted ``category_head``)."""
+        return self.category_head is not None and self.category_head.recognizes
+
+    @property
+    def known_categories(self) -> tuple[str, ...]:
+        """The category names thresholds may be calibrated for: the head's, else the training categories."""
+        if self.recognizes_categories:
+            return self.category_head.names
+        return tuple(self.categories)
+
+    @property
+    def global_operating_point(self) -> OperatingPoint:
+        """The global thresholds, for images of a category without its own."""
+        return OperatingPoint(
+            image_threshold=self.image_threshold,
+            pixel_threshold=self.pixel_threshold,
+            score_normalization=self.score_normalization,
+            distance_limit=self.distance_limit,
+        )
+
+    def operating_point(self, category: str | None) -> OperatingPoint:
+        """The thresholds an image of ``category`` is judged with: its own when calibrated, else the global ones."""
+        own = self.category_thresholds.get(category) if category is not None else None
+        return own if own is not None and own.image_threshold is not None else self.global_operating_point
+
+    def with_operating_point(self, category: str | None, point: OperatingPoint) -> Manifest:
+        """A copy with ``point`` as the thresholds of ``category`` (None: the global ones)."""
+        if category is None:
+            return dataclasses.replace(
+                self,
+                image_threshold=point.image_threshold,
+                pixel_threshold=point.pixel_threshold,
+                score_normalization=point.score_normalization,
+                distance_limit=point.distance_limit,
+            )
+        return dataclasses.replace(self, category_thresholds={**self.category_thresholds, category: point})
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (tuples become lists); ``from_dict`` inverts it."""
-        return _to_json_value(self)
+        return encode(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         """Validate and build a manifest; any problem raises a one-sentence ``ReconadError``."""
-        _require(isinstance(data, Mapping), "manifest must be a JSON object")
-        _require("schema_version" in data, "manifest has no schema_version, so it is not a reconad manifest")
+        require(isinstance(data, Mapping), "manifest must be a JSON object")
+        require("schema_version" in data, "manifest has no schema_version, so it is not a reconad manifest")
         version = data["schema_version"]
-        _require(
-            version == SCHEMA_VERSION,
-            f"manifest schema version is {version!r} but this reconad reads version {SCHEMA_VERSION}",
+        require(
+            version in READABLE_SCHEMA_VERSIONS and not isinstance(version, bool),
+            f"manifest schema version is {version!r} but this reconad reads versions "
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}",
         )
-        return _from_json_value(cls, data, "")
+        if version == 1:
+            data = migrate_schema_1(data)
+        return decode(cls, data, "manifest")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -541,11 +572,7 @@ class Manifest:
     def load(cls, path: str | os.PathLike) -> Manifest:
         """Read and validate a manifest file; errors name the file in one sentence."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
-            raise ReconadError(f"Cannot read manifest {path}: {reason}.") from None
+        text = read_text(path, "manifest")
         try:
             return cls.from_json(text)
         except ReconadError as error:
@@ -554,6 +581,12 @@ class Manifest:
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a temp file in the same folder, then ``os.replace``."""
         write_text_atomic(path, self.to_json())
+
+
+def migrate_schema_1(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A schema-1 manifest as schema 2: the same fields; its graph has no category outputs (so no
+    ``category_head``) and its thresholds are the global ones. Written back as schema 2."""
+    return {**data, "schema_version": SCHEMA_VERSION}
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
@@ -587,11 +620,11 @@ def reference_path_for(artifact_path: str | os.PathLike) -> Path:
 def check_artifact_sha256(manifest: Manifest, artifact_path: str | os.PathLike) -> None:
     """Raise a ``ReconadError`` unless the file's sha256 is the one the manifest records."""
     expected = manifest.artifact_sha256
-    _require(
+    require(
         expected is not None, f"The manifest of {artifact_path} records no sha256 for it; re-export or re-stamp it."
     )
     actual = sha256_file(artifact_path)
-    _require(
+    require(
         actual == expected,
         f"{artifact_path} does not match its manifest (sha256 {actual[:12]}… instead of {expected[:12]}…): "
         "the file is corrupt or belongs to another manifest.",
@@ -603,60 +636,3 @@ def _json_normalized(value: Any, key: str) -> Any:
         return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as error:
         raise ReconadError(f"manifest field {key} is not JSON-serialisable ({error})") from None
-
-
-def _to_json_value(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {field.name: _to_json_value(getattr(value, field.name)) for field in dataclasses.fields(value)}
-    if isinstance(value, (tuple, list)):
-        return [_to_json_value(item) for item in value]
-    return value
-
-
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object"}
-
-
-def _from_json_value(annotation: Any, value: Any, key: str) -> Any:
-    """Convert a JSON value to ``annotation`` (dataclass, tuple[T, ...], X | None, dict, scalars)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = [option for option in typing.get_args(annotation) if option is not type(None)]
-        if value is None:
-            return None
-        return _from_json_value(options[0], value, key)
-    if dataclasses.is_dataclass(annotation):
-        return _dataclass_from_json(annotation, value, key)
-    if origin is tuple:
-        _require(isinstance(value, list), f"manifest field {key} must be a list")
-        item_type = typing.get_args(annotation)[0]
-        return tuple(_from_json_value(item_type, item, f"{key}[{index}]") for index, item in enumerate(value))
-    base = origin or annotation
-    if value is None:
-        raise ReconadError(f"manifest field {key} must be {_TYPE_NAMES[base]}, not null")
-    if base is float:
-        _require(
-            isinstance(value, (int, float)) and not isinstance(value, bool),
-            f"manifest field {key} must be a number, got {value!r}",
-        )
-        return float(value)
-    well_typed = isinstance(value, base) and (base is bool or not isinstance(value, bool))
-    _require(well_typed, f"manifest field {key} must be {_TYPE_NAMES[base]}, got {value!r}")
-    return value
-
-
-def _dataclass_from_json(cls: type, value: Any, key: str) -> Any:
-    where = f"{key} " if key else ""
-    _require(isinstance(value, Mapping), f"manifest field {key} must be an object")
-    hints = typing.get_type_hints(cls)
-    fields = {field.name: field for field in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - set(fields))
-    _require(not unknown, f"manifest {where}has unknown key(s) {', '.join(map(repr, unknown))}")
-    arguments = {}
-    for name, field in fields.items():
-        child_key = f"{key}.{name}" if key else name
-        if name not in value:
-            has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
-            _require(has_default, f"manifest key {child_key!r} is missing")
-            continue
-        arguments[name] = _from_json_value(hints[name], value[name], child_key)
-    return cls(**arguments)

@@ -61,6 +61,7 @@ def fit_command(
     backbone_weights: Annotated[Optional[str], typer.Option("--backbone-weights", help="pretrained, none, or a file.")] = None,
     skip_bad_files: Annotated[Optional[bool], typer.Option("--skip-bad-files", help="Leave bad files out (listed) instead of stopping.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = None,
+    bit_depth: Annotated[Optional[int], typer.Option("--bit-depth", min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk (e.g. 12).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
 ) -> None:
     """Train one model for all categories. Multi-GPU / multi-node: torchrun --nproc-per-node N $(which recon-train) fit ..."""
@@ -77,7 +78,7 @@ def fit_command(
             lr_step_epochs=lr_step_epochs, categories=_split_names(categories), normal_classes=classes, seed=seed,
             val_every_epochs=val_every_epochs, val_metric=val_metric, hflip=hflip, vflip=vflip,
             cache_features=cache_features, backbone_weights=backbone_weights, skip_bad_files=skip_bad_files,
-            device=device,
+            device=device, bit_depth=bit_depth,
         )
         from reconad.train.fit import fit
 
@@ -105,16 +106,25 @@ def evaluate_command(
     num_heatmaps: Annotated[int, typer.Option("--num-heatmaps", help="Overlays per category.")] = 6,
     skip_bad_files: Annotated[bool, typer.Option("--skip-bad-files")] = False,
     device: Annotated[str, typer.Option("--device")] = "auto",
+    bit_depth: Annotated[Optional[int], typer.Option("--bit-depth", min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk; default the training run's.")] = None,
+    manifest: Annotated[Optional[Path], typer.Option("--manifest", help="A calibrated artifact manifest (.json): "
+                        "report the operating points at its thresholds.")] = None,
+    max_fpr: Annotated[float, typer.Option("--max-fpr", help="Without --manifest: the calibration rule's "
+                       "false-positive rate on the good test images.")] = 0.01,
 ) -> None:
-    """Image/pixel AUROC, AU-PRO, AP and F1-max per category and mean; prints the table, writes the report."""
+    """Image/pixel AUROC, AU-PRO, AP and F1-max per category and mean, and the operating point per category
+    (threshold, recall, false-alarm rate, confusion counts, recognition); prints the tables, writes the report."""
     from reconad.train.evaluate import evaluate_checkpoint
 
     try:
         report = evaluate_checkpoint(checkpoint, data, out, _split_names(categories), batch_size, device,
-                                     num_heatmaps, skip_bad_files)
+                                     num_heatmaps, skip_bad_files, bit_depth=bit_depth, manifest=manifest,
+                                     max_fpr=max_fpr)
     except ReconadError as error:
         exit_with(error, prefix="error: ")
     typer.echo(report.table)
+    typer.echo("")
+    typer.echo(report.points_table)
     for note in report.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")

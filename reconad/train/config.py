@@ -7,6 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from reconad.runtime.config import load_toml, resolve
 from reconad.runtime.errors import ReconadError
 
 VAL_METRICS = ("image_auroc", "pixel_auroc")
@@ -33,6 +34,7 @@ class TrainConfig:
     cache_features: bool = True
     feature_cache_gib: float = 8.0  # per process; larger caches fall back to running the backbone
     skip_bad_files: bool = False
+    bit_depth: int | None = None  # real depth of 16-bit images without an sBIT chunk (e.g. 12); None: 16
     device: str = "auto"  # "auto" = the local CUDA device when there is one, else CPU
 
     def __post_init__(self) -> None:
@@ -52,29 +54,13 @@ class TrainConfig:
 def read_train_config(toml_path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
     """Dataclass defaults < the ``[train]`` table (or top level) of a TOML file < ``overrides`` (CLI flags).
 
-    ``None`` overrides mean "not given" and are ignored.
+    ``None`` overrides mean "not given" and are ignored. Decoded by the project's one record decoder
+    (``reconad.runtime.config``): unknown keys and wrong types are refused in one sentence.
     """
-    values = {}
+    table = {}
+    what = "train config"
     if toml_path is not None:
-        import tomllib
-
-        try:
-            with open(toml_path, "rb") as f:
-                table = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise ReconadError(f"Cannot read train config {toml_path}: {error}.") from error
-        values.update(table.get("train", table))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    defaults = TrainConfig()
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if unknown:
-        raise ReconadError(f"Unknown train config keys {unknown}.")
-    for key, value in list(values.items()):
-        expected = type(getattr(defaults, key))
-        if isinstance(value, list):
-            value = values[key] = tuple(value)
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = values[key] = float(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ReconadError(f"Train config key {key!r} must be a {expected.__name__}, got {value!r}.")
-    return TrainConfig(**values)
+        what = f"train config {toml_path}"
+        data = load_toml(toml_path, "train config")
+        table = data.get("train", data)
+    return resolve(TrainConfig, table, overrides, what=what)

@@ -1,13 +1,15 @@
 """Data sets for training and evaluation: MVTec-AD folder layout and the CIFAR-10 python pickles.
 
 Every file is read and checked once, when the data set is built, so a bad file is reported up front
-(naming the file) and never crashes an epoch. Items are uint8 RGB images at the preset's input size:
+(naming the file) and never crashes an epoch. Images and masks go through the runtime's one image
+path (``reconad.runtime.frames``: decode, EXIF orientation, bit depth, colour, resize), so training and
+evaluation see exactly the pixels the line does. Items are uint8 RGB images at the preset's input size:
 the detector normalises internally.
 
-Bad files (unreadable or truncated image, missing ground-truth mask, mask of another size than its
-image, 16-bit image, image with transparent pixels) stop the load with one sentence naming the file,
-or with ``on_bad_file="skip"`` are left out and listed in ``ImageDataset.skipped``. Gray images are
-converted to RGB (MVTec's grid, screw and zipper are gray) and fully opaque RGBA images lose the alpha.
+Bad files (unreadable or truncated image, a missing ground-truth mask in a category that has masks, a
+mask of another size than its image) stop the load with one sentence naming the file, or with
+``on_bad_file="skip"`` are left out and listed in ``ImageDataset.skipped``. A category whose defect
+images have no masks at all is evaluated from its folder labels only (``unmasked_categories``).
 """
 
 import os
@@ -21,8 +23,9 @@ import numpy as np
 import torch
 
 from reconad.runtime.errors import ReconadError
+from reconad.runtime.frames import list_images, read_image, resize_image, resize_mask
+from reconad.runtime.frames import read_mask as decode_mask
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"
 OnBadFile = Literal["fail", "skip"]
 
@@ -43,91 +46,28 @@ class Sample:
         return int(self.defect != GOOD)
 
 
-def _cv2():
+def read_image_rgb(path: str | os.PathLike, bit_depth: int | None = None) -> np.ndarray:
+    """``reconad.runtime.frames.read_image`` with its failures as ``BadFileError`` (uint8 [H, W, 3] RGB)."""
     try:
-        import cv2
-    except ImportError as error:
-        raise ReconadError("OpenCV is needed to read images: pip install opencv-python-headless.") from error
-    return cv2
-
-
-def _decode(path: Path, flags: int) -> np.ndarray:
-    cv2 = _cv2()
-    try:
-        data = np.fromfile(path, np.uint8)
-    except OSError as error:
-        raise BadFileError(f"Cannot read {path}: {error.strerror or error}.") from error
-    if path.suffix.lower() in (".jpg", ".jpeg") and b"\xff\xd9" not in data[-64:].tobytes():
-        raise BadFileError(f"{path} is truncated (no JPEG end marker).")
-    array = cv2.imdecode(data, flags) if data.size else None
-    if array is None:
-        raise BadFileError(f"{path} is not a readable image (unreadable or truncated).")
-    return array
-
-
-def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an 8-bit image file as uint8 [H, W, 3] RGB.
-
-    Gray images are replicated to three channels and a fully opaque alpha channel is dropped.
-
-    Raises:
-        BadFileError: unreadable or truncated file, 16-bit or float image, transparent pixels.
-    """
-    cv2 = _cv2()
-    path = Path(path)
-    array = _decode(path, cv2.IMREAD_UNCHANGED)
-    if array.dtype != np.uint8:
-        raise BadFileError(f"{path} is a {array.dtype.itemsize * 8}-bit image; convert it to 8 bits per channel.")
-    if array.ndim == 3 and array.shape[2] in (2, 4):
-        if (array[..., -1] != 255).any():
-            raise BadFileError(f"{path} has transparent pixels; save it without an alpha channel.")
-        array = array[..., :-1]
-    if array.ndim == 2 or array.shape[2] == 1:
-        return np.ascontiguousarray(np.repeat(array.reshape(array.shape[0], array.shape[1], 1), 3, axis=2))
-    if array.shape[2] != 3:
-        raise BadFileError(f"{path} has {array.shape[2]} channels; expected gray, RGB or RGBA.")
-    return np.ascontiguousarray(array[..., ::-1])  # OpenCV decodes to BGR
+        return read_image(path, bit_depth)
+    except ReconadError as error:
+        raise BadFileError(str(error)) from None
 
 
 def read_mask(path: str | os.PathLike, image_hw: tuple[int, int]) -> np.ndarray:
-    """Read a ground-truth mask as bool [H, W]; any non-zero pixel is defective.
+    """A ground-truth mask as bool [H, W] (``reconad.runtime.frames.read_mask``), checked against its image.
 
     Raises:
-        BadFileError: unreadable mask, or its size differs from its image's ``image_hw``.
+        BadFileError: unreadable mask, or its (upright) size differs from its image's ``image_hw``.
     """
-    cv2 = _cv2()
     path = Path(path)
-    array = _decode(path, cv2.IMREAD_UNCHANGED)
-    if array.ndim == 3:
-        array = array.max(axis=2)
-    if array.shape != tuple(image_hw):
-        raise BadFileError(
-            f"{path} is {array.shape[1]}x{array.shape[0]} but its image is {image_hw[1]}x{image_hw[0]}."
-        )
-    return array > 0
-
-
-def resize_image(image: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
-    """Resize uint8 [H, W, 3] to ``input_hw``: area filter when shrinking, bilinear when growing."""
-    cv2 = _cv2()
-    if image.shape[:2] == tuple(input_hw):
-        return image
-    shrinking = image.shape[0] * image.shape[1] > input_hw[0] * input_hw[1]
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(image, (input_hw[1], input_hw[0]), interpolation=interpolation)
-
-
-def resize_mask(mask: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
-    """Resize bool [H, W] to ``input_hw`` with nearest-neighbour sampling (masks stay binary)."""
-    cv2 = _cv2()
-    if mask.shape == tuple(input_hw):
-        return mask
-    resized = cv2.resize(mask.astype(np.uint8), (input_hw[1], input_hw[0]), interpolation=cv2.INTER_NEAREST)
-    return resized > 0
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    try:
+        mask = decode_mask(path)
+    except ReconadError as error:
+        raise BadFileError(str(error)) from None
+    if mask.shape != tuple(image_hw):
+        raise BadFileError(f"{path} is {mask.shape[1]}x{mask.shape[0]} but its image is {image_hw[1]}x{image_hw[0]}.")
+    return mask
 
 
 def list_categories(root: str | os.PathLike) -> tuple[str, ...]:
@@ -142,13 +82,15 @@ def list_categories(root: str | os.PathLike) -> tuple[str, ...]:
 
 
 def _find_mask(root: Path, category: str, defect: str, image_path: Path) -> Path | None:
+    """``ground_truth/<defect>/<stem>_mask.<ext>`` (or ``<stem>.<ext>``), any image suffix in any letter case."""
     folder = root / category / "ground_truth" / defect
-    for stem in (f"{image_path.stem}_mask", image_path.stem):
-        for suffix in IMAGE_SUFFIXES:
-            candidate = folder / f"{stem}{suffix}"
-            if candidate.is_file():
-                return candidate
-    return None
+    if not folder.is_dir():
+        return None
+    by_stem = {}
+    for path in list_images(folder, recursive=False):
+        by_stem.setdefault(path.stem.lower(), path)
+    stem = image_path.stem.lower()
+    return by_stem.get(f"{stem}_mask") or by_stem.get(stem)
 
 
 def scan_mvtec(
@@ -171,7 +113,7 @@ def scan_mvtec(
             raise ReconadError(f"{split_dir} does not exist (expected the MVTec-AD layout).")
         defects = [GOOD] if split == "train" else sorted(p.name for p in split_dir.iterdir() if p.is_dir())
         for defect in defects:
-            for path in _image_files(split_dir / defect):
+            for path in list_images(split_dir / defect, recursive=False):
                 mask_path = None if defect == GOOD else _find_mask(root, category, defect, path)
                 samples.append(Sample(path, category, defect, mask_path))
     return samples
@@ -182,7 +124,9 @@ class ImageDataset(torch.utils.data.Dataset):
     """Decoded, resized images (uint8 [N, H, W, 3] RGB) with labels, masks and their categories.
 
     Items are dicts: ``image`` uint8 [H, W, 3], ``mask`` uint8 [H, W] in {0, 1}, ``label`` (1 = anomalous),
-    ``index``. ``has_masks`` is False where the data set has no pixel ground truth (CIFAR-10).
+    ``index``. ``has_masks`` is False where the data set has no pixel ground truth at all (CIFAR-10);
+    ``unmasked_categories`` are the categories without it (their defect images have no masks), whose
+    all-zero ``masks`` mean "unknown", not "defect-free".
     """
 
     images: np.ndarray  # uint8 [N, H, W, 3]
@@ -192,6 +136,8 @@ class ImageDataset(torch.utils.data.Dataset):
     names: list[str]  # e.g. "pill/test/hole/003.png", for reports
     has_masks: bool = True
     skipped: list[str] = field(default_factory=list)  # one sentence per left-out file
+    unmasked_categories: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)  # one sentence per suspicious file kept (e.g. a full mask)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -214,24 +160,35 @@ class ImageDataset(torch.utils.data.Dataset):
             self.labels[idx],
             [self.categories[i] for i in idx],
             [self.names[i] for i in idx],
-            self.has_masks,
+            self.has_masks and category not in self.unmasked_categories,
+            unmasked_categories=tuple(c for c in self.unmasked_categories if c == category),
         )
+
+    def category_has_masks(self, category: str) -> bool:
+        """Whether the pixel ground truth of ``category`` is known (pixel metrics can be computed)."""
+        return self.has_masks and category not in self.unmasked_categories
 
     @property
     def category_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.categories))
 
 
-def _load_sample(sample: Sample, root: Path, input_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    image = read_image_rgb(sample.path)
-    if sample.defect == GOOD:
+def _load_sample(
+    sample: Sample, root: Path, input_hw: tuple[int, int], masked: bool, bit_depth: int | None
+) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """The resized image and mask of one sample, and a note when its mask marks every pixel."""
+    image = read_image_rgb(sample.path, bit_depth)
+    note = None
+    if sample.defect == GOOD or not masked:
         mask = np.zeros(image.shape[:2], bool)
     elif sample.mask_path is None:
         expected = root / sample.category / "ground_truth" / sample.defect / f"{sample.path.stem}_mask.png"
         raise BadFileError(f"{sample.path} has no ground-truth mask (expected {expected}).")
     else:
         mask = read_mask(sample.mask_path, image.shape[:2])
-    return resize_image(image, input_hw), resize_mask(mask, input_hw)
+        if mask.all():
+            note = f"{sample.mask_path} marks every pixel of its image as defective; check how it was saved."
+    return resize_image(image, input_hw), resize_mask(mask, input_hw), note
 
 
 def load_mvtec(
@@ -241,6 +198,7 @@ def load_mvtec(
     categories: tuple[str, ...] | None = None,
     on_bad_file: OnBadFile = "fail",
     num_threads: int | None = None,
+    bit_depth: int | None = None,
 ) -> ImageDataset:
     """Read, check and resize one split of an MVTec-layout folder.
 
@@ -252,6 +210,7 @@ def load_mvtec(
         on_bad_file: ``"fail"`` raises ``BadFileError`` naming the first bad file; ``"skip"`` leaves bad
             files out and lists them in ``skipped``.
         num_threads: decoding threads (OpenCV releases the GIL); default: the CPU count, at most 8.
+        bit_depth: the real depth of 16-bit images that do not record it (see ``frames.to_rgb_uint8``).
 
     Raises:
         ReconadError: layout errors, a bad file under ``"fail"``, or nothing left to load.
@@ -261,10 +220,16 @@ def load_mvtec(
     root = Path(root)
     samples = scan_mvtec(root, split, categories)
     threads = num_threads or min(8, os.cpu_count() or 1)
+    defective = [sample for sample in samples if sample.defect != GOOD]
+    unmasked = tuple(
+        category
+        for category in dict.fromkeys(sample.category for sample in defective)
+        if all(sample.mask_path is None for sample in defective if sample.category == category)
+    )
 
     def load(sample: Sample):
         try:
-            return _load_sample(sample, root, input_hw)
+            return _load_sample(sample, root, input_hw, sample.category not in unmasked, bit_depth)
         except BadFileError as error:
             return error
 
@@ -283,16 +248,21 @@ def load_mvtec(
     h, w = input_hw
     images = np.empty((len(kept), h, w, 3), np.uint8)
     masks = np.empty((len(kept), h, w), bool)
-    for i, (_, (image, mask)) in enumerate(kept):
+    notes = [f"{category}: no ground-truth masks, so only image-level metrics (from the folder labels)."
+             for category in unmasked]
+    for i, (_, (image, mask, note)) in enumerate(kept):
         images[i], masks[i] = image, mask
+        notes += [note] if note else []
     return ImageDataset(
         images=images,
         masks=masks,
         labels=np.array([s.label for s, _ in kept], np.int64),
         categories=[s.category for s, _ in kept],
         names=[s.path.relative_to(root).as_posix() for s, _ in kept],
-        has_masks=True,
+        has_masks=len(unmasked) < len({s.category for s, _ in kept}),
         skipped=skipped,
+        unmasked_categories=unmasked,
+        notes=notes,
     )
 
 
@@ -382,8 +352,9 @@ def load_dataset(
     categories: tuple[str, ...] | None = None,
     on_bad_file: OnBadFile = "fail",
     normal_classes: tuple[int, ...] = (0, 1, 2, 3, 4),
+    bit_depth: int | None = None,
 ) -> ImageDataset:
     """CIFAR-10 when ``root`` holds its python batches, otherwise the MVTec layout."""
     if find_cifar10(root) is not None:
         return load_cifar10(root, split, normal_classes, input_hw)
-    return load_mvtec(root, split, input_hw, categories, on_bad_file)
+    return load_mvtec(root, split, input_hw, categories, on_bad_file, bit_depth=bit_depth)

@@ -1,8 +1,11 @@
 """Evaluation of a checkpoint on the test split: metrics per category and mean, with a report.
 
 Runs the same ``AnomalyDetector.forward`` that is exported. Writes ``metrics.json``, ``report.md``,
-``scores.csv`` (every test image's score), ROC plots (``roc/<category>.png``) and heatmap overlays
-(``heatmaps/<category>/*.png``).
+``scores.csv`` (every test image's score and category), ROC plots (``roc/<category>.png``, the
+operating point marked) and heatmap overlays (``heatmaps/<category>/*.png``). The operating point per
+category: the threshold of a calibrated manifest, or ``recon-inspect calibrate``'s rule applied to the
+category's good test images, never tuned on its defects; recall, false-alarm rate and confusion counts
+at it, and how often the category head names the category.
 """
 
 import json
@@ -15,10 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reconad.model import AnomalyDetector, load_detector
+from reconad.model import AnomalyDetector, category_names, load_detector
 from reconad.runtime.atomic import write_text_atomic
+from reconad.runtime.config import utc_now_iso
+from reconad.runtime.calibration import UNRELATED_DISTANCE, distance_limit_for, threshold_at_fpr
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.metrics import compute_detection_metrics, roc_curve
+from reconad.runtime.manifest import Manifest
+from reconad.runtime.thresholds import Calibration, OperatingPointCounts, Threshold
+from reconad.train.metrics import compute_detection_metrics, roc_curve
 from reconad.train.data import ImageDataset, list_categories, load_dataset
 from reconad.train.memory import retain_freed_memory
 
@@ -33,19 +40,36 @@ METRIC_COLUMNS = (
 )
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """The fused forward's outputs for a test set: maps float32 [N, H, W], scores float32 [N],
+    categories int64 [N] (centroid indices) and category distances float32 [N]."""
+
+    anomaly_maps: np.ndarray
+    image_scores: np.ndarray
+    categories: np.ndarray
+    category_distances: np.ndarray
+
+
 @torch.no_grad()
+def predict_outputs(detector: AnomalyDetector, images: np.ndarray, batch_size: int, device: torch.device) -> Predictions:
+    """Run the fused forward in eval mode on uint8 [N, H, W, 3] images."""
+    detector.eval()
+    outputs: list[list[np.ndarray]] = [[], [], [], []]
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
+        anomaly_map, *rest = detector(batch)
+        for pieces, value in zip(outputs, (anomaly_map[:, 0], *rest)):
+            pieces.append(value.cpu().numpy())
+    return Predictions(*(np.concatenate(pieces) for pieces in outputs))
+
+
 def predict(
     detector: AnomalyDetector, images: np.ndarray, batch_size: int, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run the fused forward in eval mode: uint8 [N, H, W, 3] -> maps float32 [N, H, W], scores float32 [N]."""
-    detector.eval()
-    maps, scores = [], []
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
-        anomaly_map, image_score = detector(batch)
-        maps.append(anomaly_map[:, 0].cpu().numpy())
-        scores.append(image_score.cpu().numpy())
-    return np.concatenate(maps), np.concatenate(scores)
+    predictions = predict_outputs(detector, images, batch_size, device)
+    return predictions.anomaly_maps, predictions.image_scores
 
 
 def evaluate_predictions(dataset: ImageDataset, anomaly_maps: np.ndarray, image_scores: np.ndarray) -> dict:
@@ -57,8 +81,9 @@ def evaluate_predictions(dataset: ImageDataset, anomaly_maps: np.ndarray, image_
     per_category = {}
     for category in dataset.category_names:
         keep = np.array([c == category for c in dataset.categories])
-        masks = dataset.masks[keep] if dataset.has_masks else None
-        maps = anomaly_maps[keep] if dataset.has_masks else None
+        masked = dataset.category_has_masks(category)
+        masks = dataset.masks[keep] if masked else None
+        maps = anomaly_maps[keep] if masked else None
         metrics = compute_detection_metrics(dataset.labels[keep], image_scores[keep], masks, maps)
         metrics.update(num_images=int(keep.sum()), num_anomalous=int(dataset.labels[keep].sum()))
         per_category[category] = metrics
@@ -67,6 +92,111 @@ def evaluate_predictions(dataset: ImageDataset, anomaly_maps: np.ndarray, image_
         values = [m[name] for m in per_category.values() if name in m and math.isfinite(m[name])]
         mean[name] = float(np.mean(values)) if values else float("nan")
     return {"categories": per_category, "mean": mean}
+
+
+def _centroid_separation(detector: AnomalyDetector) -> np.ndarray:
+    """Per centroid, the cosine distance to the nearest other one (``UNRELATED_DISTANCE`` with one centroid)."""
+    centroids = detector.category_centroids.detach().double().cpu()
+    if len(centroids) < 2:
+        return np.full(len(centroids), UNRELATED_DISTANCE)
+    distance = 1.0 - centroids @ centroids.T
+    distance.fill_diagonal_(float("inf"))
+    return distance.min(dim=1).values.numpy()
+
+
+def _rule_threshold(values: np.ndarray, max_fpr: float, margin: float, source: str) -> Threshold:
+    calibration = Calibration(
+        method="max_fpr", n_images=int(len(values)), max_fpr=max_fpr, date=utc_now_iso(), source=source, margin=margin
+    )
+    return Threshold(value=threshold_at_fpr(values, max_fpr, margin), calibration=calibration)
+
+
+def operating_points(
+    dataset: ImageDataset,
+    predictions: Predictions,
+    detector: AnomalyDetector,
+    manifest: Manifest | None = None,
+    max_fpr: float = 0.01,
+    margin: float = 0.05,
+) -> dict:
+    """The operating point of every category, with its own threshold and with the one global threshold.
+
+    Thresholds come from ``manifest`` (its category's operating point, else its global one) or, without
+    one, from ``recon-inspect calibrate``'s rule (``threshold_at_fpr``) on the category's good test
+    images (global: on all of them); defective images never set them. An image beyond the distance
+    limit (the manifest's, or the rule's ``distance_limit_for``) counts as unknown, not judged.
+
+    Returns:
+        ``{"per_category": {name: point}, "global": {name: point}, "recognition_accuracy": float | None}``,
+        each point ``OperatingPointCounts.to_dict()`` plus ``threshold_source`` and ``recognition_accuracy``
+        (None where the model names no category); a category without good images or threshold: None.
+    """
+    names = category_names(detector)
+    separation = _centroid_separation(detector)
+    named = [names[index] if names else None for index in predictions.categories]
+    in_category = {category: np.array([c == category for c in dataset.categories]) for category in dataset.category_names}
+    goods = dataset.labels == 0
+    global_threshold, global_limit = None, None
+    if manifest is not None:
+        global_threshold, global_limit = manifest.image_threshold, manifest.distance_limit
+    elif goods.sum() >= 2:
+        global_threshold = _rule_threshold(predictions.image_scores[goods], max_fpr, margin, "good test images")
+        if names:
+            limit = distance_limit_for(predictions.category_distances[goods], float(separation.min()), max_fpr, margin)
+            global_limit = Threshold.manual(limit, source="rule on good test images")
+    per_category, global_points = {}, {}
+    for category, keep in in_category.items():
+        labels, scores = dataset.labels[keep], predictions.image_scores[keep]
+        distances = predictions.category_distances[keep]
+        recognized = float(np.mean([named[i] == category for i in np.nonzero(keep)[0]])) if names else None
+        threshold, limit, source = None, None, None
+        if manifest is not None:
+            point = manifest.operating_point(category)
+            threshold, limit = point.image_threshold, point.distance_limit
+            own = category in manifest.category_thresholds and point is manifest.category_thresholds[category]
+            source = f"manifest ({'its own' if own else 'the global'} threshold)"
+        elif (labels == 0).sum() >= 2:
+            threshold = _rule_threshold(scores[labels == 0], max_fpr, margin, f"{category} good test images")
+            source = f"rule on its {(labels == 0).sum()} good test images"
+            if category in names:
+                value = distance_limit_for(distances[labels == 0], float(separation[names.index(category)]), max_fpr, margin)
+                limit = Threshold.manual(value, source="rule on good test images")
+
+        def point_at(rule: Threshold | None, distance_limit: Threshold | None, label: str) -> dict | None:
+            if rule is None:
+                return None
+            unknown = distance_limit.is_exceeded_by(distances) if distance_limit is not None else None
+            counts = OperatingPointCounts.count(rule, labels, scores, unknown)
+            return {**counts.to_dict(), "threshold_source": label, "recognition_accuracy": recognized}
+
+        per_category[category] = point_at(threshold, limit, source)
+        global_source = "manifest (global threshold)" if manifest is not None else "rule on all good test images"
+        global_points[category] = point_at(global_threshold, global_limit, global_source)
+    accuracy = None
+    if names:
+        accuracy = float(np.mean([named[i] == c for i, c in enumerate(dataset.categories)]))
+    return {"per_category": per_category, "global": global_points, "recognition_accuracy": accuracy}
+
+
+def format_operating_points(points: dict) -> str:
+    """A markdown table: per category, its own and the global threshold with recall, false alarms and counts."""
+    lines = [
+        "| category | threshold | recall | false-alarm rate | TP | FN | FP | TN | unknown | global threshold | "
+        "recall (global) | false-alarm rate (global) | recognition |",
+        "|---|" + "---:|" * 12,
+    ]
+    for category, point in points["per_category"].items():
+        own, shared = point or {}, points["global"].get(category) or {}
+        row = [category, _fmt_value(own.get("threshold"), ".5g"), _fmt(own.get("recall")), _fmt(own.get("false_alarm_rate"))]
+        row += [str(own.get(key, "n/a")) for key in ("true_positives", "false_negatives", "false_positives", "true_negatives", "unknown")]
+        row += [_fmt_value(shared.get("threshold"), ".5g"), _fmt(shared.get("recall")), _fmt(shared.get("false_alarm_rate"))]
+        row.append(_fmt(own.get("recognition_accuracy")))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _fmt_value(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _fmt(value) -> str:
@@ -87,6 +217,7 @@ def format_metrics_table(result: dict) -> str:
 
 
 def _notes(result: dict) -> list[str]:
+    """Why a metric is n/a, or below chance, per category."""
     notes = []
     for category, metrics in result["categories"].items():
         for key, label in METRIC_COLUMNS:
@@ -94,8 +225,12 @@ def _notes(result: dict) -> list[str]:
             if key.endswith("auroc") and value is not None and math.isfinite(value) and value < 0.5:
                 notes.append(f"{category}: {label} is {value:.4f}, below chance: the scores rank defective "
                              "images/pixels LOWER than good ones (reported as is, not flipped).")
-            if value is not None and not math.isfinite(value):
-                notes.append(f"{category}: {label} is undefined (the test split lacks good or defective samples).")
+        undefined = [label for key, label in METRIC_COLUMNS if key in metrics and not math.isfinite(metrics[key])]
+        if undefined:
+            good, defective = metrics["num_images"] - metrics["num_anomalous"], metrics["num_anomalous"]
+            notes.append(f"{category}: {', '.join(undefined)} n/a: they need both classes, and its test split has "
+                         f"{good} good and {defective} defective images (pixels: defective or not); "
+                         "left out of the mean.")
     return notes
 
 
@@ -109,7 +244,8 @@ def _json_safe(value):
     return value
 
 
-def _plot_roc(path: Path, category: str, labels, scores, masks=None, maps=None) -> None:
+def _plot_roc(path: Path, category: str, labels, scores, masks=None, maps=None, points=()) -> None:
+    """ROC curves of the image (and pixel) scores; ``points``: (label, point dict) operating points to mark."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,9 +265,14 @@ def _plot_roc(path: Path, category: str, labels, scores, masks=None, maps=None) 
             tpr = np.maximum.accumulate(np.interp(grid, fpr, tpr))
             fpr = grid
         axis.plot(fpr, tpr, label=f"{name} AUROC {area:.3f}")
+    for (label, point), marker in zip(points, ("o", "s")):
+        if point is None or point["recall"] is None or point["false_alarm_rate"] is None:
+            continue
+        axis.plot(point["false_alarm_rate"], point["recall"], marker=marker, markersize=7, linestyle="none",
+                  label=f"{label} {point['threshold']:.4g}: recall {point['recall']:.2f}, FAR {point['false_alarm_rate']:.2f}")
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {category}", xlim=(0, 1), ylim=(0, 1.01))
-    axis.legend(loc="lower right")
+    axis.legend(loc="lower right", fontsize="small")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -139,18 +280,19 @@ def _plot_roc(path: Path, category: str, labels, scores, masks=None, maps=None) 
 
 def _write_overlay(path: Path, image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None,
                    value_range: tuple[float, float], score: float) -> None:
-    """Image | heatmap over the image (ground-truth outline in green), side by side."""
+    """Image | heatmap over the image (ground-truth outline in green), side by side.
+
+    The heat is drawn by the line's renderer (``reconad.runtime.line.render.heat_overlay``), so the report
+    shows anomalies as an operator sees them live.
+    """
     import cv2
 
+    from reconad.runtime.line.render import heat_overlay
+
     low, high = value_range
-    scaled = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0, 1)
-    heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR
-    bgr = np.ascontiguousarray(image[..., ::-1])
-    overlay = cv2.addWeighted(bgr, 0.5, heat, 0.5, 0)
-    if mask is not None and mask.any():
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(overlay, contours, -1, (0, 255, 0), 1)
-    panel = np.concatenate([bgr, overlay], axis=1)
+    truth = mask if mask is not None and mask.any() else None
+    overlay = heat_overlay(image, anomaly_map, low=low, high=max(high, low + 1e-12), truth_mask=truth)  # RGB
+    panel = np.ascontiguousarray(np.concatenate([image, overlay], axis=1)[..., ::-1])  # BGR for imwrite
     cv2.putText(panel, f"score {score:.3g}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), panel)
@@ -171,9 +313,31 @@ def _heatmap_sample(labels: np.ndarray, count: int) -> list[int]:
 @dataclass(frozen=True)
 class EvaluationReport:
     out_dir: Path
-    result: dict  # evaluate_predictions' dict
+    result: dict  # evaluate_predictions' dict, with "operating_points" (operating_points' dict)
     table: str  # markdown
     notes: list[str]
+    points_table: str = ""  # markdown: format_operating_points
+
+
+def _operating_point_text(calibrated, manifest_path, max_fpr: float, margin: float, accuracy: float | None) -> str:
+    if calibrated is not None:
+        where = (
+            f"The thresholds are those of the calibrated manifest `{manifest_path}` (each category's own, else its "
+            "global one). The false-alarm rate is measured on the good test images; it is an independent figure "
+            "only if the manifest was calibrated on other good images."
+        )
+    else:
+        where = (
+            f"The thresholds follow `recon-inspect calibrate`'s rule (max_fpr {max_fpr:g}, margin {margin:g}) on "
+            "the good test images: each category's own on its good images, the global one on all of them. The "
+            "defective images never set a threshold, so recall is an honest figure; the false-alarm rate is "
+            "measured on the same good images that set the threshold (in-sample, at most max_fpr by "
+            "construction)."
+        )
+    where += " Images beyond the distance limit of their category count as unknown, not judged."
+    if accuracy is not None:
+        where += f" The category head names the right category for {accuracy:.2%} of the test images."
+    return where
 
 
 def _default_categories(detector: AnomalyDetector, data_root) -> tuple[str, ...] | None:
@@ -196,6 +360,10 @@ def evaluate_checkpoint(
     num_heatmaps: int = 6,
     skip_bad_files: bool = False,
     normal_classes: tuple[int, ...] | None = None,
+    bit_depth: int | None = None,
+    manifest: str | os.PathLike | None = None,
+    max_fpr: float = 0.01,
+    margin: float = 0.05,
 ) -> EvaluationReport:
     """Evaluate ``checkpoint`` on the test split of ``data_root`` and write the report to ``out_dir``.
 
@@ -203,35 +371,49 @@ def evaluate_checkpoint(
         categories: MVTec categories; default: the checkpoint's training categories (else all).
         num_heatmaps: overlays written per category.
         normal_classes: CIFAR-10 normal classes; default: those the checkpoint was trained with.
+        bit_depth: the real depth of 16-bit images that do not record it; default: the training run's.
+        manifest: a calibrated artifact manifest (``.json``) whose thresholds give the operating points;
+            default: ``recon-inspect calibrate``'s rule on each category's good test images.
+        max_fpr: the rule's false-positive rate on good images (without ``manifest``).
+        margin: the rule's margin (without ``manifest``).
     """
     retain_freed_memory()  # the process keeps what it frees for the next batch
+    calibrated = Manifest.load(manifest) if manifest is not None else None
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 ("cpu" if device == "auto" else device))
     detector = load_detector(checkpoint).to(torch_device)
     config = detector.config
     categories = categories or _default_categories(detector, data_root)
     classes = normal_classes or tuple(detector.provenance.get("normal_classes") or (0, 1, 2, 3, 4))
+    bit_depth = bit_depth or detector.provenance.get("bit_depth")
     dataset = load_dataset(data_root, "test", config.input_hw, categories,
-                           "skip" if skip_bad_files else "fail", classes)
+                           "skip" if skip_bad_files else "fail", classes, bit_depth=bit_depth)
     for message in dataset.skipped:
         print(f"skipped: {message}", file=sys.stderr)
-    anomaly_maps, image_scores = predict(detector, dataset.images, batch_size, torch_device)
+    predictions = predict_outputs(detector, dataset.images, batch_size, torch_device)
+    anomaly_maps, image_scores = predictions.anomaly_maps, predictions.image_scores
     result = evaluate_predictions(dataset, anomaly_maps, image_scores)
+    points = operating_points(dataset, predictions, detector, calibrated, max_fpr, margin)
+    result["operating_points"] = points
     table = format_metrics_table(result)
-    notes = _notes(result)
+    points_table = format_operating_points(points)
+    notes = dataset.notes + _notes(result)
 
     out_dir = Path(out_dir)
     (out_dir / "roc").mkdir(parents=True, exist_ok=True)
     for category in dataset.category_names:
         keep = np.nonzero(np.array([c == category for c in dataset.categories]))[0]
-        masks = dataset.masks[keep] if dataset.has_masks else None
-        maps = anomaly_maps[keep] if dataset.has_masks else None
-        _plot_roc(out_dir / "roc" / f"{category}.png", category, dataset.labels[keep], image_scores[keep], masks, maps)
+        masked = dataset.category_has_masks(category)
+        masks = dataset.masks[keep] if masked else None
+        maps = anomaly_maps[keep] if masked else None
+        marked = (("own threshold", points["per_category"][category]), ("global threshold", points["global"][category]))
+        _plot_roc(out_dir / "roc" / f"{category}.png", category, dataset.labels[keep], image_scores[keep], masks, maps,
+                  marked)
         value_range = (float(np.percentile(anomaly_maps[keep], 1)), float(np.percentile(anomaly_maps[keep], 99.9)))
         for index in keep[_heatmap_sample(dataset.labels[keep], num_heatmaps)]:
             name = dataset.names[index].replace("/", "_").rsplit(".", 1)[0]
             _write_overlay(out_dir / "heatmaps" / category / f"{name}.png", dataset.images[index],
-                           anomaly_maps[index], dataset.masks[index] if dataset.has_masks else None,
+                           anomaly_maps[index], dataset.masks[index] if masked else None,
                            value_range, float(image_scores[index]))
 
     payload = {
@@ -244,9 +426,13 @@ def evaluate_checkpoint(
         "notes": notes,
     }
     write_text_atomic(out_dir / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    rows = ["name,category,label,image_score"] + [
-        f"{name},{category},{label},{score:.6g}"
-        for name, category, label, score in zip(dataset.names, dataset.categories, dataset.labels, image_scores)
+    names = category_names(detector)
+    rows = ["name,category,label,image_score,recognized_category,category_distance"] + [
+        f"{name},{category},{label},{score:.6g},{names[index] if names else ''},{distance:.6g}"
+        for name, category, label, score, index, distance in zip(
+            dataset.names, dataset.categories, dataset.labels, image_scores, predictions.categories,
+            predictions.category_distances,
+        )
     ]
     write_text_atomic(out_dir / "scores.csv", "\n".join(rows) + "\n")
     report = [
@@ -256,6 +442,12 @@ def evaluate_checkpoint(
         "rate of 0.3 and normalised, as MVTec AD's evaluation does. AUROCs below 0.5 are reported as they are.",
         "",
         table,
+        "",
+        "## Operating points",
+        "",
+        _operating_point_text(calibrated, manifest, max_fpr, margin, points["recognition_accuracy"]),
+        "",
+        points_table,
         "",
     ]
     if notes:
@@ -268,4 +460,4 @@ def evaluate_checkpoint(
             f"![{p.stem}](heatmaps/{category}/{p.name})" for p in sorted(folder.glob("*.png"))
         ] + [""]
     write_text_atomic(out_dir / "report.md", "\n".join(report))
-    return EvaluationReport(out_dir, result, table, notes)
+    return EvaluationReport(out_dir, result, table, notes, points_table)

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from reconad.model import PRESETS, AnomalyDetector, ModelConfig, build_detector, save_checkpoint
 from reconad.runtime.atomic import atomic_path, write_text_atomic
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.metrics import ranking_metrics
+from reconad.train.metrics import ranking_metrics
 from reconad.train.config import VAL_METRICS, TrainConfig
 from reconad.train.data import ImageDataset, load_dataset
 from reconad.train.memory import retain_freed_memory
@@ -123,6 +124,40 @@ def extract_all_features(
     return torch.cat(chunks)
 
 
+@torch.no_grad()
+def fit_category_head(
+    detector: AnomalyDetector,
+    train_set: ImageDataset,
+    features: torch.Tensor | None,
+    batch_size: int,
+    device: torch.device,
+    data_root: str | os.PathLike,
+) -> dict:
+    """Fit the detector's category centroids on the training images (``AnomalyDetector.fit_category_centroids``).
+
+    Args:
+        features: the cached backbone features of ``train_set`` [N, C, h, w], or None to extract them
+            (one more backbone pass over the training images).
+
+    Returns:
+        The checkpoint provenance entry ``category_head``: ``names`` (centroid order), ``n_images``, ``source``.
+    """
+    pooled = []
+    for start in range(0, len(train_set), batch_size):
+        if features is not None:
+            batch = features[start : start + batch_size].to(device)
+        else:
+            batch = detector.extract_features(torch.from_numpy(train_set.images[start : start + batch_size]).to(device))
+        pooled.append(detector.pooled_features(batch).cpu())
+    names = train_set.category_names
+    detector.fit_category_centroids(torch.cat(pooled), train_set.categories, names)
+    return {
+        "names": list(names),
+        "n_images": [train_set.categories.count(name) for name in names],
+        "source": f"{len(train_set)} training images of {Path(data_root).resolve()}",
+    }
+
+
 def _flip(images: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal / vertical flips of uint8 [N, H, W, 3], each with probability 0.5 per image."""
     for enabled, axis in ((config.hflip, 2), (config.vflip, 1)):
@@ -134,6 +169,58 @@ def _flip(images: torch.Tensor, config: TrainConfig, generator: torch.Generator)
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def build_optimizer(
+    reconstructor: torch.nn.Module, config: TrainConfig
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.StepLR]:
+    """AdamW on every reconstructor parameter (weight decay on all of them, as the official trainer) and
+    a StepLR stepped once per epoch: ``lr_gamma`` after every ``lr_step_epochs`` (0 = 80% of the epochs).
+
+    The official trainer calls ``StepLR.step(epoch)`` with the 0-based epoch just finished, which decays
+    one epoch later than this (801 epochs at the first rate in its 1000-epoch schedule, here 800).
+    """
+    optimizer = torch.optim.AdamW(reconstructor.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    step_epochs = config.lr_step_epochs or max(1, int(0.8 * config.epochs))
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_epochs, gamma=config.lr_gamma)
+
+
+def training_step(
+    reconstructor: torch.nn.Module,
+    features: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    grad_clip_norm: float,
+    parameters=None,
+    jitter_noise: torch.Tensor | None = None,
+    where: str = "",
+) -> tuple[float, float]:
+    """One optimisation step, the official UniAD trainer's: MSE between the (clean) features and the
+    reconstruction of their jittered copy, backward, gradient clipping to ``grad_clip_norm``, optimizer step.
+
+    Args:
+        reconstructor: in training mode (jitter and dropout on); a ``Reconstructor`` or its DDP wrapper.
+        features: float32 [N, C, h, w], the frozen backbone's features (the reconstruction target).
+        parameters: the parameters whose gradients are clipped; default ``reconstructor.parameters()``.
+        jitter_noise: the jitter's standard-normal draw, [N, C, h, w]; None draws from torch's generator.
+        where: appended to the error message (e.g. " at epoch 3").
+
+    Returns:
+        ``(loss, grad_norm)``: the batch's mean squared error and the total gradient norm before clipping.
+
+    Raises:
+        ReconadError: the loss is not finite (nothing is updated then).
+    """
+    reconstruction = reconstructor(features, jitter_noise)
+    loss = F.mse_loss(reconstruction, features)
+    if not torch.isfinite(loss):
+        raise ReconadError(f"The loss became {loss.item()}{where}; lower the learning rate.")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        reconstructor.parameters() if parameters is None else parameters, grad_clip_norm
+    )
+    optimizer.step()
+    return loss.item(), float(grad_norm)
 
 
 def train_one_epoch(
@@ -178,15 +265,9 @@ def train_one_epoch(
             backbone_seconds += time.perf_counter() - tick
         else:
             features = source[batch].to(context.device, non_blocking=True)
-        reconstruction = reconstructor(features)
-        loss = F.mse_loss(reconstruction, features)
-        if not torch.isfinite(loss):
-            raise ReconadError(f"The loss became {loss.item()} at epoch {epoch}; lower the learning rate.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(detector.reconstructor.parameters(), config.grad_clip_norm)
-        optimizer.step()
-        loss_sum += torch.tensor([loss.item() * len(batch), len(batch)], dtype=torch.float64)
+        loss, _ = training_step(reconstructor, features, optimizer, config.grad_clip_norm,
+                                parameters=detector.reconstructor.parameters(), where=f" at epoch {epoch}")
+        loss_sum += torch.tensor([loss * len(batch), len(batch)], dtype=torch.float64)
         elapsed = time.perf_counter() - start
         progress.update(done, loss_sum[0].item() / loss_sum[1].item(), loss_sum[1].item() * context.world_size / elapsed)
     if context.enabled:
@@ -294,6 +375,7 @@ def fit(
     run_dir: str | os.PathLike,
     config: TrainConfig = TrainConfig(),
     resume: bool = False,
+    on_epoch_end: Callable[[int, AnomalyDetector, dict], None] | None = None,
 ) -> FitResult:
     """Train one detector on every (or the chosen) category of ``data_root``; write the run to ``run_dir``.
 
@@ -301,6 +383,8 @@ def fit(
     ``train_log.jsonl`` (one JSON object per epoch) and ``resume.pt`` (optimizer and scheduler state for
     ``resume``). Launched by torchrun, every process trains on its shard and DDP averages the gradients.
     The process keeps the memory it frees for reuse from here on (``retain_freed_memory``).
+    ``on_epoch_end(epoch, detector, record)`` runs on rank 0 after each epoch (e.g. a benchmark's own
+    held-out evaluation); the detector is put back in training mode afterwards.
     """
     started = time.perf_counter()
     retain_freed_memory()
@@ -321,14 +405,15 @@ def fit(
 
     on_bad_file = "skip" if config.skip_bad_files else "fail"
     categories = config.categories or None
-    train_set = load_dataset(data_root, "train", model_config.input_hw, categories, on_bad_file, config.normal_classes)
+    train_set = load_dataset(data_root, "train", model_config.input_hw, categories, on_bad_file, config.normal_classes,
+                             bit_depth=config.bit_depth)
     for message in train_set.skipped:
         _echo(context, f"skipped: {message}")
     val_set, problem = None, None
     if config.val_every_epochs > 0 and context.is_main:  # rank 0 alone validates
         try:
             val_set = load_dataset(data_root, "test", model_config.input_hw, categories, on_bad_file,
-                                   config.normal_classes)
+                                   config.normal_classes, bit_depth=config.bit_depth)
         except ReconadError as error:
             problem = str(error)
     problem = _from_rank0(context, problem)
@@ -354,6 +439,9 @@ def fit(
                        f"({len(train_set) / extract_seconds:.1f} img/s, {cache_bytes / 2**20:.0f} MiB)")
     else:
         source = torch.from_numpy(train_set.images)
+    category_head = fit_category_head(
+        detector.eval(), train_set, source if use_cache else None, config.batch_size, context.device, data_root
+    )
     val_features = None
     if val_set is not None and use_cache:
         val_features = extract_all_features(detector.eval(), val_set.images, config.batch_size, context.device)
@@ -362,11 +450,7 @@ def fit(
     if context.enabled:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         reconstructor = torch.nn.parallel.DistributedDataParallel(detector.reconstructor, device_ids=device_ids)
-    optimizer = torch.optim.AdamW(
-        detector.reconstructor.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    step_epochs = config.lr_step_epochs or max(1, int(0.8 * config.epochs))
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_epochs, gamma=config.lr_gamma)
+    optimizer, scheduler = build_optimizer(detector.reconstructor, config)
 
     first_epoch, best = 1, None
     if resume_state is not None:
@@ -381,12 +465,15 @@ def fit(
 
     provenance = {
         "categories": list(train_set.category_names),
+        "category_head": category_head,
         "data": str(Path(data_root).resolve()),
         "normal_classes": list(config.normal_classes) if not train_set.has_masks else None,
+        "bit_depth": config.bit_depth,
         "train_config": config.to_dict(),
         "world_size": context.world_size,
         "torch_version": str(torch.__version__),
     }
+    detector.provenance = dict(provenance)  # as load_detector gives it back (category_names reads it)
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(run_dir / CONFIG_NAME, {
@@ -424,6 +511,9 @@ def fit(
                 record["best"] = True
             _echo(context, f"validation epoch {epoch}: mean {config.val_metric} {value:.4f}"
                            + (" (best)" if record.get("best") else f" (best {best['value']:.4f} at epoch {best['epoch']})" if best else ""))
+        if on_epoch_end is not None and context.is_main:
+            on_epoch_end(epoch, detector, record)
+            detector.train()
         if context.is_main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(_json_safe(record)) + "\n")

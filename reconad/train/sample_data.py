@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reconad.runtime.atomic import folder_mode
 from reconad.runtime.errors import ReconadError
 
 CATEGORIES = ("weave", "wood", "washer", "pill")
@@ -310,6 +311,7 @@ def write_sample_data(
         raise ReconadError(f"{root} already exists and is not empty; pass --overwrite to replace it.")
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    os.chmod(staging, folder_mode())  # mkdtemp's folder is private (0700); the data set is not
     try:
         num_train = num_test = 0
         for category in config.categories:

@@ -1,7 +1,7 @@
 """A miniature fused graph for the engine tests: its ONNX model, the layers TensorRT 8.6's parser would
 make of it (named layers per node, unnamed constants, ``(Unnamed Layer* N) [Normalization]`` for
-LayerNormalization) or 8.5's of the graph with LayerNormalization decomposed, and hand-written
-engine-inspector JSON in the 8.x/10.x format."""
+LayerNormalization, a TopK for ArgMin: INT32 indices on 8.x, cast to INT64 on 10.x) or 8.5's of the
+graph with LayerNormalization decomposed, and hand-written engine-inspector JSON in the 8.x/10.x format."""
 
 import json
 
@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from reconad.export.engine_precision import NetworkLayer
+from reconad.export.precision_check import NetworkLayer
 from reconad.export.layernorm import decompose_layer_norm
-from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, INPUT_NAME
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, CATEGORY_DISTANCE_NAME, CATEGORY_NAME, IMAGE_SCORE_NAME, INPUT_NAME
 
 # (name, op, inputs, outputs, attributes) of a miniature fused graph: normalisation, a conv, one
-# attention with LayerNorm, a reconstruction, and the anomaly head.
+# attention with LayerNorm, a reconstruction, the anomaly head and the category head.
 NODES = [
     ("to_nchw", "Transpose", [INPUT_NAME], ["x_u8"], {"perm": [0, 3, 1, 2]}),
     ("cast", "Cast", ["x_u8"], ["x_f"], {"to": TensorProto.FLOAT}),
@@ -38,13 +38,22 @@ NODES = [
     ("to_map", "Reshape", ["distance", "map_shape"], [ANOMALY_MAP_NAME], {}),
     ("pool", "AveragePool", [ANOMALY_MAP_NAME], ["pooled"], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
     ("score", "ReduceMax", ["pooled"], [IMAGE_SCORE_NAME], {"axes": [1, 2, 3], "keepdims": 0}),
+    ("pool_features", "ReduceMean", ["feat"], ["pooled_features"], {"axes": [2, 3], "keepdims": 0}),  # [N, 4]
+    ("feature_norm", "ReduceL2", ["pooled_features"], ["feature_length"], {"axes": [1], "keepdims": 1}),
+    ("unit_features", "Div", ["pooled_features", "feature_length"], ["unit"], {}),
+    ("similarity", "MatMul", ["unit", "centroids_t"], ["similarities"], {}),  # [N, 2]
+    ("to_distance", "Sub", ["one", "similarities"], ["distances"], {}),
+    ("nearest", "ArgMin", ["distances"], [CATEGORY_NAME], {"axis": 1, "keepdims": 0}),
+    ("nearest_distance", "ReduceMin", ["distances"], [CATEGORY_DISTANCE_NAME], {"axes": [1], "keepdims": 0}),
 ]
+CATEGORY_HEAD_NODES = {"pool_features", "feature_norm", "unit_features", "similarity", "to_distance", "nearest",
+                       "nearest_distance"}  # fmt: skip
 ISLANDS = {
     "cast", "sub_mean", "div_std",  # input normalisation
     "norm",  # LayerNormalization
     "qk", "scale", "mask", "softmax",  # softmax logits
     "difference", "square", "channel_sum", "root", "to_map", "pool", "score",  # anomaly head
-}  # fmt: skip
+} | CATEGORY_HEAD_NODES  # fmt: skip
 # What the LayerNormalization "norm" becomes for TensorRT 8.5 (export.layernorm), with the layer types
 # 8.5's parser makes of each node.
 NORM_STEPS = {
@@ -68,6 +77,8 @@ def build_model() -> onnx.ModelProto:
         "rec_w": rng.standard_normal((4, 4)).astype(np.float32),
         "sum_axes": np.array([2], np.int64),
         "map_shape": np.array([-1, 1, 8, 8], np.int64),
+        "centroids_t": np.array([[1, 0], [0, 1], [0, 0], [0, 0]], np.float32),  # [C, K]
+        "one": np.array(1.0, np.float32),
     }
     nodes = [helper.make_node(op, inputs, outputs, name=name, **attrs) for name, op, inputs, outputs, attrs in NODES]
     graph = helper.make_graph(
@@ -77,6 +88,8 @@ def build_model() -> onnx.ModelProto:
         [
             helper.make_tensor_value_info(ANOMALY_MAP_NAME, TensorProto.FLOAT, ["N", 1, 8, 8]),
             helper.make_tensor_value_info(IMAGE_SCORE_NAME, TensorProto.FLOAT, ["N"]),
+            helper.make_tensor_value_info(CATEGORY_NAME, TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info(CATEGORY_DISTANCE_NAME, TensorProto.FLOAT, ["N"]),
         ],
         initializer=[numpy_helper.from_array(value, name) for name, value in weights.items()],
     )
@@ -85,13 +98,16 @@ def build_model() -> onnx.ModelProto:
     return model
 
 
-def parsed_network(strongly_typed_fp16: bool = False, decomposed_layer_norm: bool = False) -> list[NetworkLayer]:
+def parsed_network(
+    strongly_typed_fp16: bool = False, decomposed_layer_norm: bool = False, category_dtype: str = "INT32"
+) -> list[NetworkLayer]:
     """Layers as TensorRT 8.6's parser adds them: constants first, then the node's own layer(s).
 
     With ``strongly_typed_fp16`` the float layers outside the islands are HALF, as when the fp16
     graph is parsed strongly typed. With ``decomposed_layer_norm``, "norm" is the nodes
     ``decompose_layer_norm`` makes of it, as TensorRT 8.5 parses that graph (a named layer per node,
-    an unnamed constant before each that reads a weight).
+    an unnamed constant before each that reads a weight). ArgMin is a TopK layer whose INT32 indices
+    are the output (8.x), or, with ``category_dtype="INT64"`` (10.x), cast to INT64 by one more layer.
     """
     layers: list[NetworkLayer] = []
     node = None
@@ -105,9 +121,10 @@ def parsed_network(strongly_typed_fp16: bool = False, decomposed_layer_norm: boo
     def unnamed(type_name):
         return f"(Unnamed Layer* {len(layers)}) [{type_name}]"
 
-    for name, op, _, outputs, _ in NODES:
+    weights = {initializer.name for initializer in build_model().graph.initializer}
+    for name, op, inputs, outputs, _ in NODES:
         node = name
-        if op in ("Sub", "Div", "Mul", "Add") and name not in ("difference", "square"):
+        if op in ("Sub", "Div", "Mul", "Add") and set(inputs) & weights:
             constant = unnamed("Constant")
             add(constant, "CONSTANT", [f"{constant}_output"], ["FLOAT"])
         if name == "norm" and decomposed_layer_norm:
@@ -128,6 +145,12 @@ def parsed_network(strongly_typed_fp16: bool = False, decomposed_layer_norm: boo
             add(shape, "SHAPE", [f"{shape}_output"], ["INT32"])
         if name == "to_nchw":
             add(name, "SHUFFLE", outputs, ["UINT8"])
+            continue
+        if op == "ArgMin":
+            indices = outputs[0] if category_dtype == "INT32" else f"{unnamed('TopK')}_indices"
+            add(name, "TOPK", [f"{name}_values", indices], ["FLOAT", "INT32"])
+            if category_dtype != "INT32":
+                add(unnamed("Cast"), "CAST", outputs, [category_dtype])
             continue
         metadata = f"[ONNX Layer: {name}]" if name == "pool" else ""  # 8.6+ parsers attach metadata
         add(name if name != "pool" else unnamed("Pooling"), op.upper(), outputs, ["FLOAT"], metadata)
@@ -188,6 +211,14 @@ def engine_json(
         {"Name": "(Unnamed Layer* 27) [Pooling]", "LayerType": "CudaPooling", "Metadata": "[ONNX Layer: pool]",
          "Outputs": [tensor("pooled", FP32)]},
         {"Name": "score", "LayerType": "Reduce", "Outputs": [tensor("image_score", FP32)]},
+        {"Name": "pool_features", "LayerType": "Reduce", "Outputs": [tensor("pooled_features", FP32)]},
+        {"Name": "feature_norm", "LayerType": "Reduce", "Outputs": [tensor("feature_length", FP32)]},
+        {"Name": "PWN(unit_features)", "LayerType": "PointWiseV2", "Outputs": [tensor("unit", FP32)]},
+        {"Name": "similarity", "LayerType": "CaskGemmMatrixMultiply", "Outputs": [tensor("similarities", FP32)]},
+        {"Name": "PWN(to_distance)", "LayerType": "PointWiseV2", "Outputs": [tensor("distances", FP32)]},
+        {"Name": "nearest", "LayerType": "TopK", "Outputs": [tensor("category", "Row major linear Int32 format")]},
+        {"Name": "nearest_distance", "LayerType": "Reduce", "Outputs": [tensor("category_distance", FP32)]},
         *extra_layers,
     ]  # fmt: skip
-    return json.dumps({"Layers": layers, "Bindings": ["images", "anomaly_map", "image_score"]})
+    bindings = ["images", "anomaly_map", "image_score", "category", "category_distance"]
+    return json.dumps({"Layers": layers, "Bindings": bindings})

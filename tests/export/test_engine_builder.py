@@ -15,10 +15,11 @@ import onnx
 import pytest
 
 from reconad.export import engine
-from reconad.export.engine import BuildConfig, EnginePrecisionError, build_engine
-from reconad.runtime.cuda import GpuInfo
+from reconad.export.build_config import BuildConfig
+from reconad.export.engine import EnginePrecisionError, build_engine
+from reconad.runtime.backends.device import GpuInfo
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import Manifest, Precision, manifest_path_for
+from reconad.runtime.manifest import CATEGORY_NAME, OUTPUT_NAMES, Manifest, Precision, manifest_path_for
 from tests.export.mini_graph import FP32, NORM_STEPS, build_model, engine_json, parsed_network
 from tests.runtime.onnx_graphs import make_manifest
 
@@ -56,12 +57,22 @@ class FakeLayer:
 
 
 class FakeNetwork:
+    """The parsed network; its outputs are the layer outputs named as the graph's outputs (their dtypes as parsed)."""
+
     def __init__(self, flags):
         self.flags = flags
         self.layers = []
         self.inputs = [FakeTensor("images", "UINT8", (-1, 8, 8, 3))]
-        self.outputs = [FakeTensor("anomaly_map", "FLOAT", (-1, 1, 8, 8)), FakeTensor("image_score", "FLOAT", (-1,))]
-        self.num_inputs, self.num_outputs = 1, 2
+        self.num_inputs = 1
+
+    @property
+    def outputs(self):
+        produced = {tensor.name: tensor for layer in self.layers for tensor in layer.outputs}
+        return [produced[name] for name in OUTPUT_NAMES if name in produced]
+
+    @property
+    def num_outputs(self):
+        return len(self.outputs)
 
     @property
     def num_layers(self):
@@ -264,7 +275,11 @@ def test_tensorrt_8_6_builds_the_fp32_graph_with_fp16_flag_and_obeyed_island_con
         "LayerNormalization",
         "softmax logits",
         "anomaly head",
+        "category head",
     )
+    # TensorRT 8.x has no INT64 tensors: the engine's category output is INT32, and its manifest says so.
+    assert {"nearest", "pool_features", "similarity", "nearest_distance"} <= constrained
+    assert [(o.name, o.dtype) for o in manifest.output_tensors][2:] == [(CATEGORY_NAME, "int32"), ("category_distance", "float32")]
     details = manifest.engine.build_details
     assert (
         details["plan"]["constrained_layers"] == len(constrained)
@@ -277,7 +292,8 @@ def test_tensorrt_8_6_builds_the_fp32_graph_with_fp16_flag_and_obeyed_island_con
 
 
 def test_tensorrt_10_builds_the_fp16_graph_strongly_typed_with_progress(tmp_path, exports, monkeypatch):
-    trt = use(monkeypatch, RecordingTensorRT("10.3.0", parsed_network(strongly_typed_fp16=True), engine_json()))
+    network_layers = parsed_network(strongly_typed_fp16=True, category_dtype="INT64")
+    trt = use(monkeypatch, RecordingTensorRT("10.3.0", network_layers, engine_json()))
     lines = []
     result = build_engine(exports["fp32"], tmp_path / "m.engine", BuildConfig(dla_core=0), log=lines.append)
     assert trt.parsed == [str(exports["fp16"])]
@@ -293,6 +309,17 @@ def test_tensorrt_10_builds_the_fp16_graph_strongly_typed_with_progress(tmp_path
     assert manifest.precision.fp32_islands == ("input normalisation", "LayerNormalization")
     assert manifest.engine.build_details["plan"]["strongly_typed"] is True
     assert result.report.island_layers  # the FP32-typed layers were checked in the inspector report
+    # 10.x's parser casts ArgMin's INT32 indices to INT64: the output keeps the graph's dtype.
+    assert manifest.output_tensors[2].dtype == "int64"
+    assert "  output category () INT64" in lines
+
+
+def test_a_network_without_the_outputs_its_manifest_promises_is_refused(tmp_path, exports, monkeypatch):
+    layers = [layer for layer in parsed_network() if layer.name not in ("nearest", "nearest_distance")]
+    use(monkeypatch, RecordingTensorRT("8.6.2.3", layers, engine_json()))
+    with pytest.raises(ReconadError, match=r"outputs \['anomaly_map', 'image_score'\] but its manifest promises"):
+        build_engine(exports["fp16"], tmp_path / "m.engine")
+    assert not (tmp_path / "m.engine").exists()
 
 
 def test_tensorrt_11_builds_fp32_engines_strongly_typed_without_tf32(tmp_path, exports, monkeypatch):
@@ -343,7 +370,7 @@ def test_tensorrt_8_5_parses_the_fp32_graph_with_layer_normalization_decomposed_
 
     (parsed,) = trt.parsed  # the rewritten fp32 graph, from memory
     ops = [node.op_type for node in parsed.graph.node]
-    assert "LayerNormalization" not in ops and ops.count("ReduceMean") == 2
+    assert "LayerNormalization" not in ops and ops.count("ReduceMean") == 2 + 1  # + the category head's pooling
     assert [node.name for node in parsed.graph.node if node.name.startswith("norm/")] == list(NORM_STEPS)
     assert onnx.load(exports["fp32"]).graph.node[7].op_type == "LayerNormalization"  # the file is untouched
     network, built = trt.built[0]

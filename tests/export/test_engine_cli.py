@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from reconad.export import engine
 from reconad.export.cli import app
-from reconad.export.engine import BuildConfig
+from reconad.export.build_config import BuildConfig
 from reconad.runtime.errors import ReconadError
 from tests.runtime.onnx_graphs import write_artifact
 

@@ -15,12 +15,13 @@ pytestmark = pytest.mark.gpu
 
 trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed here; the gpu tests need TensorRT and a GPU")
 
-from reconad.export.engine import BuildConfig, build_engine  # noqa: E402
-from reconad.runtime.backends import OrtBackend  # noqa: E402
-from reconad.runtime.cuda import open_cuda  # noqa: E402
+from reconad.export.build_config import BuildConfig  # noqa: E402
+from reconad.export.engine import build_engine  # noqa: E402
+from reconad.runtime.backends.ort import OrtBackend  # noqa: E402
+from reconad.runtime.backends.cuda import open_cuda  # noqa: E402
 from reconad.runtime.errors import ReconadError  # noqa: E402
-from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, Manifest, manifest_path_for  # noqa: E402
-from reconad.runtime.trt_backend import TrtBackend  # noqa: E402
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, CATEGORY_DISTANCE_NAME, CATEGORY_NAME, IMAGE_SCORE_NAME, Manifest, manifest_path_for  # noqa: E402
+from reconad.runtime.backends.trt import TrtBackend, parse_version  # noqa: E402
 from reconad.runtime.verify import verify_artifact  # noqa: E402
 from tests.runtime.onnx_graphs import expected_outputs, random_images, write_artifact  # noqa: E402
 
@@ -44,14 +45,19 @@ def contract_engine(tmp_path_factory):
 def test_a_tiny_engine_builds_and_infers(contract_engine):
     manifest = Manifest.load(contract_engine.manifest_path)
     assert manifest.engine.tensorrt_version == trt.__version__ and manifest.precision.mode == "fp32"
+    # TensorRT 8.x has no INT64 tensors (its parser maps the int64 output to INT32); 10.x keeps int64.
+    category_dtype = "int32" if parse_version(trt.__version__) < (10,) else "int64"
+    assert manifest.output_tensors[2].dtype == category_dtype
     images = random_images(7, seed=4)  # more than max_batch: split into 4 + 3
     wanted = expected_outputs(images)
     for cuda_graph in (False, True):
         with TrtBackend(contract_engine.engine_path, cuda_graph=cuda_graph) as backend:
-            assert backend.max_batch == 4
+            assert backend.max_batch == 4 and backend.outputs[2].dtype == category_dtype
             outputs = backend.infer(images)
-            for name in (ANOMALY_MAP_NAME, IMAGE_SCORE_NAME):
+            for name in (ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, CATEGORY_DISTANCE_NAME):
                 np.testing.assert_allclose(outputs[name], wanted[name], atol=1e-5)
+            assert outputs[CATEGORY_NAME].dtype == category_dtype
+            np.testing.assert_array_equal(outputs[CATEGORY_NAME], wanted[CATEGORY_NAME])
             single = backend.infer(images[:2], copy=False)
             np.testing.assert_allclose(single[IMAGE_SCORE_NAME], wanted[IMAGE_SCORE_NAME][:2], atol=1e-5)
     assert verify_artifact(contract_engine.engine_path, "trt").passed
@@ -99,3 +105,5 @@ def test_fp16_engine_agrees_with_onnx_runtime_with_and_without_cuda_graphs(model
         f"fp16 engine vs ONNX Runtime: max abs error {error:.4g} on a map of scale {scale:.4g}"
     )
     assert (np.argsort(runs[0][IMAGE_SCORE_NAME]) == np.argsort(wanted[IMAGE_SCORE_NAME])).all()
+    # Categories are checked against the reference, near ties forgiven, by verify above.
+    assert np.abs(runs[0][CATEGORY_DISTANCE_NAME] - wanted[CATEGORY_DISTANCE_NAME]).max() <= 2e-3

@@ -7,28 +7,17 @@ import sys
 
 import pytest
 
-from reconad.export.engine import (
-    BuildConfig,
-    build_details,
-    build_engine,
-    device_slug,
-    engine_file_name,
-    parse_l4t_release,
-    plan_precision,
-    read_jetson_release,
-    resolve_batch_range,
-    resolve_engine_path,
-    resolve_onnx,
-    run_name,
-    sibling_onnx_path,
-    write_bytes_atomic,
-    write_engine,
-)
-from reconad.export.engine_precision import analyze_layer_precisions
-from reconad.runtime.cuda import GpuInfo
+from reconad.export.build_config import BuildConfig
+from reconad.export.engine import build_details, build_engine, resolve_batch_range, resolve_onnx, write_engine
+from reconad.export.naming import device_slug, engine_file_name, resolve_engine_path, run_name, sibling_onnx_path
+from reconad.export.precision_plan import plan_precision
+from reconad.runtime.atomic import write_bytes_atomic
+from reconad.runtime.backends.device import parse_l4t_release, read_jetson_release
+from reconad.export.precision_check import analyze_layer_precisions
+from reconad.runtime.backends.device import GpuInfo
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import EngineInfo, Manifest, Precision, check_artifact_sha256, sha256_file
-from reconad.runtime.trt_backend import engine_mismatch
+from reconad.runtime.backends.trt import engine_mismatch
 from tests.runtime.onnx_graphs import write_artifact
 
 ORIN = GpuInfo(

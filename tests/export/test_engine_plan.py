@@ -2,12 +2,9 @@
 
 import pytest
 
-from reconad.export.engine import (
-    BuildConfig,
-    check_build_options,
-    describe_parser_errors,
-    plan_precision,
-)
+from reconad.export.build_config import BuildConfig
+from reconad.export.builder import describe_parser_errors
+from reconad.export.precision_plan import check_build_options, plan_precision
 from reconad.runtime.errors import ReconadError
 
 

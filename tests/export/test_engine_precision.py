@@ -9,8 +9,9 @@ import json
 import onnx
 import pytest
 
-from reconad.export.engine import plan_precision, prepare_graph
-from reconad.export.engine_precision import (
+from reconad.export.builder import prepare_graph
+from reconad.export.precision_plan import plan_precision
+from reconad.export.precision_check import (
     NetworkLayer,
     analyze_layer_precisions,
     assign_layers_to_nodes,

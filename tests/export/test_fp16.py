@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from reconad.export.fp16 import convert_to_fp16, emulate_fp16_storage
 from reconad.export.islands import (
     ANOMALY_HEAD,
+    CATEGORY_HEAD,
     INPUT_NORMALIZATION,
     LAYER_NORM,
     SOFTMAX_LOGITS,
@@ -18,7 +19,7 @@ from reconad.export.islands import (
     find_fp32_islands,
 )
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, INPUT_NAME, OUTPUT_NAMES, reference_path_for
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, CATEGORY_DISTANCE_NAME, CATEGORY_NAME, IMAGE_SCORE_NAME, INPUT_NAME, OUTPUT_NAMES, reference_path_for
 from reconad.runtime.verify import compare_outputs
 
 FP16_MAX = 65504.0
@@ -50,6 +51,10 @@ def test_islands_of_the_fused_graph(tiny_export):
     assert op_types(model, groups[SOFTMAX_LOGITS]) == ["MatMul", "Add", "Softmax"] * 3
     assert op_types(model, groups[ANOMALY_HEAD]) == [
         "Sub", "Pow", "ReduceSum", "Sqrt", "Resize", "AveragePool", "Reshape", "ReduceMax"
+    ]
+    # Pool, normalise (clamped norm, broadcast), cosine to the centroids, nearest: the features are shared.
+    assert op_types(model, groups[CATEGORY_HEAD]) == [
+        "ReduceMean", "ReduceL2", "Clip", "Expand", "Div", "MatMul", "Sub", "ReduceMin", "ArgMin"
     ]
     islands = find_fp32_islands(model)
     assert sorted(islands) == sorted(name for names in groups.values() for name in names)
@@ -84,7 +89,7 @@ def test_fp16_graph_types_and_casts(tiny_export):
     islands = set(find_fp32_islands(fp32_model))
     types = output_types(model)
     assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
-    assert [types[name] for name in OUTPUT_NAMES] == [TensorProto.FLOAT, TensorProto.FLOAT]
+    assert [types[name] for name in OUTPUT_NAMES] == [TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT]
     by_name = {node.name: node for node in model.graph.node}
     producer = {out: node for node in model.graph.node for out in node.output}
     # The same nodes stay FP32; everything else that computes floats is FP16.
@@ -112,6 +117,36 @@ def test_fp16_graph_types_and_casts(tiny_export):
                     assert initializers[name].data_type == TensorProto.FLOAT, (node.name, name)
     assert Counter(i.data_type for i in model.graph.initializer)[TensorProto.FLOAT16] > 50
     onnx.checker.check_model(model, full_check=True)
+
+
+def _head_input_types(model: onnx.ModelProto, head: list[str]) -> dict[str, set[int]]:
+    """Per node of the category head (by op type), the element types of its tensor inputs (weights included)."""
+    types = output_types(model) | {init.name: init.data_type for init in model.graph.initializer}
+    types[INPUT_NAME] = TensorProto.UINT8
+    by_name = {node.name: node for node in model.graph.node}
+    return {by_name[name].op_type: {types[i] for i in by_name[name].input if i and i in types} for name in head}
+
+
+def test_convert_to_fp16_keeps_the_category_head_fp32(tiny_export):
+    fp32_model = tiny_export.load("fp32")
+    head = find_fp32_island_groups(fp32_model)[CATEGORY_HEAD]
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16}
+    inputs = _head_input_types(convert_to_fp16(fp32_model), head)
+    assert all(kinds & floats == {TensorProto.FLOAT} for op, kinds in inputs.items() if op != "Expand"), inputs
+    assert inputs["ArgMin"] == {TensorProto.FLOAT}  # near ties break as in FP32
+    # The control: without the island, the same structure reads FP16 (so the check above can fail).
+    others = [name for group, names in find_fp32_island_groups(fp32_model).items() if group != CATEGORY_HEAD for name in names]
+    naive = _head_input_types(convert_to_fp16(fp32_model, fp32_nodes=others), head)
+    assert naive["ArgMin"] == {TensorProto.FLOAT16} and TensorProto.FLOAT16 in naive["MatMul"]
+
+
+def test_fp16_names_the_same_categories_as_pytorch(tiny_export):
+    reference = dict(np.load(reference_path_for(tiny_export.fp16)))
+    for model in (tiny_export.load("fp16"), emulate_fp16_storage(tiny_export.load("fp16"))):
+        outputs = run(model, reference["images"])
+        assert outputs[CATEGORY_NAME].dtype == np.int64
+        np.testing.assert_array_equal(outputs[CATEGORY_NAME], reference[CATEGORY_NAME])
+        assert np.abs(outputs[CATEGORY_DISTANCE_NAME] - reference[CATEGORY_DISTANCE_NAME]).max() <= 2e-3
 
 
 def test_fp16_matches_the_pytorch_reference(tiny_export):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from reconad.export import onnx as export_module
+from reconad.export.naming import artifact_stem
 from reconad.export.onnx import (
     ParityError,
-    artifact_stem,
     export_onnx,
     load_reference_images,
     synthetic_reference_images,
@@ -21,17 +21,9 @@ from reconad.export.onnx import (
 )
 from reconad.model import PRESETS, build_detector, load_detector, save_checkpoint
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import (
-    ANOMALY_MAP_NAME,
-    IMAGE_SCORE_NAME,
-    INPUT_NAME,
-    METADATA_KEY,
-    OUTPUT_NAMES,
-    Manifest,
-    check_artifact_sha256,
-    manifest_path_for,
-    reference_path_for,
-)
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, CATEGORY_DISTANCE_NAME, CATEGORY_NAME, IMAGE_SCORE_NAME, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, Manifest, check_artifact_sha256, manifest_path_for, reference_path_for
+from reconad.runtime.thresholds import OperatingPoint, Threshold
+from reconad.runtime.verify import CATEGORY_MARGIN_KEY
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -52,26 +44,36 @@ def test_export_writes_self_describing_artifacts(tiny_export, tiny_checkpoint):
         assert manifest.artifact_file == path.name and manifest.precision.mode == precision
         assert manifest.input_tensor.shape == (-1, 64, 64, 3) and manifest.input_tensor.max_batch == 4
         assert manifest.categories == ("weave", "pill") and manifest.exporter.opset == 17
+        assert manifest.category_head.method == "nearest_centroid" and manifest.category_head.names == ("weave", "pill")
+        assert manifest.category_head.n_images == (6, 6) and len(manifest.category_head.separation) == 2
+        assert [o.dtype for o in manifest.output_tensors] == ["float32", "float32", "int64", "float32"]
         assert manifest.model_config == load_detector(tiny_checkpoint).config.to_dict()
         model = onnx.load(path)
         embedded = Manifest.from_json({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
         assert embedded == manifest.embedded_copy()
         assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
     assert Manifest.load(manifest_path_for(tiny_export.fp16)).precision.fp32_islands == (
-        "input normalisation", "LayerNormalization", "softmax logits", "anomaly head"
+        "input normalisation", "LayerNormalization", "softmax logits", "anomaly head", "category head"
     )
 
 
 def test_reference_holds_pytorch_outputs_of_synthetic_images(tiny_export, tiny_checkpoint):
     data = np.load(reference_path_for(tiny_export.fp32))
-    assert sorted(data.files) == sorted(["images", ANOMALY_MAP_NAME, IMAGE_SCORE_NAME])
+    assert sorted(data.files) == sorted(["images", *OUTPUT_NAMES, CATEGORY_MARGIN_KEY])
     images = data["images"]
     assert images.dtype == np.uint8 and images.shape == (4, 64, 64, 3)
     np.testing.assert_array_equal(images, synthetic_reference_images((64, 64)))
+    detector = load_detector(tiny_checkpoint)
     with torch.inference_mode():
-        anomaly_map, image_score = load_detector(tiny_checkpoint)(torch.from_numpy(images))
+        anomaly_map, image_score, category, distance = detector(torch.from_numpy(images))
+        pooled = detector.pooled_features(detector.extract_features(torch.from_numpy(images)))
     np.testing.assert_allclose(data[ANOMALY_MAP_NAME], anomaly_map.numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(data[IMAGE_SCORE_NAME], image_score.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(data[CATEGORY_NAME], category.numpy())
+    assert data[CATEGORY_NAME].dtype == np.int64 and data[CATEGORY_DISTANCE_NAME].dtype == np.float32
+    distances = np.sort(1 - (pooled @ detector.category_centroids.T).numpy(), axis=1)  # [K, 2]
+    np.testing.assert_allclose(data[CATEGORY_DISTANCE_NAME], distances[:, 0], atol=1e-6)
+    np.testing.assert_allclose(data[CATEGORY_MARGIN_KEY], distances[:, 1] - distances[:, 0], atol=1e-6)
     fp16_data = np.load(reference_path_for(tiny_export.fp16))
     for key in data.files:
         np.testing.assert_array_equal(fp16_data[key], data[key])
@@ -87,11 +89,13 @@ def test_graph_contract(tiny_export):
     dims = graph_input.type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [64, 64, 3]
     assert tuple(o.name for o in model.graph.output) == OUTPUT_NAMES
-    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
+    types = [o.type.tensor_type.elem_type for o in model.graph.output]
+    assert types == [onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.FLOAT]
     ops = Counter(node.op_type for node in model.graph.node)
     # LayerNormalization is one op (opset 17), not ReduceMean/Sub/Pow/Sqrt: 2 in the encoder layer,
-    # 3 in the decoder layer, the decoder norm.
-    assert ops["LayerNormalization"] == 6 and ops["ReduceMean"] == 0
+    # 3 in the decoder layer, the decoder norm. The one ReduceMean pools the features for the category head.
+    assert ops["LayerNormalization"] == 6 and ops["ReduceMean"] == 1
+    assert ops["ArgMin"] == 1 and ops["ReduceMin"] == 1
     assert ops["Softmax"] == 3
     # Folded: no Split / Transpose of weights left, no Constant nodes, no as_strided Gathers.
     initializers = {init.name for init in model.graph.initializer}
@@ -145,12 +149,14 @@ def test_attention_is_exported_in_its_explicit_form(tiny_export):
 def test_batch_axis_really_is_dynamic(tiny_export, tiny_checkpoint, batch):
     detector = load_detector(tiny_checkpoint)
     images = np.random.default_rng(batch).integers(0, 256, (batch, 64, 64, 3), dtype=np.uint8)
-    anomaly_map, image_score = session(tiny_export.fp32).run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+    anomaly_map, image_score, category, distance = session(tiny_export.fp32).run(list(OUTPUT_NAMES), {INPUT_NAME: images})
     with torch.inference_mode():
-        expected_map, expected_score = detector(torch.from_numpy(images))
-    assert anomaly_map.shape == (batch, 1, 64, 64) and image_score.shape == (batch,)
+        expected_map, expected_score, expected_category, expected_distance = detector(torch.from_numpy(images))
+    assert anomaly_map.shape == (batch, 1, 64, 64) and image_score.shape == (batch,) and category.shape == (batch,)
     assert np.abs(anomaly_map - expected_map.numpy()).max() <= 1e-4
     assert np.abs(image_score - expected_score.numpy()).max() <= 1e-4
+    np.testing.assert_array_equal(category, expected_category.numpy())
+    assert np.abs(distance - expected_distance.numpy()).max() <= 1e-5
 
 
 @pytest.fixture
@@ -187,6 +193,39 @@ def test_interrupted_export_leaves_no_partial_file(fast_export, tiny_checkpoint,
     with pytest.raises(KeyboardInterrupt):
         export_onnx(tiny_checkpoint, out_dir, precision="fp32", max_batch=4)
     assert list(out_dir.iterdir()) == []
+
+
+def test_a_calibration_in_the_output_folder_is_never_discarded_without_overwrite(fast_export, tiny_checkpoint, tmp_path):
+    out_dir = tmp_path / "out"
+    (fp32,) = [p for p in export_onnx(tiny_checkpoint, out_dir, precision="fp32", max_batch=4) if p.suffix == ".onnx"]
+    export_onnx(tiny_checkpoint, out_dir, precision="fp32", max_batch=4)  # uncalibrated: replaced freely
+    manifest = Manifest.load(manifest_path_for(fp32))
+    point = OperatingPoint(image_threshold=Threshold.manual(1.5, source="line 3"))
+    calibrated = manifest.with_operating_point("pill", point)
+    calibrated.save(manifest_path_for(fp32))
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    with pytest.raises(ReconadError, match=r"holds a calibration \(pill; .*pass --overwrite to replace it"):
+        export_onnx(tiny_checkpoint, out_dir, precision="both", max_batch=4)
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before  # nothing written, not even fp16
+    export_onnx(tiny_checkpoint, out_dir, precision="fp32", max_batch=4, overwrite=True)
+    assert Manifest.load(manifest_path_for(fp32)).category_thresholds == {}
+    manifest_path_for(fp32).write_text("{broken")
+    with pytest.raises(ReconadError, match="is not a manifest this reconad reads; pass --overwrite"):
+        export_onnx(tiny_checkpoint, out_dir, precision="fp32", max_batch=4)
+
+
+def test_a_checkpoint_without_centroids_exports_one_category_all(legacy_checkpoint, tmp_path):
+    paths = export_onnx(legacy_checkpoint, tmp_path, precision="both", max_batch=2)
+    for precision in ("fp32", "fp16"):
+        (onnx_path,) = [p for p in paths if p.name.endswith(f"{precision}.onnx")]
+        manifest = Manifest.load(manifest_path_for(onnx_path))
+        assert manifest.category_head.method == "none" and manifest.category_head.names == ("all",)
+        assert not manifest.recognizes_categories and manifest.known_categories == ("weave",)
+        images = synthetic_reference_images((64, 64))
+        _, _, category, distance = session(onnx_path).run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        assert category.dtype == np.int64 and category.tolist() == [0, 0, 0, 0] and distance.tolist() == [0.0] * 4
+    reference = np.load(reference_path_for(onnx_path))
+    assert np.isinf(reference[CATEGORY_MARGIN_KEY]).all()  # one "centroid": never a near tie
 
 
 def test_write_files_atomically_keeps_old_files_on_failure(tmp_path, monkeypatch):
@@ -255,13 +294,17 @@ def test_bad_arguments_fail_before_any_work(tiny_checkpoint, tmp_path):
 def test_every_preset_exports_with_parity(preset, tmp_path):
     """Random weights; export_onnx itself fails unless fp32 matches PyTorch and fp16 passes verify's tolerances."""
     torch.manual_seed(0)
-    checkpoint = save_checkpoint(build_detector(PRESETS[preset]).eval(), tmp_path / preset / "model.ckpt")
+    detector = build_detector(PRESETS[preset]).eval()
+    pooled = torch.nn.functional.normalize(torch.rand(6, PRESETS[preset].channels), dim=1)
+    detector.fit_category_centroids(pooled, ["a", "a", "a", "b", "b", "b"], ["a", "b"])
+    head = {"names": ["a", "b"], "n_images": [3, 3], "source": "random"}
+    checkpoint = save_checkpoint(detector, tmp_path / preset / "model.ckpt", category_head=head)
     paths = export_onnx(checkpoint, tmp_path / "out", precision="both", max_batch=2)
     height, width = PRESETS[preset].input_hw
     fp32 = tmp_path / "out" / f"{preset}-{height}x{width}-fp32.onnx"
     assert fp32 in paths and (tmp_path / "out" / f"{preset}-{height}x{width}-fp16.onnx") in paths
     reference = np.load(reference_path_for(fp32))
-    anomaly_map, _ = session(fp32).run(list(OUTPUT_NAMES), {INPUT_NAME: reference["images"][:2]})
+    anomaly_map, *_ = session(fp32).run(list(OUTPUT_NAMES), {INPUT_NAME: reference["images"][:2]})
     assert np.abs(anomaly_map - reference[ANOMALY_MAP_NAME][:2]).max() <= 1e-4
 
 

@@ -24,6 +24,7 @@ def test_to_onnx_defaults(tmp_path):
         max_batch=8,
         opset=17,
         reference_images=None,
+        overwrite=False,
     )
     assert f"wrote {tmp_path / 'a-64x64-fp32.onnx'}" in result.stdout
 
@@ -31,7 +32,7 @@ def test_to_onnx_defaults(tmp_path):
 def test_to_onnx_all_options(tmp_path):
     arguments = [
         "to-onnx", "model.ckpt", "--out", "artifacts", "--precision", "both",
-        "--max-batch", "4", "--opset", "18", "--reference-images", "data/weave/test",
+        "--max-batch", "4", "--opset", "18", "--reference-images", "data/weave/test", "--overwrite",
     ]  # fmt: skip
     with patch.object(export_module, "export_onnx", return_value=[]) as mock:
         result = runner.invoke(app, arguments)
@@ -43,16 +44,19 @@ def test_to_onnx_all_options(tmp_path):
         max_batch=4,
         opset=18,
         reference_images=Path("data/weave/test"),
+        overwrite=True,
     )
 
 
 def test_cli_defaults_are_the_export_defaults():
     parameters = inspect.signature(export_module.export_onnx).parameters
-    assert {name: parameters[name].default for name in ("precision", "max_batch", "opset", "reference_images")} == {
+    names = ("precision", "max_batch", "opset", "reference_images", "overwrite")
+    assert {name: parameters[name].default for name in names} == {
         "precision": "fp32",
         "max_batch": 8,
         "opset": 17,
         "reference_images": None,
+        "overwrite": False,
     }
     assert export_module.PRECISION_CHOICES == ("fp32", "fp16", "both")
 
@@ -85,3 +89,22 @@ def test_to_onnx_end_to_end_with_the_real_checkpoint(tiny_checkpoint, tiny_expor
         "tiny-run-64x64-fp32.json", "tiny-run-64x64-fp32.onnx", "tiny-run-64x64-fp32.reference.npz"
     ]
     assert "fp32 ONNX graph vs PyTorch" in result.stderr
+
+
+def test_to_onnx_keeps_a_calibration_unless_told_to_overwrite(tiny_checkpoint, tiny_export, tmp_path, monkeypatch):
+    """The issue's report: re-running to-onnx into the same folder silently set image_threshold back to null."""
+    from reconad.runtime.manifest import Manifest, manifest_path_for
+    from reconad.runtime.thresholds import OperatingPoint, Threshold
+
+    monkeypatch.setattr(export_module, "trace_to_onnx", lambda detector, max_batch, opset: tiny_export.load("fp32"))
+    arguments = ["to-onnx", str(tiny_checkpoint), "--out", str(tmp_path), "--max-batch", "4"]
+    assert runner.invoke(app, arguments).exit_code == 0
+    manifest_path = manifest_path_for(tmp_path / "tiny-run-64x64-fp32.onnx")
+    calibrated = Manifest.load(manifest_path).with_operating_point(None, OperatingPoint(image_threshold=Threshold.manual(124.8)))
+    calibrated.save(manifest_path)
+    refused = runner.invoke(app, arguments)
+    assert refused.exit_code == 2 and "holds a calibration (global; image threshold 124.8" in refused.stderr
+    assert "pass --overwrite to replace it" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert Manifest.load(manifest_path).image_threshold.value == 124.8
+    replaced = runner.invoke(app, [*arguments, "--overwrite"])
+    assert replaced.exit_code == 0 and Manifest.load(manifest_path).image_threshold is None

@@ -23,6 +23,30 @@ def test_checkpoint_round_trip(tmp_path, tiny_detector, tiny_config):
     assert meta["model_config"]["preset"] == "tiny" and meta["provenance"]["epoch"] == 3
 
 
+def test_category_centroids_travel_with_their_names_and_older_checkpoints_still_load(tmp_path, tiny_detector, tiny_config):
+    from reconad.model import category_names
+
+    assert category_names(tiny_detector) == () and len(tiny_detector.category_centroids) == 0
+    pooled = torch.nn.functional.normalize(torch.rand(4, tiny_config.channels), dim=1)
+    tiny_detector.fit_category_centroids(pooled, ["a", "a", "b", "b"], ["a", "b"])
+    head = {"names": ["a", "b"], "n_images": [2, 2], "source": "test"}
+    path = save_checkpoint(tiny_detector, tmp_path / "model.ckpt", category_head=head)
+    loaded = load_detector(path)
+    assert category_names(loaded) == ("a", "b")
+    torch.testing.assert_close(loaded.category_centroids, tiny_detector.category_centroids, rtol=0, atol=0)
+    # Written before the category head: no centroids in the weights; the model names no category.
+    payload = torch.load(path, weights_only=True)
+    del payload["state_dict"]["category_centroids"]
+    del payload["provenance"]["category_head"]
+    torch.save(payload, path)
+    old = load_detector(path)
+    assert category_names(old) == () and old.category_centroids.shape == (0, tiny_config.channels)
+    # Centroids without their names are refused.
+    path = save_checkpoint(tiny_detector, tmp_path / "nameless.ckpt")
+    with pytest.raises(ReconadError, match="has 2 category centroids but names 0 categories"):
+        load_detector(path)
+
+
 def test_provenance_is_stored_as_plain_json(tmp_path, tiny_detector):
     with pytest.raises(ValueError, match="JSON-serialisable"):
         save_checkpoint(tiny_detector, tmp_path / "model.ckpt", categories={"a", "b"})

@@ -23,8 +23,9 @@ def test_preset_shapes(preset):
     images = random_images(config, 1)
     with torch.no_grad():
         features = detector.extract_features(images)
-        anomaly_map, image_score = detector(images)
+        anomaly_map, image_score, category, category_distance = detector(images)
     assert tuple(features.shape) == (1, *features_shape)
+    assert category.dtype == torch.int64 and category.tolist() == [0] and category_distance.tolist() == [0.0]
     assert tuple(anomaly_map.shape) == (1, 1, *config.input_hw)
     assert anomaly_map.dtype == image_score.dtype == torch.float32
     assert tuple(image_score.shape) == (1,)
@@ -41,15 +42,35 @@ def test_mvtec_preset_matches_the_seed():
 def test_any_batch_size_and_batch_independence(tiny_detector, tiny_config):
     images = random_images(tiny_config, 3)
     with torch.no_grad():
-        batch_map, batch_score = tiny_detector(images)
+        batch_map, batch_score, _, _ = tiny_detector(images)
         for i in range(3):
-            single_map, single_score = tiny_detector(images[i : i + 1])
+            single_map, single_score, _, _ = tiny_detector(images[i : i + 1])
             torch.testing.assert_close(single_map[0], batch_map[i], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(single_score[0], batch_score[i], atol=1e-5, rtol=1e-5)
         # changing the other samples changes nothing for sample 0
         other = images.clone()
         other[1:] = 255 - other[1:]
         torch.testing.assert_close(tiny_detector(other)[0][0], batch_map[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_category_head_names_the_nearest_centroid_of_the_pooled_features(tiny_detector, tiny_config):
+    images = random_images(tiny_config, 6)
+    with torch.no_grad():
+        features = tiny_detector.extract_features(images)
+        pooled = tiny_detector.pooled_features(features)
+        assert torch.allclose(pooled.norm(dim=1), torch.ones(6))
+        tiny_detector.fit_category_centroids(pooled, ["a", "a", "a", "b", "b", "c"], ["c", "a", "b"])
+        centroids = tiny_detector.category_centroids
+        assert centroids.shape == (3, tiny_config.channels) and torch.allclose(centroids.norm(dim=1), torch.ones(3))
+        torch.testing.assert_close(centroids[0], pooled[5])  # one image: its own direction
+        torch.testing.assert_close(centroids[1], torch.nn.functional.normalize(pooled[:3].mean(0), dim=0))
+        _, _, category, distance = tiny_detector(images)
+        expected = 1 - pooled @ centroids.T  # [6, 3] cosine distances
+        assert category.tolist() == expected.argmin(dim=1).tolist() and category[5] == 0
+        torch.testing.assert_close(distance, expected.min(dim=1).values)
+        assert distance[5].abs() < 1e-6 and (distance >= -1e-6).all() and (distance <= 2).all()
+    with pytest.raises(ValueError, match="category 'd' has no training images"):
+        tiny_detector.fit_category_centroids(pooled, ["a"] * 6, ["a", "d"])
 
 
 def test_eval_is_deterministic(tiny_detector, tiny_config):

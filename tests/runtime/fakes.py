@@ -12,7 +12,7 @@ import numpy as np
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Verdict
-from reconad.runtime.sources import FrameSource, RawFrame, SourceLostError
+from reconad.runtime.line.sources import FrameSource, RawFrame, SourceLostError
 
 
 class FakeInspector:
@@ -24,9 +24,10 @@ class FakeInspector:
         hang: when set, calls after the warm-up block until the event is set.
     """
 
-    def __init__(self, input_hw=(16, 16), threshold=0.5, delay_s=0.0, fail_on_call=None, hang=None):
+    def __init__(self, input_hw=(16, 16), threshold=0.5, delay_s=0.0, fail_on_call=None, hang=None, unknown_above=None):
         self.input_hw = input_hw
         self.threshold = threshold
+        self.unknown_above = unknown_above  # scores above this are UNKNOWN parts (unlike every category)
         self.delay_s = delay_s
         self.fail_on_call = fail_on_call
         self.hang = hang
@@ -46,12 +47,14 @@ class FakeInspector:
         verdicts = []
         for image in frames:
             score = float(image.mean() / 255.0)
+            unknown = self.unknown_above is not None and score > self.unknown_above
             verdicts.append(
                 Verdict(
                     image_score=score,
-                    is_anomalous=score >= self.threshold,
+                    is_anomalous=None if unknown else score >= self.threshold,
                     threshold=self.threshold,
                     anomaly_map=image.mean(axis=2).astype(np.float32) / 255.0,
+                    is_unknown=unknown,
                 )
             )
         return verdicts
@@ -76,17 +79,17 @@ class ScriptedSource(FrameSource):
         self.opens = 0
         self.closes = 0
         self.interval_s = interval_s
-        self.is_open = False
+        self._is_open = False
 
     def open(self) -> None:
         self.opens += 1
         if self.opens > 1 and self._open_failures > 0:
             self._open_failures -= 1
             raise ReconadError(f"Cannot open {self.uri}: no such device.")
-        self.is_open = True
+        self._is_open = True
 
     def read(self) -> RawFrame | None:
-        if not self.is_open:
+        if not self._is_open:
             raise SourceLostError(f"{self.uri} is not open.")
         if self.interval_s:
             time.sleep(self.interval_s)
@@ -96,7 +99,7 @@ class ScriptedSource(FrameSource):
         self._position += 1
         if isinstance(step, BaseException):
             if isinstance(step, SourceLostError):
-                self.is_open = False
+                self._is_open = False
             raise step
         if callable(step):
             return step()
@@ -104,7 +107,11 @@ class ScriptedSource(FrameSource):
 
     def close(self) -> None:
         self.closes += 1
-        self.is_open = False
+        self._is_open = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._is_open
 
 
 def gray_frame(level: int, hw=(24, 32)) -> np.ndarray:

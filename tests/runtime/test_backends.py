@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
-from reconad.runtime.backends import Backend, OrtBackend, available_ort_backends, infer_in_chunks, open_backend
+from reconad.runtime.backends.base import Backend, infer_in_chunks
+from reconad.runtime.backends.ort import OrtBackend, available_ort_backends
+from reconad.runtime.inspector import open_backend
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, INPUT_NAME
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, CATEGORY_DISTANCE_NAME, CATEGORY_NAME, IMAGE_SCORE_NAME, INPUT_NAME, OUTPUT_NAMES
 from tests.runtime.onnx_graphs import expected_outputs, random_images, write_artifact
 
 
@@ -17,7 +19,8 @@ def test_ort_cpu_backend_matches_numpy_and_splits_batches(tmp_path):
         assert backend.name == "ort-cpu"
         assert backend.inputs[0].name == INPUT_NAME and backend.inputs[0].shape == (-1, 16, 16, 3)
         assert backend.inputs[0].dtype == "uint8"
-        assert [tensor.name for tensor in backend.outputs] == [ANOMALY_MAP_NAME, IMAGE_SCORE_NAME]
+        assert [tensor.name for tensor in backend.outputs] == list(OUTPUT_NAMES)
+        assert [tensor.dtype for tensor in backend.outputs] == ["float32", "float32", "int64", "float32"]
         calls = []
         original = backend._session.run
         backend._session.run = lambda names, feed: calls.append(len(feed[INPUT_NAME])) or original(names, feed)
@@ -26,6 +29,8 @@ def test_ort_cpu_backend_matches_numpy_and_splits_batches(tmp_path):
     expected = expected_outputs(images)
     np.testing.assert_allclose(outputs[ANOMALY_MAP_NAME], expected[ANOMALY_MAP_NAME], atol=1e-6)
     np.testing.assert_allclose(outputs[IMAGE_SCORE_NAME], expected[IMAGE_SCORE_NAME], atol=1e-6)
+    np.testing.assert_array_equal(outputs[CATEGORY_NAME], expected[CATEGORY_NAME])
+    np.testing.assert_allclose(outputs[CATEGORY_DISTANCE_NAME], expected[CATEGORY_DISTANCE_NAME], atol=1e-6)
     assert outputs[ANOMALY_MAP_NAME].shape == (7, 1, 16, 16) and outputs[IMAGE_SCORE_NAME].shape == (7,)
 
 

@@ -1,13 +1,16 @@
-"""recon-inspect run on an image folder: verdicts.jsonl, overlays for anomalies, exit codes."""
+"""recon-inspect run on an image folder: verdicts.jsonl, overlays for anomalies, the calibration the model
+must carry (copied alone to another folder: refused), --category, --no-threshold, exit codes."""
 
 import json
+import shutil
 
 import cv2
 import numpy as np
 from typer.testing import CliRunner
 
 from reconad.runtime.cli import app
-from reconad.runtime.manifest import Calibration, Threshold
+from reconad.runtime.manifest import Manifest, manifest_path_for
+from reconad.runtime.thresholds import Calibration, OperatingPoint, Threshold
 from tests.runtime.onnx_graphs import write_artifact
 
 runner = CliRunner()
@@ -37,7 +40,7 @@ def test_run_writes_verdicts_and_overlays(tmp_path):
     folder, artifact, out = image_folder(tmp_path), artifact_with_threshold(tmp_path), tmp_path / "out"
     result = runner.invoke(app, ["run", str(folder), "--model", str(artifact), "--out", str(out), "--batch-size", "2"])
     assert result.exit_code == 0, result.output
-    assert "3 frames inspected on ort-cpu: 2 anomalous, 1 unreadable, 0 blank, 0 dropped, 2 overlays" in result.stdout
+    assert "3 frames inspected on ort-cpu: 2 anomalous, 0 unknown, 1 unreadable, 0 camera-blind, 0 dropped, 2 overlays" in result.stdout
     verdicts = read_verdicts(out)
     assert set(verdicts) == {"good/dark.png", "bad/bright.jpg", "bad/gray16.png", "broken.png"}
     dark, bright = verdicts["good/dark.png"], verdicts["bad/bright.jpg"]
@@ -47,19 +50,23 @@ def test_run_writes_verdicts_and_overlays(tmp_path):
     assert verdicts["bad/gray16.png"]["is_anomalous"] is True
     assert "Cannot read image" in verdicts["broken.png"]["error"]
     overlay = cv2.imread(str(out / bright["overlay"]))
-    assert bright["overlay"] == "overlays/bad/bright.jpg.png" and overlay.shape == (40, 40, 3)
+    assert bright["overlay"] == "overlays/bad/bright.jpg.png"
+    assert overlay.shape[0] > 360 and overlay.shape[1] > 360  # the annotated frame: scaled up, banner, colour bar
     assert (out / "overlays" / "bad" / "gray16.png").is_file()
 
 
-def test_run_without_threshold_warns_and_roi(tmp_path):
+def test_run_scores_only_and_roi(tmp_path):
     folder, out = image_folder(tmp_path), tmp_path / "out"
     artifact = write_artifact(tmp_path / "model")
     arguments = ["run", str(folder), "--model", str(artifact), "--out", str(out), "--roi", "0,0,20,20", "--overlays", "all"]
-    result = runner.invoke(app, arguments)
+    refused = runner.invoke(app, arguments)
+    assert refused.exit_code == 2 and "model.json has no image threshold" in refused.stderr
+    assert not (out / "verdicts.jsonl").exists()
+    result = runner.invoke(app, [*arguments, "--no-threshold"])
     assert result.exit_code == 0, result.output
-    assert "No image threshold" in result.stderr
+    assert "Scores only (--no-threshold)" in result.stderr
     verdicts = read_verdicts(out)
-    assert verdicts["good/dark.png"]["is_anomalous"] is None
+    assert verdicts["good/dark.png"]["is_anomalous"] is None and verdicts["good/dark.png"]["decision"] is None
     assert verdicts["good/dark.png"]["overlay"] == "overlays/good/dark.png"
     assert (out / "overlays" / "good" / "dark.png").is_file()
 
@@ -76,9 +83,52 @@ def test_run_bad_input_exits_2_with_one_line(tmp_path):
         (["csi://x", "--model", str(artifact)], "A CSI camera URI is csi://N"),
         ([str(folder), "--model", str(artifact), "--roi", "1,2,3"], "ROI must be four integers"),
         ([str(folder), "--model", str(artifact), "--overlays", "some"], "Overlay mode must be one of"),
+        ([str(folder), "--model", str(artifact), "--threshold", "0.3", "--no-threshold"], "not both"),
+        ([str(folder), "--model", str(artifact), "--category", "purple"], "knows no category 'purple'"),
     ]
     for arguments, message in cases:
         result = runner.invoke(app, ["run", *arguments, "--out", out])
         assert result.exit_code == 2, (arguments, result.output)
         assert message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_copying_only_the_onnx_file_to_a_new_folder_is_refused_until_its_calibration_comes_along(tmp_path):
+    """The issue's report: the .onnx alone on the device gave "0 anomalous" and exit 0."""
+    folder, artifact = image_folder(tmp_path), write_artifact(tmp_path / "model")  # as to-onnx writes it
+    calibrated = Manifest.load(manifest_path_for(artifact)).with_operating_point(None, OperatingPoint(
+        image_threshold=Threshold.manual(0.5)))  # fmt: skip
+    calibrated.save(manifest_path_for(artifact))  # as recon-inspect calibrate writes it: the sidecar only
+    device = tmp_path / "device"
+    device.mkdir()
+    shutil.copy(artifact, device / artifact.name)
+    arguments = ["run", str(folder), "--model", str(device / artifact.name), "--out", str(tmp_path / "out")]
+    refused = runner.invoke(app, arguments)
+    assert refused.exit_code == 2 and refused.stdout == ""
+    assert refused.stderr.strip() == (
+        "model.onnx carries no calibration: its thresholds are in model.json, which is not beside it (the manifest "
+        "inside the model file is never calibrated); copy model.json along, or pass --threshold X (every image) or "
+        "--no-threshold (scores only)."
+    )
+    shutil.copy(manifest_path_for(artifact), device / "model.json")
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "2 anomalous" in result.stdout and read_verdicts(tmp_path / "out")["bad/bright.jpg"]["is_anomalous"] is True
+    scores_only = runner.invoke(app, [*arguments[:4], "--no-threshold"])
+    assert scores_only.exit_code == 0 and "0 anomalous" in scores_only.stdout
+
+
+def test_run_judges_each_image_by_its_category_or_the_forced_one(tmp_path):
+    folder, artifact, out = image_folder(tmp_path), artifact_with_threshold(tmp_path, value=0.95), tmp_path / "out"
+    manifest = Manifest.load(manifest_path_for(artifact))  # gray images: the graph names "red" (the first tie)
+    manifest = manifest.with_operating_point("red", OperatingPoint(image_threshold=Threshold.manual(0.05)))
+    manifest.save(manifest_path_for(artifact))
+    result = runner.invoke(app, ["run", str(folder), "--model", str(artifact), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    dark = read_verdicts(out)["good/dark.png"]
+    assert dark["category"] == "red" and dark["threshold"] == 0.05 and dark["is_anomalous"] is True
+    forced = runner.invoke(app, ["run", str(folder), "--model", str(artifact), "--out", str(out), "--category", "blue"])
+    assert forced.exit_code == 0, forced.output
+    lines = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
+    dark = [line for line in lines if line.get("file") == "good/dark.png"][-1]
+    assert dark["category"] == "blue" and dark["recognized_category"] == "red" and dark["threshold"] == 0.95

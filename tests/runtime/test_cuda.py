@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from reconad.runtime import cuda
+from reconad.runtime.backends import cuda, device
 from reconad.runtime.errors import ReconadError
 
 BLOCK_BINDINGS = ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart", "pycuda", "pycuda.driver")
@@ -46,14 +46,14 @@ def test_the_binding_named_is_the_one_opened(monkeypatch):
 
 
 def test_cuda_versions_are_formatted_like_nvidia_smi():
-    assert cuda.format_cuda_version(12020) == "12.2"
-    assert cuda.format_cuda_version(11080) == "11.8"
-    assert cuda.format_cuda_version(13000) == "13.0"
+    assert device.format_cuda_version(12020) == "12.2"
+    assert device.format_cuda_version(11080) == "11.8"
+    assert device.format_cuda_version(13000) == "13.0"
 
 
 def test_no_driver_library_is_one_sentence():
     with pytest.raises(ReconadError, match=r"^No NVIDIA driver here \(libcuda not found\)"):
-        cuda.probe_gpu(library_names=("libcuda-that-does-not-exist.so",))
+        device.probe_gpu(library_names=("libcuda-that-does-not-exist.so",))
 
 
 def test_pinned_buffer_views_share_memory_and_free_once():

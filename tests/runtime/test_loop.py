@@ -12,22 +12,17 @@ import numpy as np
 import pytest
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.loop import (
-    EXIT_INFERENCE_FAILED,
-    DropOldestQueue,
-    InspectConfig,
-    build_sinks,
-    check_frame,
-    prepare_frame,
-    run_inspection,
-)
-from reconad.runtime.manifest import Calibration, Threshold
-from reconad.runtime.sinks import FrameFault, InspectionResult
-from reconad.runtime.sources import FrameReadError, ImageFolderSource, SourceConfig, SourceLostError, open_source
+from reconad.runtime.frames import check_frame
+from reconad.runtime.line.loop import EXIT_INFERENCE_FAILED, InspectConfig, run_inspection
+from reconad.runtime.line.queues import DropOldestQueue
+from reconad.runtime.line.session import build_sinks
+from reconad.runtime.thresholds import Calibration, Threshold
+from reconad.runtime.line.sinks import CameraBlind, FrameFault, InspectionResult
+from reconad.runtime.line.sources import FrameReadError, ImageFolderSource, SourceConfig, SourceLostError, open_source
 from tests.runtime.fakes import Collector, FakeInspector, ScriptedSource, gray_frame, wait_for, write_image_folder
 from tests.runtime.onnx_graphs import write_artifact
 
-QUIET = dict(stats_interval_s=0)
+QUIET = dict(stats_interval_s=0, blind_checks="never")  # dark test frames would be camera-blind (tests/runtime/line/test_blind.py)
 
 
 def run(source, inspector=None, sinks=(), messages=None, **config):
@@ -62,24 +57,24 @@ def test_drop_oldest_queue():
 
 
 def test_check_frame():
-    assert check_frame(gray_frame(100), blank_range=2) is None
-    assert check_frame(np.full((8, 8, 3), 7, np.uint8), blank_range=2) == "blank"
-    assert check_frame(np.full((8, 8, 3), 7, np.uint8), blank_range=None) is None
-    assert check_frame(np.zeros((0, 8, 3), np.uint8), blank_range=2) == "corrupt"
-    assert check_frame(np.zeros((8, 8, 2), np.uint8), blank_range=2) == "corrupt"
-    assert check_frame(None, blank_range=2) == "corrupt"
+    assert check_frame(gray_frame(100)) is None
+    assert check_frame(np.full((8, 8, 3), 7, np.uint8)) is None  # flat, but well formed: for the blind checks
+    assert check_frame(np.zeros((0, 8, 3), np.uint8)) == "corrupt"
+    assert check_frame(np.zeros((8, 8, 2), np.uint8)) == "corrupt"
+    assert check_frame(None) == "corrupt"
 
 
-def test_prepare_frame_equals_prepare_image():
-    from reconad.runtime.preprocess import prepare_image
+def test_prepare_image_fast_path_equals_convert_then_crop_and_resize():
+    """uint8 colour frames are resized before their channels are reordered: the result must not change."""
+    from reconad.runtime.frames import crop_roi, prepare_image, resize_image, to_rgb_uint8
 
     rng = np.random.default_rng(1)
     frames = [rng.integers(0, 256, (30, 50, 3), dtype=np.uint8), rng.integers(0, 65536, (30, 50), dtype=np.uint16)]
     for frame in frames:
         for roi in (None, (5, 3, 40, 20)):
             for colour in ("RGB", "BGR"):
-                expected = prepare_image(frame, (16, 16), colour=colour, roi=roi)
-                np.testing.assert_array_equal(prepare_frame(frame, (16, 16), colour, roi), expected)
+                expected = resize_image(crop_roi(to_rgb_uint8(frame, colour=colour), roi), (16, 16))
+                np.testing.assert_array_equal(prepare_image(frame, (16, 16), colour=colour, roi=roi), expected)
 
 
 def test_folder_end_to_end_in_order_with_jsonl(tmp_path):
@@ -107,6 +102,22 @@ def test_folder_end_to_end_in_order_with_jsonl(tmp_path):
     assert latency["capture_to_decision"]["p99"] >= latency["capture_to_decision"]["p50"] > 0
 
 
+def test_unknown_parts_are_counted_logged_and_get_an_overlay(tmp_path):
+    folder = tmp_path / "frames"
+    write_image_folder(folder, [30, 200, 250, 90])
+    out = tmp_path / "out"
+    config = InspectConfig(out=out, **QUIET)
+    sinks = build_sinks(config, None, live=False, name_by_file=True)
+    result = run_inspection(ImageFolderSource(folder), FakeInspector(unknown_above=0.9), config, sinks, handle_signals=False)
+    counters = result.stats.counters
+    assert (counters["inspected"], counters["anomalous"], counters["unknown"]) == (4, 1, 1)
+    assert "1 anomalous, 1 unknown" in result.headline() and "1 unknown" in result.stats.summary_lines()[0]
+    lines = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
+    assert [line["decision"] for line in lines] == ["good", "anomalous", "unknown", "good"]
+    assert lines[2]["is_anomalous"] is None and lines[2]["overlay"] == "overlays/0002.png"
+    assert (out / "overlays" / "0002.png").is_file()
+
+
 def test_max_frames_on_a_looping_folder_and_roi(tmp_path):
     folder = tmp_path / "frames"
     write_image_folder(folder, [10, 250])  # ROI below picks a region of each
@@ -127,7 +138,7 @@ def test_roi_outside_the_first_frame_is_a_configuration_error(tmp_path):
     assert "does not fit inside" in result.failure
 
 
-def test_corrupt_and_blank_frames_are_counted_and_skipped(tmp_path):
+def test_corrupt_and_camera_blind_frames_are_counted_and_skipped(tmp_path):
     script = [
         gray_frame(100),
         FrameReadError("fake://camera#2 could not be decoded.", "fake://camera#2"),
@@ -138,14 +149,17 @@ def test_corrupt_and_blank_frames_are_counted_and_skipped(tmp_path):
     ]
     collector = Collector(queue_size=100)
     messages = []
-    result = run(ScriptedSource(script), sinks=[collector], messages=messages, queue_size=100)
+    result = run(ScriptedSource(script), sinks=[collector], messages=messages, queue_size=100, blind_checks="live")
     counters = result.stats.counters
     assert result.exit_code == 0
-    assert counters["inspected"] == 2 and counters["corrupt"] == 3 and counters["blank"] == 1
+    assert counters["inspected"] == 2 and counters["corrupt"] == 3
+    assert counters["blind"] == counters["blind_black"] == 1
     faults = [item for item in collector.items if isinstance(item, FrameFault)]
-    assert len(faults) == 4 and faults[0].name == "fake://camera#2"
+    blind = [item for item in collector.items if isinstance(item, CameraBlind)]
+    assert len(faults) == 3 and faults[0].name == "fake://camera#2"
+    assert len(blind) == 1 and blind[0].reason == "black" and blind[0].episode_start
     assert any("skipped a corrupt frame" in line for line in messages)
-    assert any("skipped a blank frame" in line for line in messages)
+    assert any("is camera-blind (black)" in line for line in messages)
 
 
 def test_a_lost_camera_is_reopened_with_backoff_while_the_loop_goes_on():
@@ -164,17 +178,17 @@ def test_a_lost_camera_is_reopened_with_backoff_while_the_loop_goes_on():
 
 
 def test_a_live_source_faster_than_inference_drops_the_oldest_frames(monkeypatch):
-    import reconad.runtime.loop as loop_module
+    import reconad.runtime.line.loop as loop_module
 
     prepared = []
-    original = loop_module.prepare_frame
+    original = loop_module.prepare_image
 
-    def slow_prepare(*args):
+    def slow_prepare(*args, **kwargs):
         time.sleep(0.005)
         prepared.append(1)
-        return original(*args)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(loop_module, "prepare_frame", slow_prepare)
+    monkeypatch.setattr(loop_module, "prepare_image", slow_prepare)
     collector = Collector(queue_size=1000)
     source = ScriptedSource([gray_frame(n) for n in range(60)], interval_s=0.001)
     result = run(source, FakeInspector(delay_s=0.02), sinks=[collector], queue_size=2, preprocess_threads=1)
@@ -338,7 +352,7 @@ def test_cli_run_on_a_video_file_with_the_onnx_contract_graph(tmp_path):
     arguments = ["run", str(video), "--model", str(artifact), "--out", str(out), "--roi", "8,8,32,32", "--max-frames", "5"]
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
-    assert "5 frames inspected on ort-cpu: 2 anomalous, 0 unreadable" in result.stdout
+    assert "5 frames inspected on ort-cpu: 2 anomalous, 0 unknown, 0 unreadable" in result.stdout
     assert "stopped: max frames" in result.stdout
     records = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
     assert [record["is_anomalous"] for record in records] == [False, True, False, True, False]
@@ -346,3 +360,5 @@ def test_cli_run_on_a_video_file_with_the_onnx_contract_graph(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "max frames" and summary["backend"] == "ort-cpu"
     assert summary["counters"]["inspected"] == 5 and summary["latency_ms"]["capture_to_decision"]["p99"] > 0
+    assert summary["counters"]["unknown"] == 0
+    assert summary["judged"] == {"category": None, "threshold": None, "no_threshold": False}

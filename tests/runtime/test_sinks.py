@@ -1,5 +1,6 @@
 """Sinks: the JSONL log (incl. a full disk), overlays (naming, rate limit, quota) and the webhook (local server)."""
 
+import dataclasses
 import errno
 import http.server
 import json
@@ -13,8 +14,19 @@ import pytest
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Verdict
-from reconad.runtime.loop import InspectConfig, build_sinks, run_inspection
-from reconad.runtime.sinks import FrameFault, InspectionResult, JsonlSink, OverlaySink, WebhookSink, describe_error
+from reconad.runtime.line.loop import InspectConfig, run_inspection
+from reconad.runtime.line.session import build_sinks
+from reconad.runtime.line.sinks import (
+    CameraBlind,
+    FrameFault,
+    InspectionResult,
+    JsonlSink,
+    OverlaySink,
+    WebhookSink,
+    describe_error,
+    parse_headers,
+)
+from reconad.runtime.line.render import VERDICT_COLOURS
 from tests.runtime.fakes import FakeInspector, ScriptedSource, gray_frame
 
 
@@ -44,9 +56,14 @@ def test_jsonl_lines_are_written_at_once_and_appended(tmp_path):
         "time": "2026-01-01T00:00:00.000+00:00",
         "latency_ms": 3.25,
         "file": "cam#0",
+        "decision": "good",
         "image_score": 0.2,
         "is_anomalous": False,
         "threshold": 0.5,
+        "category": None,
+        "recognized_category": None,
+        "category_distance": None,
+        "is_unknown": False,
         "normalized_score": None,
         "overlay": None,
     }
@@ -72,7 +89,7 @@ def test_jsonl_on_a_full_disk_raises_enospc_and_the_loop_goes_on(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "verdicts.jsonl").symlink_to("/dev/full")
-    config = InspectConfig(out=out, overlays="none", stats_interval_s=0, queue_size=100)
+    config = InspectConfig(out=out, overlays="none", stats_interval_s=0, queue_size=100, blind_checks="never")
     messages = []
     loop_result = run_inspection(
         ScriptedSource([gray_frame(n) for n in range(30)]),
@@ -107,11 +124,12 @@ def test_overlay_write_renders_the_roi_and_respects_the_quota(tmp_path):
     item = result(3, overlay=sink.plan(3, "cam#3", True))
     assert sink.accepts(item) and not sink.accepts(result(4)) and not sink.accepts(FrameFault("x", "t", "e"))
     assert sink.write(item) is True
-    image = cv2.imread(str(tmp_path / item.overlay))
-    assert image.shape == (32, 48, 3)
-    original = gray_frame(100, (32, 48))
-    np.testing.assert_array_equal(image[20:, :8], original[20:, :8])  # outside the ROI: untouched (BGR in, BGR out)
-    assert not np.array_equal(image[20:, 8:40], original[20:, 8:40])  # inside: heatmap blended
+    image = cv2.imread(str(tmp_path / item.overlay))  # BGR
+    assert image.shape == (396, 584, 3)  # the renderer's: scaled up to 360 rows, a banner above, a colour bar
+    assert tuple(image[3, 3][::-1]) == VERDICT_COLOURS["NG"]
+    original = cv2.resize(gray_frame(100, (32, 48)), (540, 360), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(image[36:, :80], original[:, :80])  # outside the ROI: untouched (BGR in, BGR out)
+    assert not np.array_equal(image[36 + 300 :, 90:450], original[300:, 90:450])  # inside, where the map is high
     assert sink.plan(4, "cam#4", True) is None  # the folder now holds more than the quota
     assert sink.write(result(5, overlay="overlays/00000005.png")) is False  # planned earlier: still refused
     assert len(warnings) == 1 and "overlay quota" in warnings[0]
@@ -119,14 +137,21 @@ def test_overlay_write_renders_the_roi_and_respects_the_quota(tmp_path):
 
 class Recorder(http.server.BaseHTTPRequestHandler):
     bodies: list = []
+    headers_seen: list = []
     status = 200
+    statuses: list = []  # answered first, one per request, then ``status``
+    retry_after: str | None = None
     delay_s = 0.0
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         time.sleep(type(self).delay_s)
         type(self).bodies.append((self.headers["Content-Type"], json.loads(body)))
-        self.send_response(type(self).status)
+        type(self).headers_seen.append(dict(self.headers))
+        status = type(self).statuses.pop(0) if type(self).statuses else type(self).status
+        self.send_response(status)
+        if type(self).retry_after is not None and status != 200:
+            self.send_header("Retry-After", type(self).retry_after)
         self.end_headers()
 
     def log_message(self, *args):
@@ -135,7 +160,8 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    handler = type("Handler", (Recorder,), {"bodies": [], "status": 200, "delay_s": 0.0})
+    handler = type("Handler", (Recorder,), {"bodies": [], "headers_seen": [], "statuses": [], "status": 200,
+                                            "retry_after": None, "delay_s": 0.0})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -155,18 +181,29 @@ def test_webhook_posts_anomalies_as_json(server):
     assert body["event"] == "anomaly" and body["frame"] == 5 and body["image_score"] == 0.93 and body["is_anomalous"]
 
 
+def test_webhook_posts_unknown_parts_as_their_own_event(server):
+    _, handler, url = server
+    sink = WebhookSink(url, timeout_s=2)
+    unknown = result(6, 0.1, anomalous=None)
+    unknown = dataclasses.replace(unknown, verdict=dataclasses.replace(unknown.verdict, is_unknown=True, category_distance=0.7))
+    assert sink.accepts(unknown) and sink.write(unknown) is True
+    body = handler.bodies[0][1]
+    assert body["event"] == "unknown" and body["decision"] == "unknown" and body["is_anomalous"] is None
+    assert body["category_distance"] == 0.7
+
+
 def test_webhook_failures_are_one_line_errors(server):
     _, handler, url = server
     handler.status = 500
     with pytest.raises(ReconadError, match="answered HTTP 500"):
-        WebhookSink(url).write(result())
+        WebhookSink(url, retries=0).write(result())
     handler.status, handler.delay_s = 200, 1.0
     started = time.monotonic()
     with pytest.raises(ReconadError, match="unreachable"):
-        WebhookSink(url, timeout_s=0.2).write(result())
+        WebhookSink(url, timeout_s=0.2, retries=0).write(result())
     assert time.monotonic() - started < 0.9
     with pytest.raises(ReconadError, match="unreachable"):
-        WebhookSink("http://127.0.0.1:9/none", timeout_s=1).write(result())
+        WebhookSink("http://127.0.0.1:9/none", timeout_s=1, retries=0).write(result())
     with pytest.raises(ReconadError, match="must be an http"):
         WebhookSink("ftp://example.com/hook")
 
@@ -188,3 +225,118 @@ def test_a_slow_webhook_never_blocks_inference(server):
     assert counters["inspected"] == counters["anomalous"] == 40
     assert counters["inspected"] / stats.mean_fps < 40 * 0.1 / 4  # the last verdict came long before the posts
     assert webhook.dropped > 10 and webhook.written == len(handler.bodies) < 30
+
+
+def test_webhook_retries_with_backoff_then_delivers(server):
+    _, handler, url = server
+    handler.statuses = [503, 502]
+    sink = WebhookSink(url, retries=3, backoff_s=0.01)
+    waits = []
+    sink._sleep = waits.append
+    assert sink.write(result(1)) is True
+    assert sink.attempts == 3 and len(handler.bodies) == 3 and waits == [0.01, 0.02]
+    handler.statuses, handler.retry_after = [429], "2"
+    sink.attempts, waits[:] = 0, []
+    assert sink.write(result(2)) is True and waits == [2.0]  # Retry-After obeyed (within backoff_max_s)
+    handler.statuses = [500] * 10
+    with pytest.raises(ReconadError, match="answered HTTP 500 after 4 attempts"):
+        sink.write(result(3))
+    handler.statuses = [400]
+    sink.attempts = 0
+    with pytest.raises(ReconadError, match="answered HTTP 400$"):
+        sink.write(result(4))
+    assert sink.attempts == 1  # a client error is not retried
+
+
+def test_webhook_headers_and_authorization(server, tmp_path, monkeypatch):
+    _, handler, url = server
+    sink = WebhookSink(url, headers=parse_headers(["X-Line: 7", "X-Site:plant-2"]), authorization="Bearer t0k3n")
+    sink.write(result())
+    seen = handler.headers_seen[-1]
+    assert seen["X-Line"] == "7" and seen["X-Site"] == "plant-2" and seen["Authorization"] == "Bearer t0k3n"
+    with pytest.raises(ReconadError, match="Authorization header on the command line"):
+        parse_headers(["Authorization: Bearer leaked"])
+    with pytest.raises(ReconadError, match="'Name: value'"):
+        parse_headers(["no colon"])
+    monkeypatch.setenv("RECONAD_WEBHOOK_AUTHORIZATION", "Bearer from-env")
+    config = InspectConfig(webhook=url, webhook_headers=("X-Line: 8",))
+    (webhook,) = build_sinks(config, None)
+    assert webhook.headers["Authorization"] == "Bearer from-env" and webhook.headers["X-Line"] == "8"
+
+
+def test_webhook_posts_the_start_of_a_camera_blind_episode(server):
+    _, handler, url = server
+    sink = WebhookSink(url)
+    start = CameraBlind(name="cam#9", captured_at="2026-01-01T00:00:09.000+00:00", reason="black",
+                        detail="99% of pixels <= 3 (black <= 30)", episode_start=True)
+    assert sink.accepts(start) and not sink.accepts(CameraBlind("cam#10", "t", "black", "d", episode_start=False))
+    sink.write(start)
+    body = handler.bodies[-1][1]
+    assert body["event"] == "camera_blind" and body["camera_blind"] == "black" and body["file"] == "cam#9"
+
+
+def test_jsonl_rotates_by_size_and_keeps_the_newest(tmp_path):
+    path = tmp_path / "verdicts.jsonl"
+    line_bytes = len(json.dumps(result(0).record())) + 1
+    sink = JsonlSink(path, max_bytes=3 * line_bytes + 10, keep=2)
+    for index in range(20):
+        sink.write(result(index))
+    sink.close()
+    files = [path, tmp_path / "verdicts.jsonl.1", tmp_path / "verdicts.jsonl.2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files)
+    frames = [[json.loads(line)["frame"] for line in p.read_text().splitlines()] for p in files]
+    assert frames == [[18, 19], [15, 16, 17], [12, 13, 14]]  # whole lines, newest first, older ones deleted
+    assert all(p.stat().st_size <= 3 * line_bytes + 10 for p in files)
+    assert sink.rotations == 6
+    # No retention: the log is cut, nothing is kept.
+    bare = JsonlSink(tmp_path / "b.jsonl", max_bytes=line_bytes, keep=0)
+    for index in range(3):
+        bare.write(result(index))
+    bare.close()
+    assert [json.loads(line)["frame"] for line in (tmp_path / "b.jsonl").read_text().splitlines()] == [2]
+    assert not (tmp_path / "b.jsonl.1").exists()
+
+
+def test_heavy_sink_threads_run_below_the_inference_threads_and_light_ones_do_not():
+    """Rendering and encoding take what inference leaves (Linux: a nice value per thread); verdict
+    messages and counters keep the inference threads' priority, so they do not wait behind an encoder."""
+    import os
+    import threading
+
+    from reconad.runtime.line.outputs import VideoOutputSink
+    from reconad.runtime.line.prometheus import LineMetrics
+    from reconad.runtime.line.report import RateLimitedReporter
+    from reconad.runtime.line.sinks import SINK_NICENESS, JsonlSink, OverlaySink, SinkWorker
+    from reconad.runtime.line.stats import LoopStats
+
+    assert OverlaySink.heavy and VideoOutputSink.heavy
+    assert not getattr(JsonlSink, "heavy", False) and not getattr(LineMetrics, "heavy", False)
+
+    def priority_seen(heavy: bool) -> int:
+        seen = []
+
+        class Probe:
+            name, queue_size = "probe", 4
+
+            def accepts(self, result):
+                return True
+
+            def write(self, result):
+                seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+                return True
+
+            def close(self):
+                pass
+
+        Probe.heavy = heavy
+        worker = SinkWorker(Probe(), LoopStats(), RateLimitedReporter(lambda line: None), threading.Event())
+        worker.thread.start()
+        worker.submit("result", wait=True)
+        worker.queue.close()
+        worker.thread.join(timeout=5)
+        assert len(seen) == 1
+        return seen[0]
+
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert priority_seen(heavy=True) == min(19, main + SINK_NICENESS)
+    assert priority_seen(heavy=False) == main

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.sources import (
+from reconad.runtime.line.sources import (
     FLIP_METHODS,
     CaptureSource,
     FrameReadError,

@@ -13,21 +13,15 @@ import types
 import numpy as np
 import pytest
 
-from reconad.runtime import trt_backend
-from reconad.runtime.backends import open_backend
-from reconad.runtime.cuda import CudaDriver, DeviceBuffer, GpuInfo, GraphExec, PinnedBuffer, Stream
+from reconad.runtime.backends import trt as trt_backend
+from reconad.runtime.inspector import open_backend
+from reconad.runtime.backends.cuda import CudaDriver, DeviceBuffer, GraphExec, PinnedBuffer, Stream
+from reconad.runtime.backends.device import GpuInfo
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Inspector
-from reconad.runtime.manifest import (
-    ANOMALY_MAP_NAME,
-    IMAGE_SCORE_NAME,
-    INPUT_NAME,
-    EngineInfo,
-    Manifest,
-    manifest_path_for,
-)
-from reconad.runtime.trt_backend import TrtBackend, engine_mismatch, import_tensorrt, parse_version
-from tests.runtime.onnx_graphs import random_images, write_artifact
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, CATEGORY_DISTANCE_NAME, CATEGORY_NAME, IMAGE_SCORE_NAME, INPUT_NAME, EngineInfo, Manifest, manifest_path_for
+from reconad.runtime.backends.trt import TrtBackend, engine_mismatch, import_tensorrt, parse_version
+from tests.runtime.onnx_graphs import CATEGORIES, colour_images, expected_outputs, random_images, write_artifact
 
 HW = (4, 6)
 ORIN = EngineInfo(tensorrt_version="10.3.0.26", cuda_version="12.6", gpu_name="Orin", compute_capability="8.7")
@@ -147,10 +141,13 @@ class FakeCuda(CudaDriver):
 
 
 class FakeContext:
-    """The name-based execution API over FakeCuda memory: anomaly_map = channel mean / 255, score = its max."""
+    """The name-based execution API over FakeCuda memory: anomaly_map = channel mean / 255, score = its max;
+    category and category_distance as the contract graph's (tests/runtime/onnx_graphs.py), category in
+    the engine's dtype."""
 
-    def __init__(self, cuda):
+    def __init__(self, cuda, category_dtype=np.int64):
         self.cuda = cuda
+        self.category_dtype = category_dtype
         self.batch = None
         self.addresses = {}
         self.direct_runs = 0
@@ -166,6 +163,8 @@ class FakeContext:
             INPUT_NAME: (self.batch, *HW, 3),
             ANOMALY_MAP_NAME: (self.batch, 1, *HW),
             IMAGE_SCORE_NAME: (self.batch,),
+            CATEGORY_NAME: (self.batch,),
+            CATEGORY_DISTANCE_NAME: (self.batch,),
         }[name]
 
     def set_tensor_address(self, name, address):
@@ -183,6 +182,11 @@ class FakeContext:
             memory[self.addresses[ANOMALY_MAP_NAME]][: anomaly_map.nbytes] = anomaly_map.reshape(-1).view(np.uint8)
             scores = anomaly_map.max(axis=(1, 2, 3))
             memory[self.addresses[IMAGE_SCORE_NAME]][: scores.nbytes] = scores.view(np.uint8)
+            head = expected_outputs(images)
+            category = head[CATEGORY_NAME].astype(self.category_dtype)
+            memory[self.addresses[CATEGORY_NAME]][: category.nbytes] = category.view(np.uint8)
+            distance = head[CATEGORY_DISTANCE_NAME]
+            memory[self.addresses[CATEGORY_DISTANCE_NAME]][: distance.nbytes] = distance.view(np.uint8)
 
         if self.cuda.capture is not None:
             self.cuda.capture.append(run)
@@ -193,11 +197,12 @@ class FakeContext:
 
 
 class FakeEngine:
-    num_io_tensors = 3
-    names = (INPUT_NAME, ANOMALY_MAP_NAME, IMAGE_SCORE_NAME)
+    num_io_tensors = 5
+    names = (INPUT_NAME, ANOMALY_MAP_NAME, IMAGE_SCORE_NAME, CATEGORY_NAME, CATEGORY_DISTANCE_NAME)
 
-    def __init__(self, cuda):
+    def __init__(self, cuda, category_dtype=np.int64):
         self.cuda = cuda
+        self.category_dtype = category_dtype  # int32 as TensorRT 8.x builds it, int64 from 10.x on
         self.contexts = []
 
     def get_tensor_name(self, index):
@@ -207,21 +212,22 @@ class FakeEngine:
         return "input" if name == INPUT_NAME else "output"
 
     def get_tensor_dtype(self, name):
-        return np.uint8 if name == INPUT_NAME else np.float32
+        return {INPUT_NAME: np.uint8, CATEGORY_NAME: self.category_dtype}.get(name, np.float32)
 
     def get_tensor_shape(self, name):
-        return {INPUT_NAME: (-1, *HW, 3), ANOMALY_MAP_NAME: (-1, 1, *HW), IMAGE_SCORE_NAME: (-1,)}[name]
+        return {INPUT_NAME: (-1, *HW, 3), ANOMALY_MAP_NAME: (-1, 1, *HW)}.get(name, (-1,))
 
     def get_tensor_profile_shape(self, name, profile):
         return (1, *HW, 3), (2, *HW, 3), (4, *HW, 3)
 
     def create_execution_context(self):
-        self.contexts.append(FakeContext(self.cuda))
+        self.contexts.append(FakeContext(self.cuda, self.category_dtype))
         return self.contexts[-1]
 
 
-def fake_tensorrt(cuda):
+def fake_tensorrt(cuda, version="10.3.0.26"):
     runtimes = []
+    category_dtype = np.int32 if parse_version(version) < (10,) else np.int64
 
     class Runtime:
         def __init__(self, logger):
@@ -229,10 +235,10 @@ def fake_tensorrt(cuda):
             runtimes.append(self)
 
         def deserialize_cuda_engine(self, data):
-            return FakeEngine(cuda) if data == b"fake plan" else None
+            return FakeEngine(cuda, category_dtype) if data == b"fake plan" else None
 
     return types.SimpleNamespace(
-        __version__="10.3.0.26",
+        __version__=version,
         Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None}),
         Runtime=Runtime,
         TensorIOMode=types.SimpleNamespace(INPUT="input", OUTPUT="output"),
@@ -251,13 +257,16 @@ def fakes(monkeypatch):
     return types.SimpleNamespace(cuda=cuda, trt=trt)
 
 
-def write_engine(folder, gpu_name="Orin", details=None):
-    """A fake plan plus the manifest build-engine would write for it."""
-    onnx_path = write_artifact(folder, name="m-4x6-fp16.onnx", input_hw=HW, precision="fp16")
+def write_engine(folder, gpu_name="Orin", details=None, tensorrt_version=ORIN.tensorrt_version, **manifest_extra):
+    """A fake plan plus the manifest build-engine would write for it (category int32 on TensorRT 8.x)."""
+    onnx_path = write_artifact(folder, name="m-4x6-fp16.onnx", input_hw=HW, precision="fp16", **manifest_extra)
     engine_path = folder / "m-4x6-fp16-trt10.3.0-orin.engine"
     engine_path.write_bytes(b"fake plan")
-    info = EngineInfo(**{**ORIN.__dict__, "gpu_name": gpu_name, "build_details": details or {}})
-    manifest = Manifest.load(manifest_path_for(onnx_path)).for_engine(engine_file=engine_path, engine=info)
+    info = EngineInfo(**{**ORIN.__dict__, "gpu_name": gpu_name, "tensorrt_version": tensorrt_version,
+                         "build_details": details or {}})  # fmt: skip
+    dtypes = {CATEGORY_NAME: "int32"} if parse_version(tensorrt_version) < (10,) else None
+    onnx_manifest = Manifest.load(manifest_path_for(onnx_path))
+    manifest = onnx_manifest.for_engine(engine_file=engine_path, engine=info, output_dtypes=dtypes)
     manifest.save(manifest_path_for(engine_path))
     return engine_path
 
@@ -274,6 +283,8 @@ def test_infer_binds_buffers_by_name_and_returns_the_callers_arrays(tmp_path, fa
         assert [(t.name, t.shape, t.dtype) for t in backend.outputs] == [
             (ANOMALY_MAP_NAME, (-1, 1, *HW), "float32"),
             (IMAGE_SCORE_NAME, (-1,), "float32"),
+            (CATEGORY_NAME, (-1,), "int64"),
+            (CATEGORY_DISTANCE_NAME, (-1,), "float32"),
         ]
         images = random_images(3, HW)
         outputs = backend.infer(images)
@@ -339,7 +350,7 @@ def test_a_failed_capture_falls_back_to_plain_runs(tmp_path, fakes, caplog):
 def test_close_frees_every_buffer_stream_and_graph_once(tmp_path, fakes):
     backend = TrtBackend(write_engine(tmp_path), cuda_graph=True)
     backend.infer(random_images(2, HW))
-    assert len(fakes.cuda.live) == 3 * 2 + 1 + 1  # pinned + device per tensor, the stream, one graph
+    assert len(fakes.cuda.live) == 5 * 2 + 1 + 1  # pinned + device per tensor, the stream, one graph
     backend.close()
     assert fakes.cuda.live == set() and fakes.cuda.memory == {}
     backend.close()
@@ -379,3 +390,27 @@ def test_open_backend_and_the_inspector_run_engines_through_the_same_code(tmp_pa
         verdicts = inspector.inspect(list(images))
     np.testing.assert_allclose([verdict.image_score for verdict in verdicts], expected(images)[1], rtol=1e-5)
     assert fakes.cuda.live == set()
+
+
+def test_a_tensorrt_8_engine_returns_int32_categories_and_the_inspector_reads_them(tmp_path, monkeypatch):
+    cuda = FakeCuda()
+    trt = fake_tensorrt(cuda, version="8.6.2.3")
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_backend, "open_cuda", lambda device, binding: cuda)
+    monkeypatch.setattr(trt_backend, "probe_gpu", lambda device=0: GpuInfo("Orin", "8.7", 7620, True, "12.6"))
+    engine_path = write_engine(tmp_path, tensorrt_version="8.6.2.3")
+    manifest = Manifest.load(manifest_path_for(engine_path))
+    assert [o.dtype for o in manifest.output_tensors] == ["float32", "float32", "int32", "float32"]
+    images = colour_images([(200, 10, 10), (10, 10, 200), (10, 200, 10)], HW)
+    with TrtBackend(engine_path) as backend:
+        assert backend.outputs[2].dtype == "int32"
+        outputs = backend.infer(images)
+        assert outputs[CATEGORY_NAME].dtype == np.int32 and outputs[CATEGORY_NAME].tolist() == [0, 2, 1]
+    with Inspector.open(engine_path, no_threshold=True) as inspector:
+        verdicts = inspector.inspect(images)
+    assert [v.category for v in verdicts] == [CATEGORIES[0], CATEGORIES[2], CATEGORIES[1]]
+    np.testing.assert_allclose([v.category_distance for v in verdicts], expected_outputs(images)[CATEGORY_DISTANCE_NAME], rtol=1e-6)
+    # An engine whose manifest says int64 but returns int32 (or the reverse) is still the same contract.
+    manifest_path_for(engine_path).write_text(manifest.to_json().replace('"int32"', '"int64"'))
+    with Inspector.open(engine_path, no_threshold=True) as inspector:
+        assert [v.category for v in inspector.inspect(images)][0] == CATEGORIES[0]

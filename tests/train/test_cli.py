@@ -64,6 +64,7 @@ def test_evaluate_end_to_end_and_missing_checkpoint(tiny_run, sample_data_root, 
     )
     assert result.exit_code == 0, result.output
     assert "| **mean** |" in result.output and (tmp_path / "r" / "metrics.json").is_file()
+    assert "| category | threshold | recall | false-alarm rate |" in result.output
     result = runner.invoke(cli.app, ["evaluate", str(tmp_path / "nope.ckpt"), str(sample_data_root), "--out", "x"])
     assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
 

@@ -1,5 +1,7 @@
-"""Evaluation: metrics per category and mean, the report files, and agreement with scikit-learn."""
+"""Evaluation: metrics per category and mean, the report files, agreement with scikit-learn, and the operating
+points (per category and global, from the calibration rule or a calibrated manifest)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,7 +10,8 @@ from sklearn import metrics as skm
 
 from reconad.model import load_detector
 from reconad.train.data import load_mvtec
-from reconad.train.evaluate import evaluate_checkpoint, evaluate_predictions, format_metrics_table, predict
+from reconad.runtime.calibration import threshold_at_fpr
+from reconad.train.evaluate import evaluate_checkpoint, evaluate_predictions, format_metrics_table, predict, predict_outputs
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +61,53 @@ def test_evaluate_checkpoint_writes_the_report_and_agrees_with_sklearn(tiny_run,
     assert report.result["mean"]["image_auroc"] == pytest.approx(
         np.mean([m["image_auroc"] for m in payload["categories"].values()])
     )
+
+
+def test_the_operating_points_per_category_and_global(tiny_run, sample_data_root, tmp_path):
+    report = evaluate_checkpoint(tiny_run.checkpoint, sample_data_root, tmp_path / "r", num_heatmaps=0, device="cpu")
+    points = report.result["operating_points"]
+    test_set = load_mvtec(sample_data_root, "test", (64, 64))
+    detector = load_detector(tiny_run.checkpoint)
+    predictions = predict_outputs(detector, test_set.images, 8, "cpu")
+    goods = test_set.labels == 0
+    global_threshold = threshold_at_fpr(predictions.image_scores[goods], 0.01, 0.05)
+    for category in ("pill", "weave"):
+        keep = np.array([c == category for c in test_set.categories])
+        own = threshold_at_fpr(predictions.image_scores[keep & goods], 0.01, 0.05)  # the rule on its goods only
+        point, shared = points["per_category"][category], points["global"][category]
+        assert point["threshold"] == pytest.approx(own) and shared["threshold"] == pytest.approx(global_threshold)
+        flagged = predictions.image_scores[keep] >= own
+        labels = test_set.labels[keep].astype(bool)
+        judged = point["unknown"] == 0
+        assert judged and point["true_positives"] == int((flagged & labels).sum())
+        assert point["false_positives"] == int((flagged & ~labels).sum()) == 0  # in-sample: the goods set it
+        assert point["recall"] == pytest.approx(point["true_positives"] / labels.sum())
+        assert point["recognition_accuracy"] == pytest.approx(
+            np.mean(predictions.categories[keep] == ["pill", "weave"].index(category))
+        )
+    assert points["recognition_accuracy"] is not None
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "## Operating points" in text and "never set a threshold" in text
+    assert "| pill |" in report.points_table
+    payload = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert payload["operating_points"]["per_category"]["pill"]["threshold"] == pytest.approx(points["per_category"]["pill"]["threshold"])
+    assert "recognized_category,category_distance" in (tmp_path / "r" / "scores.csv").read_text().splitlines()[0]
+
+
+def test_operating_points_from_a_calibrated_manifest(tiny_run, sample_data_root, tmp_path):
+    from reconad.runtime.manifest import manifest_path_for
+    from reconad.runtime.thresholds import OperatingPoint, Threshold
+    from tests.runtime.onnx_graphs import make_manifest
+
+    manifest = make_manifest("m.onnx", category_head=None, image_threshold=Threshold.manual(1e9))
+    manifest = dataclasses.replace(manifest, categories=("pill", "weave"))
+    manifest = manifest.with_operating_point("pill", OperatingPoint(image_threshold=Threshold.manual(-1.0)))
+    path = manifest_path_for(tmp_path / "m.onnx")
+    manifest.save(path)
+    report = evaluate_checkpoint(tiny_run.checkpoint, sample_data_root, tmp_path / "r", num_heatmaps=0, device="cpu",
+                                 manifest=path)
+    pill, weave = (report.result["operating_points"]["per_category"][c] for c in ("pill", "weave"))
+    assert pill["threshold"] == -1.0 and pill["recall"] == 1.0 and pill["false_alarm_rate"] == 1.0
+    assert pill["threshold_source"] == "manifest (its own threshold)"
+    assert weave["threshold"] == 1e9 and weave["recall"] == 0.0 and weave["threshold_source"] == "manifest (the global threshold)"
+    assert "calibrated manifest" in (tmp_path / "r" / "report.md").read_text()

@@ -10,6 +10,7 @@ from reconad.model import load_detector
 from reconad.runtime.errors import ReconadError
 from reconad.train.config import TrainConfig, read_train_config
 from reconad.train.fit import fit
+from reconad.train.data import load_mvtec
 from reconad.train.evaluate import evaluate_checkpoint
 from tests.train.conftest import tiny_train_config, write_cifar_batches
 
@@ -32,6 +33,16 @@ def test_fit_writes_the_run(tiny_run, sample_data_root):
     assert detector.provenance["categories"] == ["pill", "weave"]
     for saved, trained in zip(detector.reconstructor.parameters(), tiny_run.detector.reconstructor.parameters()):
         torch.testing.assert_close(saved, trained.cpu(), rtol=0, atol=0)
+    # The category centroids, fitted on the (cached) training features: one per category, in name order.
+    head = detector.provenance["category_head"]
+    assert head["names"] == ["pill", "weave"] and head["n_images"] == [6, 6] and "12 training images" in head["source"]
+    train_set = load_mvtec(sample_data_root, "train", (64, 64))
+    with torch.no_grad():
+        pooled = detector.pooled_features(detector.extract_features(torch.from_numpy(train_set.images)))
+        for row, name in enumerate(head["names"]):
+            keep = torch.tensor([c == name for c in train_set.categories])
+            expected = torch.nn.functional.normalize(pooled[keep].mean(0), dim=0)
+            torch.testing.assert_close(detector.category_centroids[row], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_resume_continues_exactly_where_it_stopped(sample_data_root, tmp_path):
@@ -87,7 +98,7 @@ def test_train_config_precedence(tmp_path):
     with pytest.raises(ReconadError, match="epochs"):
         read_train_config(toml)
     toml.write_text("epoch = 10\n")
-    with pytest.raises(ReconadError, match="Unknown train config keys"):
+    with pytest.raises(ReconadError, match=r"train config .*train.toml has unknown key\(s\) 'epoch'"):
         read_train_config(toml)
 
 

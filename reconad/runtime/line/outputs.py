@@ -1,0 +1,487 @@
+"""Video outputs by URI, after jetson-utils' videoOutput (docs/aux-streaming.md): ``display://0``,
+``rtsp://[address]:port/path`` (an RTSP server of ours) and video files (``.mp4``, ``.mkv``, ``.mov``,
+``.avi``); several at once.
+
+``VideoOutputSink`` renders each inspected frame once (``render.render_result``) and hands it to every
+output, on the loop's sink worker behind a small drop-oldest queue, so a slow encoder or display drops
+frames (counted) rather than delaying inference. RTSP and display go through GStreamer from Python
+(PyGObject: extra ``gst``, or JetPack's python3-gi); files through OpenCV's VideoWriter. An RTSP output
+binds to 127.0.0.1 unless the URI names an address (``rtsp://0.0.0.0:8554/inspect`` for every
+interface), encodes only while a client watches, and on Jetson uses the hardware encoder.
+"""
+
+from __future__ import annotations
+
+import abc
+import ctypes
+import dataclasses
+import ipaddress
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from reconad.runtime.errors import ReconadError
+from reconad.runtime.line.render import render_result
+from reconad.runtime.frames import import_cv2
+
+FILE_FOURCCS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
+DEFAULT_RTSP_PORT = 8554
+DEFAULT_RTSP_PATH = "/inspect"
+LOOPBACK = "127.0.0.1"
+GST_PACKAGES = (
+    "pip install 'reconad[gst]' (PyGObject; on Jetson use JetPack's python3-gi) and the GStreamer packages "
+    "gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-plugins-ugly"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputTarget:
+    """A parsed ``--output`` URI.
+
+    Attributes:
+        kind: ``"display"``, ``"rtsp"`` or ``"file"``.
+        uri: as given.
+        path: the video file (kind file).
+        host: the address the RTSP server binds to (kind rtsp); loopback unless the URI names one.
+        port: its TCP port.
+        mount: the stream's path on the server, e.g. ``/inspect``.
+        screen: the display number (kind display).
+    """
+
+    kind: str
+    uri: str
+    path: Path | None = None
+    host: str | None = None
+    port: int | None = None
+    mount: str | None = None
+    screen: int | None = None
+
+
+def parse_output_uri(uri: str) -> OutputTarget:
+    """``display://0``, ``rtsp://@:8554/inspect``, ``rtsp://0.0.0.0:8554/x``, ``line.mp4``, ``file://…``.
+
+    As in jetson-utils, ``@`` (or no host) in an RTSP output means this machine; here that is loopback
+    only, so nothing is exposed on the network unless an address is named.
+    """
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "display":
+        screen = parts.netloc or parts.path.lstrip("/") or "0"
+        if not screen.isdigit():
+            raise ReconadError(f"A display output is display://N, got {uri!r}.")
+        if int(screen) != 0:
+            raise ReconadError(f"Only display://0 (the desktop of $DISPLAY) is supported, got {uri!r}.")
+        return OutputTarget("display", uri, screen=0)
+    if scheme == "rtsp":
+        hostport = parts.netloc.rsplit("@", 1)[-1]
+        try:
+            located = urlsplit(f"rtsp://{hostport}")
+            port = located.port or DEFAULT_RTSP_PORT
+        except ValueError:
+            raise ReconadError(f"The RTSP output {uri!r} has an invalid port.") from None
+        host = located.hostname or LOOPBACK
+        if host != "localhost":
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ReconadError(
+                    f"An RTSP output binds to an address of this machine (e.g. 0.0.0.0 or 192.168.1.5), got {host!r}."
+                ) from None
+        mount = parts.path if parts.path not in ("", "/") else DEFAULT_RTSP_PATH
+        return OutputTarget("rtsp", uri, host=host, port=port, mount=mount)
+    if scheme == "file":
+        path = Path((parts.netloc + parts.path) or uri[len("file://") :])
+    elif scheme and len(scheme) > 1:
+        raise ReconadError(
+            f"Unknown output {uri!r}: use display://0, rtsp://[address]:port/path or a video file "
+            f"({', '.join(FILE_FOURCCS)})."
+        )
+    else:
+        path = Path(uri)
+    if path.suffix.lower() not in FILE_FOURCCS:
+        raise ReconadError(f"A video file output must end in one of {', '.join(FILE_FOURCCS)}, got {uri!r}.")
+    return OutputTarget("file", uri, path=path)
+
+
+class VideoOutput(abc.ABC):
+    """Where rendered frames go. The first frame fixes the size; later ones of another size are resized.
+
+    Attributes:
+        uri: the URI it was opened from.
+        frames_written: frames handed to the output (an RTSP output counts only watched frames).
+    """
+
+    uri: str
+    frames_written: int = 0
+
+    @property
+    def wants_frames(self) -> bool:
+        """False while a frame would be thrown away (an RTSP output nobody watches): not worth rendering."""
+        return True
+
+    @abc.abstractmethod
+    def write(self, frame: np.ndarray) -> None:
+        """Show or send one uint8 [H, W, 3] RGB frame; raises ``ReconadError`` when the output failed."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Finish (a file is complete only after this) and release; idempotent."""
+
+
+def _fit(frame: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if frame.shape == shape:
+        return frame
+    return import_cv2().resize(frame, (shape[1], shape[0]), interpolation=import_cv2().INTER_AREA)
+
+
+class FileOutput(VideoOutput):
+    """A video file written by OpenCV (MPEG-4 Part 2 in .mp4/.mkv/.mov, Motion JPEG in .avi).
+
+    Frames go to ``<stem>.partial<suffix>`` beside it, renamed to the final name at ``close``: a run
+    that is killed leaves a file named partial, never a truncated file under the name asked for.
+    An existing file of that name is replaced at ``close``.
+    """
+
+    def __init__(self, target: OutputTarget, fps: float = 30.0) -> None:
+        self.uri = target.uri
+        self.path = Path(target.path)
+        self.fps = fps
+        if not self.path.parent.is_dir():
+            raise ReconadError(f"Cannot write {self.path}: the folder {self.path.parent} does not exist.")
+        self.partial = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix}")
+        self._writer: Any = None
+        self._shape: tuple[int, ...] | None = None
+        self.frames_written = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        cv2 = import_cv2()
+        if self._writer is None:
+            height, width = frame.shape[:2]
+            fourcc = cv2.VideoWriter_fourcc(*FILE_FOURCCS[self.path.suffix.lower()])
+            writer = cv2.VideoWriter(str(self.partial), fourcc, float(self.fps), (width, height))
+            if not writer.isOpened():
+                raise ReconadError(f"OpenCV cannot write the video {self.partial} ({width}x{height}).")
+            self._writer, self._shape = writer, frame.shape
+        self._writer.write(np.ascontiguousarray(_fit(frame, self._shape)[:, :, ::-1]))  # OpenCV wants BGR
+        self.frames_written += 1
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.release()
+        self._writer = None
+        try:
+            os.replace(self.partial, self.path)
+        except OSError as error:
+            raise ReconadError(f"Cannot finish {self.path}: {error.strerror}.") from None
+
+
+def _keep_gcc_unwinder() -> None:
+    """Put GCC's unwinder into the global symbol scope before GStreamer is loaded.
+
+    libgstreamer links libunwind, which also exports the ``_Unwind_*`` functions C++ exceptions are
+    thrown with; PyGObject loads libgstreamer globally, so without this a C++ exception raised later
+    by another library (ONNX Runtime refusing a corrupt model, once the onnx package is loaded) goes
+    through libunwind's copy and the process aborts.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libgcc_s.so.1", mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass  # not glibc/GCC (musl): nothing to protect
+
+
+def import_gst(feature: str, rtsp_server: bool = False) -> tuple[Any, Any, Any]:
+    """(Gst, GLib, GstRtspServer or None), initialised; a ``ReconadError`` naming what to install."""
+    _keep_gcc_unwinder()
+    try:
+        import gi
+
+        gi.require_version("Gst", "1.0")
+        if rtsp_server:
+            gi.require_version("GstRtspServer", "1.0")
+        from gi.repository import GLib, Gst
+
+        server = None
+        if rtsp_server:
+            from gi.repository import GstRtspServer as server
+    except (ImportError, ValueError):
+        raise ReconadError(f"{feature} needs GStreamer for Python: {GST_PACKAGES}.") from None
+    Gst.init(None)
+    return Gst, GLib, server
+
+
+def h264_encoder(Gst: Any, fps: int, bitrate_kbps: int) -> str:
+    """The pipeline section RGB frames -> H.264: Jetson's hardware encoder, else x264, else OpenH264."""
+    if Gst.ElementFactory.find("nvv4l2h264enc") and Gst.ElementFactory.find("nvvidconv"):
+        return (
+            "nvvidconv ! video/x-raw(memory:NVMM),format=NV12 ! "
+            f"nvv4l2h264enc bitrate={bitrate_kbps * 1000} iframeinterval={fps} idrinterval={fps} insert-sps-pps=true"
+        )
+    if Gst.ElementFactory.find("x264enc"):
+        # zerolatency: no B-frames, no lookahead, so a frame leaves the encoder as soon as it is encoded.
+        return (
+            "videoconvert ! video/x-raw,format=I420 ! "
+            f"x264enc tune=zerolatency speed-preset=ultrafast bitrate={bitrate_kbps} key-int-max={fps}"
+        )
+    if Gst.ElementFactory.find("openh264enc"):
+        return f"videoconvert ! video/x-raw,format=I420 ! openh264enc bitrate={bitrate_kbps * 1000} gop-size={fps}"
+    raise ReconadError("An RTSP output needs an H.264 encoder in GStreamer: install gstreamer1.0-plugins-ugly (x264enc).")
+
+
+def _appsrc(width: int, height: int, fps: int) -> str:
+    # Live, timestamped on arrival, never blocking the writer: at most 2 frames wait, the oldest is dropped.
+    caps = f"video/x-raw,format=RGB,width={width},height={height},framerate={fps}/1"
+    return (
+        f'appsrc name=src is-live=true format=time do-timestamp=true block=false max-buffers=2 '
+        f'leaky-type=downstream caps="{caps}"'
+    )
+
+
+class RtspOutput(VideoOutput):
+    """An RTSP server of ours (GStreamer rtsp-server, in-process) streaming the rendered frames as H.264.
+
+    It listens from construction (a taken port fails at once); the stream is mounted with the first
+    frame, whose size it keeps. Frames are encoded only while at least one client is connected; every
+    client shares one encoder. Key frames each second let a new client start within a second.
+
+    Attributes:
+        url: what clients open, e.g. ``rtsp://127.0.0.1:8554/inspect``.
+        frames_unwatched: frames that arrived while no client was connected.
+    """
+
+    def __init__(self, target: OutputTarget, fps: float = 30.0, bitrate_kbps: int = 4000) -> None:
+        Gst, GLib, GstRtspServer = import_gst(f"--output {target.uri}", rtsp_server=True)
+        self._Gst, self._GstRtspServer = Gst, GstRtspServer
+        self.uri = target.uri
+        self.target = target
+        self.fps = max(1, round(fps))
+        self.encoder = h264_encoder(Gst, self.fps, bitrate_kbps)
+        self._context = GLib.MainContext.new()
+        self._loop = GLib.MainLoop.new(self._context, False)
+        server = GstRtspServer.RTSPServer.new()
+        server.set_address(target.host)
+        server.set_service(str(target.port))
+        self._source_id = server.attach(self._context)
+        if self._source_id == 0:
+            raise ReconadError(
+                f"Cannot serve {target.uri}: {target.host}:{target.port} is in use or not an address of this machine."
+            )
+        self._server = server
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        self.url = f"rtsp://{host}:{server.get_bound_port()}{target.mount}"
+        self._lock = threading.Lock()
+        self._appsrcs: list[Any] = []
+        self._shape: tuple[int, ...] | None = None
+        self.frames_written = 0
+        self.frames_unwatched = 0
+        self._thread = threading.Thread(target=self._loop.run, name="rtsp-output", daemon=True)
+        self._thread.start()
+
+    def _mount(self, shape: tuple[int, ...]) -> None:
+        height, width = shape[:2]
+        factory = self._GstRtspServer.RTSPMediaFactory.new()
+        factory.set_launch(f"( {_appsrc(width, height, self.fps)} ! {self.encoder} ! rtph264pay name=pay0 pt=96 config-interval=1 )")
+        factory.set_shared(True)
+        factory.connect("media-configure", self._on_media_configure)
+        self._server.get_mount_points().add_factory(self.target.mount, factory)
+        self._shape = shape
+
+    def _on_media_configure(self, factory: Any, media: Any) -> None:  # on our GLib thread
+        appsrc = media.get_element().get_child_by_name("src")
+        with self._lock:
+            self._appsrcs.append(appsrc)
+        media.connect("unprepared", lambda _media: self._forget(appsrc))
+
+    def _forget(self, appsrc: Any) -> None:
+        with self._lock:
+            if appsrc in self._appsrcs:
+                self._appsrcs.remove(appsrc)
+
+    @property
+    def clients(self) -> int:
+        """Streams being served now (one shared stream however many clients watch it)."""
+        with self._lock:
+            return len(self._appsrcs)
+
+    @property
+    def wants_frames(self) -> bool:
+        return self._shape is None or self.clients > 0  # the first frame mounts the stream
+
+    def write(self, frame: np.ndarray) -> None:
+        if self._shape is None:
+            self._mount(frame.shape)
+        with self._lock:
+            appsrcs = list(self._appsrcs)
+        if not appsrcs:
+            self.frames_unwatched += 1
+            return
+        data = np.ascontiguousarray(_fit(frame, self._shape)).tobytes()
+        for appsrc in appsrcs:
+            appsrc.emit("push-buffer", self._Gst.Buffer.new_wrapped(data))
+        self.frames_written += 1
+
+    def close(self) -> None:
+        if self._source_id == 0:
+            return
+        with self._lock:
+            appsrcs, self._appsrcs = list(self._appsrcs), []
+        for appsrc in appsrcs:
+            appsrc.emit("end-of-stream")
+        # Drop the clients and stop listening, on the GLib thread that owns the server.
+        done = threading.Event()
+
+        def shut_down() -> bool:
+            self._server.client_filter(lambda server, client, *data: self._GstRtspServer.RTSPFilterResult.REMOVE)
+            source = self._context.find_source_by_id(self._source_id)
+            if source is not None:
+                source.destroy()
+            done.set()
+            return False
+
+        self._context.invoke_full(0, shut_down)
+        done.wait(5)
+        self._loop.quit()
+        self._thread.join(timeout=5)
+        self._source_id = 0
+
+
+class DisplayOutput(VideoOutput):
+    """A window on this machine's desktop (GStreamer autovideosink: X11, Wayland, or Jetson's EGL sink).
+
+    Closing the window (or losing the display) makes the next ``write`` raise; the loop goes on.
+    """
+
+    def __init__(self, target: OutputTarget, fps: float = 30.0) -> None:
+        if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            raise ReconadError(
+                f"{target.uri} needs a desktop, but neither DISPLAY nor WAYLAND_DISPLAY is set "
+                "(watch from another machine with --output rtsp://0.0.0.0:8554/inspect)."
+            )
+        self._Gst, _, _ = import_gst(f"--output {target.uri}")
+        self.uri = target.uri
+        self.fps = max(1, round(fps))
+        self._pipeline: Any = None
+        self._appsrc: Any = None
+        self._shape: tuple[int, ...] | None = None
+        self.frames_written = 0
+
+    def _start(self, shape: tuple[int, ...]) -> None:
+        Gst = self._Gst
+        height, width = shape[:2]
+        pipeline = Gst.parse_launch(f"{_appsrc(width, height, self.fps)} ! videoconvert ! autovideosink sync=false")
+        if pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
+            pipeline.set_state(Gst.State.NULL)
+            raise ReconadError(f"Cannot open a window for {self.uri}: {self._bus_error(pipeline) or 'GStreamer refused'}.")
+        self._pipeline, self._appsrc, self._shape = pipeline, pipeline.get_by_name("src"), shape
+
+    def _bus_error(self, pipeline: Any) -> str | None:
+        message = pipeline.get_bus().pop_filtered(self._Gst.MessageType.ERROR)
+        return message.parse_error()[0].message if message is not None else None
+
+    def write(self, frame: np.ndarray) -> None:
+        if self._pipeline is None:
+            self._start(frame.shape)
+        error = self._bus_error(self._pipeline)
+        if error is not None:
+            raise ReconadError(f"{self.uri} failed: {error}")
+        data = np.ascontiguousarray(_fit(frame, self._shape)).tobytes()
+        self._appsrc.emit("push-buffer", self._Gst.Buffer.new_wrapped(data))
+        self.frames_written += 1
+
+    def close(self) -> None:
+        if self._pipeline is None:
+            return
+        self._appsrc.emit("end-of-stream")
+        self._pipeline.get_bus().timed_pop_filtered(
+            self._Gst.SECOND, self._Gst.MessageType.EOS | self._Gst.MessageType.ERROR
+        )
+        self._pipeline.set_state(self._Gst.State.NULL)
+        self._pipeline = None
+
+
+def open_output(uri: str, fps: float = 30.0) -> VideoOutput:
+    """The ``VideoOutput`` for one ``--output`` URI; raises ``ReconadError`` when it cannot be opened."""
+    target = parse_output_uri(uri)
+    if target.kind == "display":
+        return DisplayOutput(target, fps)
+    if target.kind == "rtsp":
+        return RtspOutput(target, fps)
+    return FileOutput(target, fps)
+
+
+def open_outputs(uris: Sequence[str], fps: float = 30.0) -> list[VideoOutput]:
+    """Every output of ``uris``, or none: when one cannot be opened, those already open are closed."""
+    outputs: list[VideoOutput] = []
+    try:
+        for uri in uris:
+            outputs.append(open_output(uri, fps))
+    except BaseException:
+        for output in outputs:
+            output.close()
+        raise
+    return outputs
+
+
+class VideoOutputSink:
+    """The loop's sink for video outputs: render each inspected frame once, write it to every output.
+
+    Needs results that carry their frame and anomaly map (``needs_frames``); others are not accepted.
+    Nothing is rendered while no output wants frames (RTSP outputs without a client): ``write`` returns
+    False, which the loop counts as skipped. A failing output does not stop the others: ``write`` raises
+    the first failure after trying them all.
+
+    Args:
+        outputs: from ``open_outputs``; closed by ``close``.
+        low, high: the heat scale (the manifest's score normalisation), or None.
+        pixel_threshold: outline level for NG frames (the manifest's pixel threshold), or None.
+        queue_size: frames waiting for rendering; more are dropped oldest first (live view, not a log).
+    """
+
+    name = "video"
+    heavy = True  # renders and encodes: runs below inference's priority
+    needs_frames = True  # the loop keeps frame and map in results for sinks that say so
+
+    def __init__(self, outputs: Sequence[VideoOutput], *, low: float | None = None, high: float | None = None,
+                 pixel_threshold: float | None = None, queue_size: int = 2) -> None:
+        self.outputs = list(outputs)
+        self.low, self.high, self.pixel_threshold = low, high, pixel_threshold
+        self.queue_size = queue_size
+        self.render_ms = 0.0  # last render's duration
+
+    def accepts(self, result: Any) -> bool:
+        verdict = getattr(result, "verdict", None)
+        return verdict is not None and getattr(result, "frame", None) is not None
+
+    def write(self, result: Any) -> bool:
+        if not any(getattr(output, "wants_frames", True) for output in self.outputs):
+            return False  # only RTSP outputs, and nobody watches: counted as skipped, nothing rendered
+        started = time.perf_counter()
+        image = render_result(result, low=self.low, high=self.high, pixel_threshold=self.pixel_threshold)
+        self.render_ms = (time.perf_counter() - started) * 1e3
+        failures = []
+        for output in self.outputs:
+            try:
+                output.write(image)
+            except Exception as error:  # one output's failure must not starve the others
+                failures.append(error)
+        if failures:
+            raise failures[0]
+        return True
+
+    def close(self) -> None:
+        failures = []
+        for output in self.outputs:
+            try:
+                output.close()
+            except Exception as error:
+                failures.append(error)
+        if failures:
+            raise failures[0]
