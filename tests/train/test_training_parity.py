@@ -6,7 +6,7 @@ and dropout masks. Checked once against the official code itself (numbers in the
 import pytest
 import torch
 
-from reconad.model import ModelConfig
+from reconad.model import ModelConfig, transformer
 from reconad.model.transformer import Attention, Reconstructor
 from reconad.model.uniad_import import map_official_key
 from reconad.train.config import TrainConfig
@@ -78,6 +78,9 @@ def _twin_models(dtype):
 def _run_steps(dtype, epochs, steps_per_epoch, monkeypatch):
     dropout = LayoutDropout()
     monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+    # Our Dropout draws its zeros by skip sampling on CPU (same distribution, other random stream; tested in
+    # tests/model/test_transformer.py): here every dropout goes through F.dropout, so both get the same masks.
+    monkeypatch.setattr(transformer.Dropout, "forward", torch.nn.Dropout.forward)
     official, ours = _twin_models(dtype)
     official_opt, official_sched = official_optimizer(official)
     our_opt, our_sched = build_optimizer(ours, TrainConfig(preset="tiny", epochs=1000))
@@ -155,3 +158,33 @@ def test_schedule_matches_the_official_one_but_for_its_one_epoch_lag():
     differing = [e + 1 for e, (a, b) in enumerate(zip(official_lrs, our_lrs)) if a != pytest.approx(b, rel=1e-9)]
     assert differing == [801]
     assert our_lrs[0] == 1e-4 and our_lrs[-1] == pytest.approx(1e-5)
+
+
+def test_micro_batches_give_the_whole_batch_update(monkeypatch):
+    """Gradient accumulation over micro-batches: the same loss, gradient norm and updated weights as one
+    pass over the batch (float64, the jitter always on and its noise given, dropout off)."""
+    from reconad.train.fit import micro_batch_size_for
+
+    config = CONFIG.replace(dropout=0.0, jitter_prob=1.0)
+    torch.manual_seed(0)
+    whole = Reconstructor(config).double().train()
+    split = Reconstructor(config).double().train()
+    split.load_state_dict(whole.state_dict())
+    generator = torch.Generator().manual_seed(3)
+    features = torch.rand(5, config.channels, *config.feature_hw, generator=generator, dtype=torch.float64)
+    noise = torch.randn(features.shape, generator=generator, dtype=torch.float64)
+    train = TrainConfig(preset="tiny", epochs=10)
+    (whole_opt, _), (split_opt, _) = build_optimizer(whole, train), build_optimizer(split, train)
+    for _ in range(2):
+        whole_loss, whole_norm = training_step(whole, features, whole_opt, 0.1, jitter_noise=noise, micro_batch_size=5)
+        split_loss, split_norm = training_step(split, features, split_opt, 0.1, jitter_noise=noise, micro_batch_size=2)
+        assert split_loss == pytest.approx(whole_loss, rel=1e-12)
+        assert split_norm == pytest.approx(whole_norm, rel=1e-10)
+    for (name, a), b in zip(whole.named_parameters(), split.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-13), name
+    # the automatic size: at most 64 MiB of float32 logits [n, nhead, L, L] per pass
+    assert micro_batch_size_for(whole, features) == 5  # tiny: the whole batch
+    tokens_32x32 = torch.zeros(8, config.channels, 32, 32)  # 2 heads x 1024^2 x 4 bytes = 8 MiB per image
+    assert micro_batch_size_for(whole, tokens_32x32) == 8
+    assert micro_batch_size_for(whole, tokens_32x32, budget_bytes=16 << 20) == 2
+    assert micro_batch_size_for(whole, tokens_32x32, budget_bytes=1) == 1
