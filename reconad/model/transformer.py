@@ -65,22 +65,27 @@ class Attention(nn.Module):
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """query/key/value [N, L, D], attn_mask additive [L, L] or None -> [N, L, D]."""
-        n, length, d_model = query.shape
+        """query [N or 1, L, D], key/value [N, L, D], attn_mask additive [L, L] or None -> [N, L, D].
+
+        A query batch of 1 is broadcast against the keys' N: a query that is the same for every image (the
+        decoder's learned queries) is then a constant of the exported graph, and so is its projection.
+        """
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
 
         def heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
             # [N, L, D] -> [N, nhead, L, head_dim]
-            return F.linear(x, weight, bias).view(n, -1, self.nhead, self.head_dim).transpose(1, 2)
+            return F.linear(x, weight, bias).unflatten(-1, (self.nhead, self.head_dim)).transpose(1, 2)
 
         q, k, v = heads(query, w_q, b_q), heads(key, w_k, b_k), heads(value, w_v, b_v)
         dropout_p = self.dropout.p if self.training else 0.0
         if not self.explicit and sdpa_is_fused(q.device, dropout_p):
             if attn_mask is not None and attn_mask.dtype != q.dtype:
                 attn_mask = attn_mask.to(q.dtype)  # under autocast q is bf16/fp16; SDPA wants one dtype
+            if q.shape[0] != k.shape[0]:
+                q = q.expand(k.shape[0], -1, -1, -1)  # the fused kernels take one batch size
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-            return self.out_proj(out.transpose(1, 2).reshape(n, length, d_model))  # [N, L, D]
+            return self.out_proj(out.transpose(1, 2).flatten(2))  # [N, L, D]
         q = q * (1.0 / math.sqrt(self.head_dim))
         logits = q @ k.transpose(-2, -1)  # [N, nhead, L, L]
         if attn_mask is not None:
@@ -91,7 +96,7 @@ class Attention(nn.Module):
             out = (skip_sampled_dropout(weights, dropout_p, scale=False) @ v) * (1.0 / (1.0 - dropout_p))
         else:
             out = self.dropout(weights) @ v  # no dropout, or all weights zeroed (p = 1)
-        return self.out_proj(out.transpose(1, 2).reshape(n, length, d_model))  # [N, L, D]
+        return self.out_proj(out.transpose(1, 2).flatten(2))  # [N, L, D]
 
 
 def sdpa_is_fused(device: torch.device, dropout_p: float) -> bool:
@@ -217,9 +222,11 @@ class DecoderLayer(nn.Module):
         memory_mask: torch.Tensor | None,
         previous_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        query = self.query_embed.weight.unsqueeze(0).expand(memory.shape[0], -1, -1)  # [N, L, D]
+        # [1, L, D], broadcast in attention 1 and its residual: the same for every image, so in the exported
+        # graph query + pos and its projection are constants (folded), not per-image work
+        query = self.query_embed.weight.unsqueeze(0)
         out = self.self_attn(query + pos, memory + pos, memory, memory_mask)
-        query = self.norm1(query + self.dropout1(out))
+        query = self.norm1(query + self.dropout1(out))  # [N, L, D]
         out = self.multihead_attn(query + pos, previous + pos, previous, previous_mask)
         query = self.norm2(query + self.dropout2(out))
         return self.norm3(query + self.dropout3(self.ffn(query)))

@@ -123,25 +123,34 @@ def test_one_shared_neighbour_mask_initializer(tiny_export):
 def test_attention_is_exported_in_its_explicit_form(tiny_export):
     """Q.K^T MatMul with the scale on Q alone, mask Add, Softmax, MatMul: the form the FP32 islands, the
     TensorRT 8.x constraints and the LayerNorm rewrite are found on. Tracing the SDPA that training and
-    evaluation run would scale Q and K both and add Shape / Slice arithmetic."""
+    evaluation run would scale Q and K both and add Shape / Slice arithmetic. The decoder's first attention
+    has a query that is the same for every image (learned queries + position): its scaled projection is a
+    folded constant [1, nhead, L, head_dim], not per-image work."""
     model = tiny_export.load("fp32")
     producer = {name: node for node in model.graph.node for name in node.output}
     constants = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
     softmaxes = [node for node in model.graph.node if node.op_type == "Softmax"]
     assert len(softmaxes) == 3
     head_dim = 32 // 2  # ModelConfig.tiny(): d_model 32, nhead 2
+    folded_queries = []
     for softmax in softmaxes:
         add = producer[softmax.input[0]]
         (logits,) = [name for name in add.input if name not in constants]
         assert add.op_type == "Add" and any(constants[name].shape == (64, 64) for name in add.input if name in constants)
         matmul = producer[logits]
         assert matmul.op_type == "MatMul"
-        scaled_q, k_transposed = (producer[name] for name in matmul.input)
-        assert scaled_q.op_type == "Mul" and k_transposed.op_type == "Transpose"
-        (scale,) = [constants[name] for name in scaled_q.input if name in constants]
-        assert np.allclose(scale, head_dim**-0.5)
+        q_name, k_name = matmul.input
+        assert producer[k_name].op_type == "Transpose"
+        if q_name in constants:
+            folded_queries.append(constants[q_name].shape)
+        else:
+            scaled_q = producer[q_name]
+            assert scaled_q.op_type == "Mul"
+            (scale,) = [constants[name] for name in scaled_q.input if name in constants]
+            assert np.allclose(scale, head_dim**-0.5)
         (reader,) = [node for node in model.graph.node if softmax.output[0] in node.input]
         assert reader.op_type == "MatMul"
+    assert folded_queries == [(1, 2, 64, head_dim)]  # tiny: one decoder layer, 2 heads, 8x8 tokens
     assert not any(node.op_type == "Slice" for node in model.graph.node)
 
 
