@@ -278,7 +278,8 @@ def run(
     Exit codes: 0 at the end of the stream, --max-frames, SIGINT or SIGTERM; 2 for bad input; 3 when
     inference fails or hangs.
     """
-    flags = {name: value_of(value) for name, value in locals().items() if name != "config"}
+    given = dict(locals())  # every option above, None where not given: the top layer over --config's
+    flags = {name: value_of(value) for name, value in given.items() if name != "config"}
     from reconad.runtime.errors import ReconadError, exit_with
     from reconad.runtime.line.run_settings import read_run_settings
     from reconad.runtime.line.session import inspect_stream
