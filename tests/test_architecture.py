@@ -152,17 +152,20 @@ from reconad.export.cli import app as export_app
 from reconad.runtime.cli import app as inspect_app
 for app, command in (
     (export_app, "verify"), (export_app, "build-engine"), (export_app, "to-onnx"), (export_app, "triton-repo"),
-    (inspect_app, "run"), (inspect_app, "calibrate"), (inspect_app, "serve"),
+    (inspect_app, "run"), (inspect_app, "calibrate"), (inspect_app, "serve"), (inspect_app, "doctor"),
 ):
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output, (command, result.output)
+for app in (export_app, inspect_app):
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("recon-"), result.output
 heavy = sorted(m for m in ("torch", "onnx", "efficientnet_pytorch", "efficientnet_lite_pytorch") if m in sys.modules)
 print("HEAVY:" + ",".join(heavy))
 """
 
 
 def test_runtime_and_cli_help_load_no_torch_in_a_fresh_interpreter():
-    """Every runtime module, and --help of every command (to-onnx included), without torch or onnx."""
+    """Every runtime module, --help of every command (to-onnx included) and --version, without torch or onnx."""
     result = subprocess.run(
         [sys.executable, "-c", NO_TORCH_SCRIPT], capture_output=True, text=True, timeout=120, cwd=PACKAGE.parent
     )

@@ -4,11 +4,20 @@ Thin Typer commands delegating to plain functions; torch is imported only inside
 """
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
+from reconad.runtime.cli_common import choices, make_app, value_of
+
+app = make_app("recon-export", __doc__.splitlines()[0])
+
+# The spellings the library accepts (held equal to its constants by tests/test_cli_conventions.py).
+Precision = choices("Precision", ("fp32", "fp16", "both"))
+EnginePrecision = choices("EnginePrecision", ("fp16", "fp32"))
+NetworkTyping = choices("NetworkTyping", ("auto", "strong", "weak"))
+Backend = choices("Backend", ("auto", "ort", "ort-cpu", "ort-cuda", "ort-trt", "trt"))
+InstanceKind = choices("InstanceKind", ("auto", "cpu", "gpu"))
 
 
 @app.command("to-onnx")
@@ -16,14 +25,13 @@ def to_onnx(
     checkpoint: Annotated[Path, typer.Argument(help="A reconad checkpoint (model.ckpt).")],
     out: Annotated[Path, typer.Option(help="Folder for <stem>-<H>x<W>-<precision>.onnx, .json and .reference.npz.")],
     precision: Annotated[
-        Literal["fp32", "fp16", "both"],
-        typer.Option(help="fp32, the mixed-precision fp16 graph (FP32 islands), or both."),
-    ] = "fp32",
+        Precision, typer.Option(help="fp32, the mixed-precision fp16 graph (FP32 islands), or both.")
+    ] = Precision("fp32"),
     max_batch: Annotated[int, typer.Option(min=1, help="The batch axis accepts 1..N (1: a static batch of 1).")] = 8,
     opset: Annotated[int, typer.Option(min=17, help="ONNX opset (17 or later: LayerNormalization is one op).")] = 17,
     reference_images: Annotated[
         Optional[Path],
-        typer.Option(help="Folder of images for <stem>.reference.npz (up to 16); default 4 synthetic images."),
+        typer.Option(help="Folder of images for <stem>.reference.npz (up to 16) [default: 4 synthetic images]."),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace manifests in --out that hold a calibration (it is discarded).")
@@ -49,7 +57,7 @@ def to_onnx(
         paths = export_onnx(
             checkpoint=checkpoint,
             out_dir=out,
-            precision=precision,
+            precision=precision.value,
             max_batch=max_batch,
             opset=opset,
             reference_images=reference_images,
@@ -68,33 +76,43 @@ def build_engine_command(
     model: Annotated[Path, typer.Argument(help="The exported .onnx (fp16 or fp32; its sibling is used when needed).")],
     out: Annotated[
         Optional[Path],
-        typer.Option(help="The .engine to write, or a folder for <run>-<H>x<W>-<precision>-trt<version>-<device>.engine."),
+        typer.Option(help="The .engine to write, or a folder for <run>-<H>x<W>-<precision>-trt<version>-<device>.engine [default: the ONNX's folder]."),
     ] = None,
     profile: Annotated[
-        Optional[Path], typer.Option(help="Build profile TOML, e.g. engines/profiles/orin-nano.toml.")
+        Optional[Path], typer.Option(help="Build profile TOML, e.g. engines/profiles/orin-nano.toml [default: none, the built-in defaults].")
     ] = None,
-    precision: Annotated[Optional[str], typer.Option(help="fp16 or fp32 (default: the profile's, else built in).")] = None,
-    workspace_mib: Annotated[Optional[int], typer.Option(help="TensorRT scratch-memory cap in MiB.")] = None,
-    min_batch: Annotated[Optional[int], typer.Option(help="Smallest batch of the optimisation profile.")] = None,
-    opt_batch: Annotated[Optional[int], typer.Option(help="Batch TensorRT tunes its kernels for.")] = None,
-    max_batch: Annotated[Optional[int], typer.Option(help="Largest batch of the optimisation profile.")] = None,
+    precision: Annotated[
+        Optional[EnginePrecision], typer.Option(help="Engine precision [default: the profile's, else fp16].")
+    ] = None,
+    workspace_mib: Annotated[
+        Optional[int], typer.Option(help="TensorRT scratch-memory cap in MiB [default: the profile's, else 1024].")
+    ] = None,
+    min_batch: Annotated[
+        Optional[int], typer.Option(help="Smallest batch of the optimisation profile [default: the profile's, else 1].")
+    ] = None,
+    opt_batch: Annotated[
+        Optional[int], typer.Option(help="Batch TensorRT tunes its kernels for [default: the profile's, else 1].")
+    ] = None,
+    max_batch: Annotated[
+        Optional[int], typer.Option(help="Largest batch of the optimisation profile [default: the profile's, else 8].")
+    ] = None,
     timing_cache: Annotated[
-        Optional[Path], typer.Option(help="Timing cache file, read if present and saved after the build.")
+        Optional[Path], typer.Option(help="Timing cache file, read if present and saved after the build [default: none].")
     ] = None,
-    dla_core: Annotated[Optional[int], typer.Option(help="Run on this DLA core (Jetson Orin), GPU fallback on.")] = None,
+    dla_core: Annotated[Optional[int], typer.Option(help="Run on this DLA core (Jetson Orin), GPU fallback on [default: the GPU].")] = None,
     version_compatible: Annotated[
         Optional[bool],
-        typer.Option("--version-compatible/--no-version-compatible", help="Also run on later TensorRT (8.6+)."),
+        typer.Option("--version-compatible/--no-version-compatible", help="Also run on later TensorRT (8.6+) [default: off]."),
     ] = None,
     hardware_compatible: Annotated[
         Optional[bool],
-        typer.Option("--hardware-compatible/--no-hardware-compatible", help="Run on any Ampere+ dGPU (8.6+)."),
+        typer.Option("--hardware-compatible/--no-hardware-compatible", help="Run on any Ampere+ dGPU (8.6+) [default: off]."),
     ] = None,
     builder_optimization_level: Annotated[
-        Optional[int], typer.Option(help="0..5; higher builds longer for faster engines (8.6+).")
+        Optional[int], typer.Option(help="0..5; higher builds longer for faster engines (8.6+) [default: TensorRT's, 3].")
     ] = None,
     network_typing: Annotated[
-        Optional[str], typer.Option(help="auto (weak on 8.x, strong on 10+), strong, or weak (before 10.12).")
+        Optional[NetworkTyping], typer.Option(help="auto: weak on 8.x, strong on 10+; weak exists before 10.12 [default: auto].")
     ] = None,
 ) -> None:
     """Build a TensorRT engine from an exported ONNX graph, on the target; no torch needed.
@@ -110,7 +128,7 @@ def build_engine_command(
         loaded = load_build_profile(profile) if profile is not None else None
         config = resolve_build_config(
             loaded,
-            precision=precision,
+            precision=value_of(precision),
             workspace_mib=workspace_mib,
             min_batch=min_batch,
             opt_batch=opt_batch,
@@ -120,7 +138,7 @@ def build_engine_command(
             version_compatible=version_compatible,
             hardware_compatible=hardware_compatible,
             builder_optimization_level=builder_optimization_level,
-            network_typing=network_typing,
+            network_typing=value_of(network_typing),
         )
         result = engine.build_engine(
             onnx_path=model, engine_path=out, config=config, profile_name=loaded.name if loaded else None
@@ -134,10 +152,10 @@ def build_engine_command(
 def verify(
     artifact: Annotated[Path, typer.Argument(help="The .onnx or .engine file, with its manifest beside it.")],
     backend: Annotated[
-        str, typer.Option(help="auto, ort (best ONNX Runtime provider), ort-cpu, ort-cuda, ort-trt or trt.")
-    ] = "auto",
+        Backend, typer.Option(help="ort: the best ONNX Runtime provider; auto: trt for engines, ort for ONNX.")
+    ] = Backend("auto"),
     reference: Annotated[
-        Optional[Path], typer.Option(help="Reference .npz; default <stem>.reference.npz beside the artifact.")
+        Optional[Path], typer.Option(help="Reference .npz [default: <stem>.reference.npz beside the artifact; for an engine, the one its manifest records].")
     ] = None,
     json_report: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of a table.")] = False,
 ) -> None:
@@ -148,7 +166,7 @@ def verify(
     from reconad.runtime.verify import render_report, verify_artifact
 
     try:
-        report = verify_artifact(artifact, backend, reference)
+        report = verify_artifact(artifact, backend.value, reference)
     except ReconadError as error:
         exit_with(error)
     typer.echo(json.dumps(report.to_dict(), indent=2) if json_report else render_report(report))
@@ -168,7 +186,7 @@ def triton_repo(
     ] = None,
     instances: Annotated[Optional[int], typer.Option(help="Model instances (instance_group count) [default: 1].")] = None,
     instance_kind: Annotated[
-        Optional[str], typer.Option(help="gpu, cpu or auto (GPU when present) [default: gpu for engines, auto for ONNX].")
+        Optional[InstanceKind], typer.Option(help="auto: GPU when present [default: gpu for engines, auto for ONNX].")
     ] = None,
     preferred_batch_size: Annotated[
         Optional[list[int]], typer.Option(help="A batch size the dynamic batcher aims for; repeatable [default: max].")
@@ -190,7 +208,7 @@ def triton_repo(
             name=name,
             max_batch=max_batch,
             instances=instances,
-            instance_kind=instance_kind,
+            instance_kind=value_of(instance_kind),
             preferred_batch_sizes=tuple(preferred_batch_size) if preferred_batch_size else None,
             max_queue_delay_us=max_queue_delay_us,
         )

@@ -2,7 +2,8 @@
 
 The steps: plan the precision for this TensorRT (``precision_plan``), pick the graph it parses and
 check it against its manifest, build (``builder``), check the engine's layer precisions
-(``precision_check``), then write the engine and its manifest, each atomically.
+(``precision_check``), then write the engine and its manifest, each atomically. The manifest names
+the ONNX and the ``.reference.npz`` the engine came from (``source_files``), so ``verify`` finds both.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from reconad.runtime.atomic import write_bytes_atomic
 from reconad.runtime.backends.device import GpuInfo, probe_gpu, read_jetson_release
 from reconad.runtime.backends.trt import import_tensorrt, parse_version
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import EngineInfo, InputTensor, Manifest, Precision, check_artifact_sha256, manifest_path_for
+from reconad.runtime.manifest import EngineInfo, InputTensor, Manifest, Precision, check_artifact_sha256, manifest_path_for, reference_path_for, sha256_file
 
 
 def resolve_batch_range(config: BuildConfig, input_tensor: InputTensor) -> tuple[int, int, int]:
@@ -106,6 +107,29 @@ def _cuda_runtime_version() -> str | None:
         return None
     finally:
         driver.close()
+
+
+def source_files(source_path: Path, engine_path: Path) -> dict[str, str | None]:
+    """The ``EngineInfo`` fields naming the ONNX an engine is built from and that ONNX's ``.reference.npz``.
+
+    Paths are relative to the engine's folder where they can be (the export and engine folders move
+    together), else absolute; the reference's sha256 lets ``verify`` tell a changed file. Without a
+    reference beside the ONNX, ``reference_path`` and ``reference_sha256`` are None.
+    """
+
+    def located(path: Path) -> str:
+        try:
+            return Path(os.path.relpath(path.resolve(), engine_path.parent.resolve())).as_posix()
+        except ValueError:  # another drive (Windows): no relative path
+            return path.resolve().as_posix()
+
+    reference = reference_path_for(source_path)
+    has_reference = reference.is_file()
+    return {
+        "onnx_path": located(source_path),
+        "reference_path": located(reference) if has_reference else None,
+        "reference_sha256": sha256_file(reference) if has_reference else None,
+    }
 
 
 def build_details(
@@ -297,7 +321,10 @@ def build_engine(
             profile_name=profile_name,
             build_seconds=build_seconds,
         ),
+        **source_files(source_path, target),
     )
+    if engine_info.reference_path is None:
+        log(f"  {reference_path_for(source_path).name} is not beside {source_path.name}: verify will need --reference")
     precision = Precision(mode=config.precision, fp32_islands=island_kinds, description=plan.description)
     manifest, manifest_path = write_engine(
         target, serialized, onnx_manifest, engine_info, precision, batch_range, builder.output_dtypes

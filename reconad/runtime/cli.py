@@ -8,12 +8,22 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperCommand
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
+from reconad.runtime.cli_common import choices, make_app, value_of
 
+app = make_app("recon-inspect", __doc__.splitlines()[0])
 
-def _given(**options: object) -> dict[str, object]:
-    """The options the user gave (not None): the layer ``config.resolve`` puts over the defaults."""
-    return {name: value for name, value in options.items() if value is not None}
+# The spellings the library accepts (held equal to its constants by tests/test_cli_conventions.py; not
+# imported from there so that --help and shell completion stay fast).
+Backend = choices("Backend", ("auto", "ort", "ort-cpu", "ort-cuda", "ort-trt", "trt"))
+Normalize = choices("Normalize", ("quantile", "minmax", "none"))
+Overlays = choices("Overlays", ("anomalies", "all", "none"))
+MqttEvents = choices("MqttEvents", ("all", "anomalies"))
+BlindChecks = choices("BlindChecks", ("live", "always", "never"))
+Flip = choices("Flip", ("none", "counterclockwise", "rotate-180", "clockwise", "horizontal", "upper-right-diagonal",
+                        "vertical", "upper-left-diagonal"))
+Codec = choices("Codec", ("raw", "mjpeg"))
+Target = choices("Target", ("ort-cpu", "ort-cuda", "trt"))
+_BACKEND_HELP = "ort: the best ONNX Runtime provider; auto: trt for engines, ort for ONNX."
 
 
 class _PairOptionCommand(TyperCommand):
@@ -57,14 +67,14 @@ def calibrate(
         Optional[float], typer.Option(help="Fraction of (quantile - median) added above the quantile [default: 0.05].")
     ] = None,
     normalize: Annotated[
-        Optional[str], typer.Option(help="0..1 score scale with the threshold at 0.5: quantile, minmax or none.")
+        Optional[Normalize], typer.Option(help="0..1 score scale with the threshold at 0.5 [default: quantile].")
     ] = None,
-    roi: Annotated[Optional[str], typer.Option(help="Crop X,Y,W,H (pixels), the same as for run.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per inference call.")] = None,
+    roi: Annotated[Optional[str], typer.Option(help="Crop X,Y,W,H (pixels), the same as for run [default: the whole image].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per inference call [default: 8].")] = None,
     bit_depth: Annotated[
-        Optional[int], typer.Option(min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk (e.g. 12).")
+        Optional[int], typer.Option(min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk (e.g. 12) [default: 16].")
     ] = None,
-    backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
+    backend: Annotated[Backend, typer.Option(help=_BACKEND_HELP)] = Backend("auto"),
 ) -> None:
     """Write thresholds computed from defect-free images into the manifest: per category and global.
 
@@ -85,7 +95,7 @@ def calibrate(
                 max_fpr=max_fpr,
                 pixel_max_fpr=pixel_max_fpr,
                 margin=margin,
-                normalize=normalize,
+                normalize=value_of(normalize),
                 roi=parse_roi(roi) if roi else None,
                 batch_size=batch_size,
                 bit_depth=bit_depth,
@@ -97,7 +107,7 @@ def calibrate(
             folders or [],
             config,
             categories=[(str(name), Path(folder)) for name, folder in category or []],
-            backend=backend,
+            backend=backend.value,
             report=lambda line: typer.echo(line, err=True),
         )
     except ReconadError as error:
@@ -133,8 +143,15 @@ def calibrate(
 @app.command("run")
 def run(
     source: Annotated[
-        str, typer.Argument(help="csi://N, v4l2:///dev/videoN, rtsp://..., a video file, or an image folder/file.")
-    ],
+        Optional[str],
+        typer.Argument(help="csi://N, v4l2:///dev/videoN, rtsp://..., a video file, or an image folder/file "
+                            "(or source in --config).", show_default=False),
+    ] = None,
+    config: Annotated[
+        Optional[Path],
+        typer.Option(help="TOML file holding any of these options by name, with underscores (max_frames = 100, "
+                          "in a [run] table or at the top level); flags given here win."),
+    ] = None,
     model: Annotated[Optional[Path], typer.Option(help="The .onnx or .engine artifact, with its manifest.")] = None,
     server: Annotated[
         Optional[str],
@@ -143,21 +160,23 @@ def run(
     out: Annotated[
         Optional[Path], typer.Option(help="Folder for verdicts.jsonl, overlays/ and summary.json; none if unset.")
     ] = None,
-    max_frames: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many verdicts.")] = None,
-    loop: Annotated[bool, typer.Option("--loop", help="Files and folders: start again at the end.")] = False,
-    roi: Annotated[Optional[str], typer.Option(help="Crop X,Y,W,H (pixels) of every frame before inference.")] = None,
-    backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
+    max_frames: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many verdicts [default: at the end of the stream].")] = None,
+    loop: Annotated[
+        Optional[bool], typer.Option("--loop/--no-loop", help="Files and folders: start again at the end [default: off].", show_default=False)
+    ] = None,
+    roi: Annotated[Optional[str], typer.Option(help="Crop X,Y,W,H (pixels) of every frame before inference [default: the whole frame].")] = None,
+    backend: Annotated[Optional[Backend], typer.Option(help=f"{_BACKEND_HELP} [default: auto]")] = None,
     threshold: Annotated[
         Optional[float], typer.Option(help="One image threshold for every image (raw score units), not the manifest's.")
     ] = None,
     no_threshold: Annotated[
-        bool, typer.Option("--no-threshold", help="Scores only: judge no image (no calibration needed).")
-    ] = False,
+        Optional[bool], typer.Option("--no-threshold", help="Scores only: judge no image (no calibration needed).")
+    ] = None,
     category: Annotated[
         Optional[str], typer.Option(help="Judge every image as this category (its thresholds), whatever the model names.")
     ] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Frames per inference call [default: 1].")] = None,
-    overlays: Annotated[Optional[str], typer.Option(help="Heatmap overlays for: anomalies, all or none.")] = None,
+    overlays: Annotated[Optional[Overlays], typer.Option(help="Heatmap overlays for [default: anomalies].")] = None,
     overlay_interval_s: Annotated[
         Optional[float], typer.Option(help="At most one overlay per this many seconds [default: 1 live, 0 files].")
     ] = None,
@@ -189,7 +208,7 @@ def run(
     ] = None,
     mqtt_qos: Annotated[Optional[int], typer.Option(min=0, max=2, help="MQTT QoS 0, 1 or 2 [default: 1].")] = None,
     mqtt_events: Annotated[
-        Optional[str], typer.Option(help="MQTT messages for: all (every frame) or anomalies [default: all].")
+        Optional[MqttEvents], typer.Option(help="MQTT messages for every frame or anomalies only [default: all].")
     ] = None,
     mqtt_retain: Annotated[
         Optional[bool], typer.Option("--mqtt-retain", help="The broker keeps the last verdict for new subscribers.")
@@ -216,7 +235,7 @@ def run(
         Optional[float], typer.Option(help="Rewrite summary.json this often while running; 0 at the end only [default: 10].")
     ] = None,
     blind_checks: Annotated[
-        Optional[str], typer.Option(help="Camera-blind checks for: live (sources), always or never [default: live].")
+        Optional[BlindChecks], typer.Option(help="Camera-blind checks for live sources, always or never [default: live].")
     ] = None,
     black_level: Annotated[
         Optional[int], typer.Option(help="Black frame: 99% of gray levels at or below this [default: 30].")
@@ -230,19 +249,16 @@ def run(
     frozen_s: Annotated[
         Optional[float], typer.Option(help="Frozen camera: the identical frame for this long; 0 off [default: 3].")
     ] = None,
-    width: Annotated[Optional[int], typer.Option(min=1, help="Capture width (files: rescale); with --height.")] = None,
-    height: Annotated[Optional[int], typer.Option(min=1, help="Capture height.")] = None,
-    fps: Annotated[Optional[float], typer.Option(help="Camera frame rate to request.")] = None,
-    flip: Annotated[
-        Optional[str],
-        typer.Option(help="none, counterclockwise, rotate-180, clockwise, horizontal, vertical, upper-right-diagonal, upper-left-diagonal."),
-    ] = None,
-    codec: Annotated[Optional[str], typer.Option(help="v4l2 cameras: raw or mjpeg [default: raw].")] = None,
+    width: Annotated[Optional[int], typer.Option(min=1, help="Capture width (files: rescale); with --height [default: the source's].")] = None,
+    height: Annotated[Optional[int], typer.Option(min=1, help="Capture height [default: the source's].")] = None,
+    fps: Annotated[Optional[float], typer.Option(help="Camera frame rate to request [default: the camera's].")] = None,
+    flip: Annotated[Optional[Flip], typer.Option(help="Flip or rotate frames as nvvidconv does [default: none].")] = None,
+    codec: Annotated[Optional[Codec], typer.Option(help="v4l2 cameras: raw or mjpeg [default: raw].")] = None,
     bit_depth: Annotated[
-        Optional[int], typer.Option(min=1, max=16, help="Image files: real bit depth of 16-bit images without an sBIT chunk.")
+        Optional[int], typer.Option(min=1, max=16, help="Image files: real bit depth of 16-bit images without an sBIT chunk [default: 16].")
     ] = None,
     queue_size: Annotated[
-        Optional[int], typer.Option(min=1, help="Frames waiting for inference before a camera drops the oldest.")
+        Optional[int], typer.Option(min=1, help="Frames waiting for inference before a camera drops the oldest [default: 4].")
     ] = None,
     preprocess_threads: Annotated[
         Optional[int], typer.Option(min=1, help="Threads cropping and resizing frames [default: 2].")
@@ -262,73 +278,29 @@ def run(
     Exit codes: 0 at the end of the stream, --max-frames, SIGINT or SIGTERM; 2 for bad input; 3 when
     inference fails or hangs.
     """
-    from reconad.runtime.config import resolve
+    given = dict(locals())  # every option above, None where not given: the top layer over --config's
+    flags = {name: value_of(value) for name, value in given.items() if name != "config"}
     from reconad.runtime.errors import ReconadError, exit_with
-    from reconad.runtime.frames import parse_roi
-    from reconad.runtime.line.loop import InspectConfig
+    from reconad.runtime.line.run_settings import read_run_settings
     from reconad.runtime.line.session import inspect_stream
-    from reconad.runtime.line.sources import SourceConfig
 
     def report(line: str) -> None:
         typer.echo(line, err=True)
 
     try:
-        blind = _given(black_level=black_level, saturated_level=saturated_level, flat_range=flat_range,
-                       frozen_s=frozen_s)
-        mqtt_config = None
-        if mqtt is not None:
-            mqtt_config = _given(uri=mqtt, qos=mqtt_qos, events=mqtt_events, retain=mqtt_retain,
-                                 client_id=mqtt_client_id, password_file=mqtt_password_file, ca_file=mqtt_ca_file,
-                                 cert_file=mqtt_cert_file, key_file=mqtt_key_file)
-        elif any(value is not None for value in (mqtt_qos, mqtt_events, mqtt_retain, mqtt_client_id,
-                                                 mqtt_password_file, mqtt_ca_file, mqtt_cert_file, mqtt_key_file)):
-            raise ReconadError("The --mqtt-* options need --mqtt URI.")
-        config = resolve(
-            InspectConfig,
-            dict(
-                blind=blind or None,
-                blind_checks=blind_checks,
-                mqtt=mqtt_config,
-                outputs=tuple(output) if output else None,
-                metrics_port=metrics_port,
-                metrics_address=metrics_address,
-                webhook_retries=webhook_retries,
-                webhook_headers=tuple(webhook_header) if webhook_header else None,
-                webhook_auth_file=webhook_auth_file,
-                jsonl_max_mb=jsonl_max_mb,
-                jsonl_keep=jsonl_keep,
-                summary_interval_s=summary_interval_s,
-                out=out,
-                max_frames=max_frames,
-                roi=parse_roi(roi) if roi else None,
-                batch_size=batch_size,
-                overlays=overlays,
-                overlay_interval_s=overlay_interval_s,
-                overlay_quota_mb=overlay_quota_mb,
-                webhook=webhook,
-                webhook_timeout_s=webhook_timeout_s,
-                queue_size=queue_size,
-                preprocess_threads=preprocess_threads,
-                stats_interval_s=stats_interval_s,
-                inference_timeout_s=inference_timeout_s,
-            ),
-            what="run options",
-        )
-        source_config = resolve(
-            SourceConfig, dict(width=width, height=height, fps=fps, flip=flip, codec=codec, loop=loop, bit_depth=bit_depth), what="run options"
-        )
+        settings = read_run_settings(config, flags)
         result = inspect_stream(
-            source,
-            model,
-            config,
-            source_config,
-            backend=backend,
-            threshold=threshold,
-            category=category,
-            no_threshold=no_threshold,
-            num_threads=num_threads,
+            settings.source,
+            settings.model,
+            settings.inspect_config(),
+            settings.source_config(),
+            backend=settings.backend,
+            threshold=settings.threshold,
+            category=settings.category,
+            no_threshold=settings.no_threshold,
+            num_threads=settings.num_threads,
             report=report,
-            server=server,
+            server=settings.server,
         )
     except ReconadError as error:
         exit_with(error)
@@ -338,8 +310,8 @@ def run(
     typer.echo(result.headline())
     for line in result.stats.summary_lines():
         typer.echo(line)
-    if out is not None:
-        typer.echo(f"stopped: {result.stop_reason}; verdicts in {out / 'verdicts.jsonl'}")
+    if settings.out is not None:
+        typer.echo(f"stopped: {result.stop_reason}; verdicts in {settings.out / 'verdicts.jsonl'}")
     else:
         typer.echo(f"stopped: {result.stop_reason}")
     if result.failure is not None:
@@ -349,9 +321,7 @@ def run(
 
 @app.command("doctor")
 def doctor(
-    target: Annotated[
-        Optional[str], typer.Option("--for", help="Exit 1 unless this backend works here: trt, ort-cuda or ort-cpu.")
-    ] = None,
+    target: Annotated[Optional[Target], typer.Option("--for", help="Exit 1 unless this backend works here.")] = None,
     source: Annotated[
         Optional[str], typer.Option(help="Also open this camera, stream, video or folder and read one frame.")
     ] = None,
@@ -367,9 +337,8 @@ def doctor(
     from reconad.runtime.config import read_text
     from reconad.runtime.errors import ReconadError, exit_with
 
+    target = value_of(target)
     try:
-        if target is not None and target not in checks.TARGETS:
-            raise ReconadError(f"--for must be one of {list(checks.TARGETS)}, got {target!r}.")
         if environment is not None:
             try:
                 recorded = json.loads(read_text(environment, "environment"))
@@ -402,7 +371,7 @@ def serve(
     grpc_port: Annotated[Optional[int], typer.Option(help="Triton gRPC port [default: 8001].")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus metrics port [default: 8002].")] = None,
     address: Annotated[
-        Optional[str], typer.Option(help="Address every endpoint binds to [default: 127.0.0.1, loopback only].")
+        Optional[str], typer.Option(help="Address every endpoint binds to; loopback only unless named [default: 127.0.0.1].")
     ] = None,
     name: Annotated[Optional[str], typer.Option(help="Triton model name [default: the artifact's run name].")] = None,
     max_batch: Annotated[
@@ -411,9 +380,9 @@ def serve(
     max_queue_delay_us: Annotated[
         Optional[int], typer.Option(help="How long a request may wait to be batched, in µs [default: 2000].")
     ] = None,
-    backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
+    backend: Annotated[Backend, typer.Option(help=_BACKEND_HELP)] = Backend("auto"),
     threshold: Annotated[
-        Optional[float], typer.Option(help="Image threshold in raw score units; overrides the manifest's.")
+        Optional[float], typer.Option(help="Image threshold in raw score units [default: the manifest's].")
     ] = None,
     num_threads: Annotated[Optional[int], typer.Option(min=1, help="ONNX Runtime threads [default: all cores].")] = None,
     log_file: Annotated[
@@ -447,7 +416,7 @@ def serve(
         serve_artifact(
             artifact,
             config,
-            backend=backend,
+            backend=backend.value,
             threshold=threshold,
             num_threads=num_threads,
             report=lambda line: typer.echo(line, err=True),

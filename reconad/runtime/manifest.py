@@ -263,6 +263,11 @@ class EngineInfo:
         jetpack: JetPack release on a Jetson, else None.
         l4t: L4T release on a Jetson (``/etc/nv_tegra_release``), else None.
         build_details: free-form JSON-able build facts (profile, workspace, layer precisions...).
+        onnx_path: the ONNX file the engine was built from (its hash is the manifest's ``onnx_sha256``),
+            relative to the engine's folder where it can be, else absolute; POSIX separators.
+        reference_path: that ONNX's ``.reference.npz``, the same way; None when it had none. ``verify``
+            finds the engine's reference through it (``reconad.runtime.verify.find_reference``).
+        reference_sha256: sha256 of that reference when the engine was built.
     """
 
     tensorrt_version: str
@@ -272,6 +277,9 @@ class EngineInfo:
     jetpack: str | None = None
     l4t: str | None = None
     build_details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    onnx_path: str | None = None
+    reference_path: str | None = None
+    reference_sha256: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "build_details", _json_normalized(self.build_details, "engine.build_details"))

@@ -19,7 +19,7 @@ import numpy as np
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Inspector
-from reconad.runtime.manifest import ANOMALY_MAP_NAME, CATEGORY_DISTANCE_NAME, CATEGORY_NAME, IMAGE_SCORE_NAME, Manifest, reference_path_for
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, CATEGORY_DISTANCE_NAME, CATEGORY_NAME, IMAGE_SCORE_NAME, Manifest, reference_path_for, sha256_file
 from reconad.runtime.thresholds import Threshold
 
 REFERENCE_KEYS = ("images", ANOMALY_MAP_NAME, IMAGE_SCORE_NAME)
@@ -295,13 +295,13 @@ def verify_artifact(
     Args:
         artifact: ``.onnx`` or ``.engine`` with its manifest.
         backend: see ``reconad.runtime.inspector.BACKEND_CHOICES``.
-        reference: the ``.reference.npz``; defaults to ``<artifact stem>.reference.npz``, and for an
-            engine to that of the ONNX file it was built from when the engine's own is missing.
+        reference: the ``.reference.npz``; None for ``find_reference``'s: ``<artifact stem>.reference.npz``,
+            and for an engine without one the reference its manifest records.
     """
     artifact = Path(artifact)
     with Inspector.open(artifact, backend, num_threads=num_threads) as inspector:
         manifest = inspector.manifest
-        reference_path = Path(reference) if reference is not None else _default_reference(artifact, manifest)
+        reference_path = Path(reference) if reference is not None else find_reference(artifact, manifest)
         data = load_reference(reference_path, manifest.input_hw, with_category=manifest.category_head is not None)
         outputs = inspector.infer(data["images"])
         return compare_outputs(
@@ -326,11 +326,48 @@ def reference_thresholds(manifest: Manifest, reference: dict[str, np.ndarray]) -
     return [point.image_threshold for point in points]
 
 
-def _default_reference(artifact: Path, manifest: Manifest) -> Path:
+def find_reference(artifact: str | os.PathLike, manifest: Manifest) -> Path:
+    """The ``.reference.npz`` an artifact is verified against when ``--reference`` is not given.
+
+    ``<stem>.reference.npz`` beside the artifact (what ``to-onnx`` writes beside an ONNX graph). For an
+    engine without one: the reference its manifest records (``EngineInfo.reference_path``, relative to
+    the engine's folder, then a file of that name beside the engine), checked against the recorded
+    sha256; for an engine built before references were recorded, that of the ONNX manifest beside it
+    whose ``onnx_sha256`` the engine names.
+
+    Raises:
+        ReconadError: one sentence when the recorded reference is missing or has changed since the
+            build, or the engine's ONNX had none, naming the path and ``--reference``.
+    """
+    artifact = Path(artifact)
     own = reference_path_for(artifact)
     if own.is_file() or manifest.artifact_kind != "engine":
         return own
-    for candidate in sorted(artifact.parent.glob("*.json")):  # the manifest of the engine's source ONNX
+    engine = manifest.engine
+    if engine is not None and engine.onnx_path is not None:  # built by a reconad that records its sources
+        if engine.reference_path is None:
+            raise ReconadError(
+                f"{artifact.name} was built from {engine.onnx_path}, which had no .reference.npz beside it; "
+                "pass --reference with that graph's reference (recon-export to-onnx writes it)."
+            )
+        recorded = Path(engine.reference_path)
+        candidates = [artifact.parent / recorded, artifact.parent / recorded.name]
+        changed = None
+        for candidate in dict.fromkeys(candidates):
+            if candidate.is_file():
+                if sha256_file(candidate) == engine.reference_sha256:
+                    return candidate
+                changed = changed or candidate
+        if changed is not None:
+            raise ReconadError(
+                f"Reference {changed} has changed since {artifact.name} was built from it (its sha256 differs from "
+                "the engine's manifest); pass --reference with the reference of the ONNX the engine was built from."
+            )
+        raise ReconadError(
+            f"Reference {engine.reference_path} (relative to {artifact.parent}), which the manifest of {artifact.name} "
+            f"records, is missing; copy it there, or beside the engine, or pass --reference."
+        )
+    for candidate in sorted(artifact.parent.glob("*.json")):  # an older engine: its source ONNX's manifest beside it
         try:
             source = Manifest.load(candidate)
         except ReconadError:

@@ -5,18 +5,19 @@ from typing import Annotated, Optional
 
 import typer
 
+from reconad.runtime.cli_common import choices, make_app, value_of
 from reconad.runtime.errors import ReconadError, exit_with
-from reconad.train.config import TrainConfig
+from reconad.train.config import VAL_METRICS, TrainConfig
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
-
-
-@app.callback()
-def main() -> None:
-    """Train UniAD on defect-free images of all products at once, evaluate it, import official checkpoints."""
-
+app = make_app(
+    "recon-train", "Train UniAD on defect-free images of all products at once, evaluate it, import official checkpoints."
+)
 
 _DEFAULTS = TrainConfig()  # option defaults are None ("not given") so a --config file can set them
+# reconad.model.PRESETS and "tiny" (resolve_model_config; held equal by tests/test_cli_conventions.py; importing
+# them would load torch)
+Preset = choices("Preset", ("mvtec-512", "uniad-224", "cifar-32", "lite0-256", "tiny"))
+ValMetric = choices("ValMetric", VAL_METRICS)
 
 
 def _split_names(value: str | None) -> tuple[str, ...] | None:
@@ -44,24 +45,24 @@ def sample_data_command(
 def fit_command(
     data: Annotated[Path, typer.Argument(help="MVTec-layout folder, or a folder holding cifar-10-batches-py.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: model.ckpt, config.json, train_log.jsonl.")],
-    preset: Annotated[Optional[str], typer.Option("--preset", help=f"mvtec-512, uniad-224, cifar-32 or lite0-256 (default {_DEFAULTS.preset})")] = None,
+    preset: Annotated[Optional[Preset], typer.Option("--preset", help=f"Model preset [default: {_DEFAULTS.preset}].")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with TrainConfig keys (flags win).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help=f"(default {_DEFAULTS.epochs})")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=f"Per process (default {_DEFAULTS.batch_size})")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr", help=f"AdamW (default {_DEFAULTS.learning_rate})")] = None,
-    lr_step_epochs: Annotated[Optional[int], typer.Option("--lr-step-epochs", help="StepLR step; 0 = 80% of the epochs.")] = None,
-    categories: Annotated[Optional[str], typer.Option("--categories", help="Comma-separated; default all.")] = None,
-    normal_classes: Annotated[Optional[str], typer.Option("--normal-classes", help="CIFAR-10: e.g. 0,1,2,3,4.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help=f"(default {_DEFAULTS.seed})")] = None,
-    val_every_epochs: Annotated[Optional[int], typer.Option("--val-every-epochs", help=f"0 = never; keep the last epoch (default {_DEFAULTS.val_every_epochs})")] = None,
-    val_metric: Annotated[Optional[str], typer.Option("--val-metric", help="image_auroc or pixel_auroc.")] = None,
-    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Augmentation; turns the feature cache off.")] = None,
-    vflip: Annotated[Optional[bool], typer.Option("--vflip/--no-vflip")] = None,
-    cache_features: Annotated[Optional[bool], typer.Option("--cache-features/--no-cache-features")] = None,
-    backbone_weights: Annotated[Optional[str], typer.Option("--backbone-weights", help="pretrained, none, or a file.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help=f"[default: {_DEFAULTS.epochs}]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=f"Per process [default: {_DEFAULTS.batch_size}].")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr", help=f"AdamW [default: {_DEFAULTS.learning_rate}].")] = None,
+    lr_step_epochs: Annotated[Optional[int], typer.Option("--lr-step-epochs", help="StepLR step; 0 = 80% of the epochs [default: 0].")] = None,
+    categories: Annotated[Optional[str], typer.Option("--categories", help="Comma-separated [default: all].")] = None,
+    normal_classes: Annotated[Optional[str], typer.Option("--normal-classes", help="CIFAR-10: the normal classes [default: 0,1,2,3,4].")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help=f"[default: {_DEFAULTS.seed}]")] = None,
+    val_every_epochs: Annotated[Optional[int], typer.Option("--val-every-epochs", help=f"0 = never; keep the last epoch [default: {_DEFAULTS.val_every_epochs}].")] = None,
+    val_metric: Annotated[Optional[ValMetric], typer.Option("--val-metric", help=f"[default: {_DEFAULTS.val_metric}]")] = None,
+    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Augmentation; turns the feature cache off [default: off].")] = None,
+    vflip: Annotated[Optional[bool], typer.Option("--vflip/--no-vflip", help="[default: off]")] = None,
+    cache_features: Annotated[Optional[bool], typer.Option("--cache-features/--no-cache-features", help="[default: on]")] = None,
+    backbone_weights: Annotated[Optional[str], typer.Option("--backbone-weights", help=f"pretrained, none, or a file [default: {_DEFAULTS.backbone_weights}].")] = None,
     skip_bad_files: Annotated[Optional[bool], typer.Option("--skip-bad-files", help="Leave bad files out (listed) instead of stopping.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = None,
-    bit_depth: Annotated[Optional[int], typer.Option("--bit-depth", min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk (e.g. 12).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help=f"auto, cpu, cuda, cuda:1 ... [default: {_DEFAULTS.device}]")] = None,
+    bit_depth: Annotated[Optional[int], typer.Option("--bit-depth", min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk (e.g. 12) [default: 16].")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
 ) -> None:
     """Train one model for all categories. Multi-GPU / multi-node: torchrun --nproc-per-node N $(which recon-train) fit ..."""
@@ -74,9 +75,9 @@ def fit_command(
         exit_with(ReconadError(message), prefix="error: ")
     try:
         train_config = read_train_config(
-            config, preset=preset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+            config, preset=value_of(preset), epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
             lr_step_epochs=lr_step_epochs, categories=_split_names(categories), normal_classes=classes, seed=seed,
-            val_every_epochs=val_every_epochs, val_metric=val_metric, hflip=hflip, vflip=vflip,
+            val_every_epochs=val_every_epochs, val_metric=value_of(val_metric), hflip=hflip, vflip=vflip,
             cache_features=cache_features, backbone_weights=backbone_weights, skip_bad_files=skip_bad_files,
             device=device, bit_depth=bit_depth,
         )
@@ -101,12 +102,12 @@ def evaluate_command(
     checkpoint: Annotated[Path, typer.Argument(help="A model.ckpt written by fit (or import-uniad).")],
     data: Annotated[Path, typer.Argument(help="MVTec-layout folder, or a folder holding cifar-10-batches-py.")],
     out: Annotated[Path, typer.Option("--out", help="Report folder: metrics.json, report.md, roc/, heatmaps/.")],
-    categories: Annotated[Optional[str], typer.Option("--categories", help="Comma-separated; default the checkpoint's.")] = None,
+    categories: Annotated[Optional[str], typer.Option("--categories", help="Comma-separated [default: the checkpoint's].")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     num_heatmaps: Annotated[int, typer.Option("--num-heatmaps", help="Overlays per category.")] = 6,
     skip_bad_files: Annotated[bool, typer.Option("--skip-bad-files")] = False,
-    device: Annotated[str, typer.Option("--device")] = "auto",
-    bit_depth: Annotated[Optional[int], typer.Option("--bit-depth", min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk; default the training run's.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    bit_depth: Annotated[Optional[int], typer.Option("--bit-depth", min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk [default: the training run's].")] = None,
     manifest: Annotated[Optional[Path], typer.Option("--manifest", help="A calibrated artifact manifest (.json): "
                         "report the operating points at its thresholds.")] = None,
     max_fpr: Annotated[float, typer.Option("--max-fpr", help="Without --manifest: the calibration rule's "

@@ -408,3 +408,25 @@ def test_tensorrt_8_5_fp32_engines_decompose_without_constraints(tmp_path, expor
     assert built.flags == set() and built.cleared == {"TF32"}
     assert all(layer.precision is None for layer in network.layers)
     assert result.manifest.engine.build_details["plan"]["layer_norm_decomposed"] is True
+
+
+def test_the_built_engine_names_the_onnx_it_parsed_and_its_reference(tmp_path, exports, monkeypatch):
+    """build_engine up to the TensorRT calls (the recording stand-in): the manifest leads verify to the reference."""
+    from reconad.runtime.manifest import reference_path_for, sha256_file
+    from reconad.runtime.verify import find_reference
+
+    reference = reference_path_for(exports["fp16"])
+    reference.write_bytes(b"the reference npz")
+    use(monkeypatch, RecordingTensorRT("10.3.0", parsed_network(strongly_typed_fp16=True, category_dtype="INT64"), engine_json()))
+    lines = []
+    result = build_engine(exports["fp32"], tmp_path / "engines", log=lines.append)  # 10.x parses the fp16 sibling
+    written = Manifest.load(result.manifest_path)
+    assert result.engine_path.parent == tmp_path / "engines" and result.engine_path.is_file()
+    assert written.engine.onnx_path == f"../export/{exports['fp16'].name}"
+    assert written.engine.reference_path == f"../export/{reference.name}"
+    assert written.engine.reference_sha256 == sha256_file(reference)
+    assert find_reference(result.engine_path, written).resolve() == reference.resolve()
+    assert not any("verify will need --reference" in line for line in lines)
+    reference.unlink()
+    build_engine(exports["fp16"], tmp_path / "engines", log=lines.append)
+    assert f"  {reference.name} is not beside {exports['fp16'].name}: verify will need --reference" in lines

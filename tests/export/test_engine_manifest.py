@@ -205,3 +205,74 @@ def test_without_tensorrt_the_build_stops_with_one_sentence(tmp_path, monkeypatc
     assert message.startswith("TensorRT is not installed") and message.count(".") <= 2 and "\n" not in message
     assert caught.value.exit_code == 2
     assert not (tmp_path / "m.engine").exists()
+
+
+def engine_from(onnx_path, target):
+    """write_engine for ``onnx_path`` into ``target`` with the sources recorded as build_engine records them."""
+    from reconad.export.engine import source_files
+
+    info = EngineInfo(tensorrt_version="10.3.0.26", gpu_name="Orin", compute_capability="8.7", **source_files(onnx_path, target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx_manifest = Manifest.load(onnx_path.with_suffix(".json"))
+    return write_engine(target, b"serialized plan", onnx_manifest, info, onnx_manifest.precision, (1, 1, 4))
+
+
+def test_the_engine_manifest_records_its_onnx_and_reference_and_verify_finds_them(tmp_path):
+    """The README's flow: to-onnx writes export/, build-engine --out engines/artifacts/, verify the engine."""
+    from reconad.runtime.verify import find_reference
+    from tests.runtime.onnx_graphs import random_images
+
+    onnx_path = write_artifact(tmp_path / "export", name="line1-16x16-fp16.onnx", reference_images=random_images(2))
+    reference = onnx_path.with_name("line1-16x16-fp16.reference.npz")
+    target = tmp_path / "engines" / "artifacts" / "line1-16x16-fp16-trt10.3.0-orin.engine"
+    _, manifest_path = engine_from(onnx_path, target)
+    engine_info = Manifest.load(manifest_path).engine
+    assert engine_info.onnx_path == "../../export/line1-16x16-fp16.onnx"
+    assert engine_info.reference_path == "../../export/line1-16x16-fp16.reference.npz"
+    assert engine_info.reference_sha256 == sha256_file(reference)
+    assert find_reference(target, Manifest.load(manifest_path)).resolve() == reference.resolve()
+
+    moved = tmp_path / "device"  # the engine and its manifest copied alone, the reference copied beside them
+    moved.mkdir()
+    for path in (target, manifest_path, reference):
+        moved.joinpath(path.name).write_bytes(path.read_bytes())
+    assert find_reference(moved / target.name, Manifest.load(moved / manifest_path.name)) == moved / reference.name
+
+    reference.write_bytes(reference.read_bytes() + b"\0")  # changed since the build
+    with pytest.raises(ReconadError, match=r"has changed since line1-16x16-fp16-trt10\.3\.0-orin\.engine was built"):
+        find_reference(target, Manifest.load(manifest_path))
+    reference.unlink()
+    with pytest.raises(ReconadError) as missing:
+        find_reference(target, Manifest.load(manifest_path))
+    assert str(missing.value).startswith("Reference ../../export/line1-16x16-fp16.reference.npz (relative to ")
+    assert "is missing; copy it there, or beside the engine, or pass --reference." in str(missing.value)
+    own = target.with_name(f"{target.stem}.reference.npz")  # one beside the engine, by its name, comes first
+    own.write_bytes(b"any")
+    assert find_reference(target, Manifest.load(manifest_path)) == own
+
+
+def test_an_engine_from_an_onnx_without_reference_says_so(tmp_path):
+    from reconad.runtime.verify import find_reference
+
+    onnx_path = write_artifact(tmp_path / "export", name="line1-16x16-fp32.onnx")
+    target = tmp_path / "line1.engine"
+    _, manifest_path = engine_from(onnx_path, target)
+    manifest = Manifest.load(manifest_path)
+    assert manifest.engine.onnx_path == "export/line1-16x16-fp32.onnx" and manifest.engine.reference_path is None
+    with pytest.raises(ReconadError, match="was built from export/line1-16x16-fp32.onnx, which had no .reference.npz"):
+        find_reference(target, manifest)
+
+
+def test_an_engine_built_before_sources_were_recorded_finds_the_reference_of_its_onnx_beside_it(tmp_path):
+    from reconad.runtime.verify import find_reference
+    from tests.runtime.onnx_graphs import random_images
+
+    onnx_path = write_artifact(tmp_path, name="line1-16x16-fp16.onnx", reference_images=random_images(2))
+    onnx_manifest = Manifest.load(onnx_path.with_suffix(".json"))
+    target = tmp_path / "line1.engine"
+    info = EngineInfo(tensorrt_version="8.6.2", gpu_name="Orin", compute_capability="8.7")  # no onnx_path
+    manifest, _ = write_engine(target, b"plan", onnx_manifest, info, onnx_manifest.precision, (1, 1, 4))
+    assert find_reference(target, manifest) == tmp_path / "line1-16x16-fp16.reference.npz"
+    onnx_path.with_suffix(".json").unlink()
+    with pytest.raises(ReconadError, match="No reference for .*line1.engine: pass --reference"):
+        find_reference(target, manifest)

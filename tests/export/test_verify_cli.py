@@ -41,13 +41,15 @@ def test_verify_bad_input_exits_2_with_one_line(tmp_path):
         ([str(artifact)], "Cannot read reference"),
         ([str(tmp_path / "absent.onnx")], "does not exist"),
         ([str(artifact), "--backend", "trt"], "The trt backend runs .engine files"),
-        ([str(artifact), "--backend", "cuda"], "Unknown backend 'cuda'"),
     ]
     for arguments, message in cases:
         result = runner.invoke(app, ["verify", *arguments])
         assert result.exit_code == 2, (arguments, result.output)
         assert message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    result = runner.invoke(app, ["verify", str(artifact), "--backend", "cuda"])  # refused while parsing
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1].endswith("'cuda' is not one of 'auto', 'ort', 'ort-cpu', 'ort-cuda', 'ort-trt', 'trt'.")
     artifact.write_bytes(b"corrupt")
     result = runner.invoke(app, ["verify", str(artifact)])
     assert result.exit_code == 2 and "does not match its manifest" in result.stderr

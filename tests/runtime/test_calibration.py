@@ -261,7 +261,6 @@ def test_calibrate_cli(tmp_path):
     "arguments, message",
     [
         (["--max-fpr", "1.5"], "max_fpr must be in [0, 1)"),
-        (["--normalize", "zscore"], "normalize must be one of"),
         (["--roi", "0,0"], "ROI must be four integers"),
     ],
 )
@@ -271,6 +270,12 @@ def test_calibrate_cli_bad_options(tmp_path, arguments, message):
     result = runner.invoke(app, ["calibrate", str(artifact), str(good), *arguments])
     assert result.exit_code == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_calibrate_cli_refuses_an_unknown_normalisation_while_parsing(tmp_path):
+    result = runner.invoke(app, ["calibrate", str(tmp_path / "m.onnx"), str(tmp_path), "--normalize", "zscore"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1].endswith("'zscore' is not one of 'quantile', 'minmax', 'none'.")
 
 
 def test_calibrate_cli_on_a_data_root_and_with_category_pairs(tmp_path):

@@ -1,0 +1,193 @@
+"""The conventions of every recon-* app (reconad/runtime/cli_common.py): every option's default in --help as
+written, --version, fixed choices as click choices (shell completion, one sentence on a wrong value) with the
+spellings the library accepts."""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+import typer.main
+from typer.testing import CliRunner
+
+import reconad
+from reconad.export import cli as export_cli
+from reconad.runtime import cli as inspect_cli
+from reconad.train import cli as train_cli
+
+APPS = {"recon-train": train_cli.app, "recon-export": export_cli.app, "recon-inspect": inspect_cli.app}
+runner = CliRunner()
+
+# Options whose absence means "not used": no value stands in for them, so their help names no default.
+NOT_USED_WHEN_ABSENT = {
+    ("recon-train", "fit", "--config"),
+    ("recon-train", "evaluate", "--manifest"),
+    ("recon-inspect", "calibrate", "--category"),
+    ("recon-inspect", "run", "--config"),
+    ("recon-inspect", "run", "--model"),
+    ("recon-inspect", "run", "--server"),
+    ("recon-inspect", "run", "--out"),
+    ("recon-inspect", "run", "--threshold"),
+    ("recon-inspect", "run", "--category"),
+    ("recon-inspect", "run", "--webhook"),
+    ("recon-inspect", "run", "--webhook-header"),
+    ("recon-inspect", "run", "--output"),
+    ("recon-inspect", "run", "--mqtt"),
+    ("recon-inspect", "run", "--mqtt-cert-file"),
+    ("recon-inspect", "run", "--mqtt-key-file"),
+    ("recon-inspect", "run", "--metrics-port"),
+    ("recon-inspect", "doctor", "--for"),
+    ("recon-inspect", "doctor", "--source"),
+    ("recon-inspect", "doctor", "--environment"),
+}
+
+
+def commands():
+    for app_name, app in APPS.items():
+        group = typer.main.get_command(app)
+        for name, command in group.commands.items():
+            yield app_name, app, name, command
+
+
+def option_help(command, name: str) -> str:
+    context = typer.Context(command, info_name=name)
+    return {param.opts[0]: param.get_help_record(context)[1] for param in command.params if param.param_type_name == "option"}
+
+
+def rendered_help(app, command: str) -> str:
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+def test_every_option_shows_its_default_in_the_rendered_help():
+    missing, not_rendered = [], []
+    for app_name, app, name, command in commands():
+        text = rendered_help(app, name)
+        for param in command.params:
+            if param.param_type_name != "option" or param.name == "help" or param.required:
+                continue
+            if param.is_flag and not param.secondary_opts:  # a plain flag is off unless given
+                continue
+            help_text = " ".join(param.get_help_record(typer.Context(command, info_name=name))[1].split())
+            if help_text not in text:
+                not_rendered.append((app_name, name, param.opts[0]))
+            if "[default: " not in help_text and (app_name, name, param.opts[0]) not in NOT_USED_WHEN_ABSENT:
+                missing.append((app_name, name, param.opts[0], help_text))
+    assert missing == [] and not_rendered == []
+
+
+def test_markup_like_text_survives_in_help():
+    """Rich markup used to eat "[default: 0.01]" and "[user@]" (the issue's "...on good images .")."""
+    calibrate = rendered_help(inspect_cli.app, "calibrate")
+    assert "False-positive rate allowed on good images [default: 0.01]." in calibrate
+    assert "--backend <auto|ort|ort-cpu|ort-cuda|ort-trt|trt>" in calibrate and "[default: auto]" in calibrate
+    assert "mqtt://[user@]host[:port]/topic" in rendered_help(inspect_cli.app, "run")
+    assert "AdamW [default: 0.0001]." in rendered_help(train_cli.app, "fit")
+    evaluate = option_help(typer.main.get_command(train_cli.app).commands["evaluate"], "evaluate")
+    assert "[default: 0.01]" in evaluate["--max-fpr"]
+
+
+def field_defaults(*records) -> dict[str, object]:
+    defaults = {}
+    for record in records:
+        for field in dataclasses.fields(record):
+            if field.default is not dataclasses.MISSING and field.default is not None:
+                defaults.setdefault(field.name, field.default)
+    return defaults
+
+
+def shown(value: object) -> str:
+    return f"[default: {value:g}]" if isinstance(value, float) else f"[default: {value}]"
+
+
+@pytest.mark.parametrize("command", ["run", "calibrate", "serve"])
+def test_the_defaults_written_in_help_are_the_records_defaults(command):
+    """The options default to None ("not given", so a file can set them); the help states the record's default."""
+    from reconad.runtime.calibration import CalibrationConfig
+    from reconad.runtime.line.blind import BlindConfig
+    from reconad.runtime.line.loop import InspectConfig
+    from reconad.runtime.line.mqtt import MqttConfig
+    from reconad.runtime.line.sources import SourceConfig
+    from reconad.runtime.serve import ServeConfig
+
+    records = {"run": (InspectConfig, SourceConfig, BlindConfig), "calibrate": (CalibrationConfig,), "serve": (ServeConfig,)}
+    defaults = field_defaults(*records[command])
+    if command == "run":
+        defaults |= {f"mqtt_{name}": value for name, value in field_defaults(MqttConfig).items()}
+    group = typer.main.get_command(inspect_cli.app)
+    helps = option_help(group.commands[command], command)
+    checked = []
+    for param in group.commands[command].params:
+        value = defaults.get(param.name)
+        if param.param_type_name == "option" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            assert shown(value) in helps[param.opts[0]], (param.name, value, helps[param.opts[0]])
+            checked.append(param.name)
+    assert len(checked) >= {"run": 15, "calibrate": 3, "serve": 3}[command], checked
+
+
+@pytest.mark.parametrize("name", sorted(APPS))
+def test_version_on_every_app(name):
+    result = runner.invoke(APPS[name], ["--version"])
+    assert result.exit_code == 0 and result.output == f"{name} {reconad.__version__}\n"
+
+
+def test_the_package_version_is_the_distribution_version():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(reconad.__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["version"] == reconad.__version__
+
+
+def values(enum_type) -> tuple[str, ...]:
+    return tuple(member.value for member in enum_type)
+
+
+def test_the_choices_are_the_spellings_the_library_accepts():
+    from reconad.export.build_config import NETWORK_TYPINGS, PRECISIONS
+    from reconad.export.onnx import PRECISION_CHOICES
+    from reconad.export.triton import INSTANCE_KINDS
+    from reconad.model import PRESETS
+    from reconad.runtime.calibration import NORMALIZE_CHOICES
+    from reconad.runtime.doctor import TARGETS
+    from reconad.runtime.inspector import BACKEND_CHOICES
+    from reconad.runtime.line.blind import BLIND_CHECKS
+    from reconad.runtime.line.mqtt import EVENTS
+    from reconad.runtime.line.sinks import OVERLAY_MODES
+    from reconad.runtime.line.sources import FLIP_METHODS, V4L2_CODECS
+    from reconad.train.config import VAL_METRICS
+
+    assert values(inspect_cli.Backend) == BACKEND_CHOICES == values(export_cli.Backend)
+    assert values(inspect_cli.Normalize) == NORMALIZE_CHOICES
+    assert values(inspect_cli.Overlays) == OVERLAY_MODES
+    assert values(inspect_cli.MqttEvents) == EVENTS
+    assert values(inspect_cli.BlindChecks) == BLIND_CHECKS
+    assert values(inspect_cli.Flip) == tuple(FLIP_METHODS)
+    assert values(inspect_cli.Codec) == V4L2_CODECS
+    assert values(inspect_cli.Target) == TARGETS
+    assert values(export_cli.Precision) == PRECISION_CHOICES
+    assert values(export_cli.EnginePrecision) == PRECISIONS
+    assert values(export_cli.NetworkTyping) == NETWORK_TYPINGS
+    assert set(values(export_cli.InstanceKind)) == set(INSTANCE_KINDS)
+    assert set(values(train_cli.Preset)) == set(PRESETS) | {"tiny"}  # tiny: resolve_model_config's test size
+    assert values(train_cli.ValMetric) == VAL_METRICS
+
+
+def test_a_choice_completes_in_the_shell_and_a_wrong_one_is_one_sentence():
+    env = {"_RECON_INSPECT_COMPLETE": "complete_bash", "COMP_WORDS": "recon-inspect run x --backend ort-c", "COMP_CWORD": "4"}
+    completion = runner.invoke(inspect_cli.app, [], prog_name="recon-inspect", env=env)
+    assert completion.output.split() == ["ort-cpu", "ort-cuda"], completion.output
+    result = runner.invoke(export_cli.app, ["build-engine", "m.onnx", "--precision", "int8"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].endswith("'int8' is not one of 'fp16', 'fp32'.")
+
+
+def test_help_stays_torch_free_and_fast_to_load():
+    """The choices are spelled in the CLI modules, not imported from the library (the line's modules load
+    OpenCV), so completion stays cheap."""
+    import subprocess
+
+    code = ("import sys; import reconad.runtime.cli, reconad.export.cli; "
+            "print(sorted(m for m in ('torch', 'cv2', 'onnxruntime', 'onnx') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
