@@ -356,8 +356,12 @@ class RtspOutput(VideoOutput):
 class DisplayOutput(VideoOutput):
     """A window on this machine's desktop (GStreamer autovideosink: X11, Wayland, or Jetson's EGL sink).
 
+    When the sink autovideosink picks cannot start (xvimagesink on an X server without the XVideo
+    extension: Xvfb, VNC, SSH-forwarded X, "Could not initialise X output"), plain ximagesink is tried.
     Closing the window (or losing the display) makes the next ``write`` raise; the loop goes on.
     """
+
+    SINKS = ("autovideosink sync=false", "ximagesink sync=false")
 
     def __init__(self, target: OutputTarget, fps: float = 30.0) -> None:
         if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
@@ -376,11 +380,19 @@ class DisplayOutput(VideoOutput):
     def _start(self, shape: tuple[int, ...]) -> None:
         Gst = self._Gst
         height, width = shape[:2]
-        pipeline = Gst.parse_launch(f"{_appsrc(width, height, self.fps)} ! videoconvert ! autovideosink sync=false")
-        if pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
+        errors = []
+        for sink in self.SINKS if os.environ.get("DISPLAY") else self.SINKS[:1]:
+            try:
+                pipeline = Gst.parse_launch(f"{_appsrc(width, height, self.fps)} ! videoconvert ! {sink}")
+            except Exception as error:  # GLib.Error: the element is not installed
+                errors.append(str(error))
+                continue
+            if pipeline.set_state(Gst.State.PLAYING) != Gst.StateChangeReturn.FAILURE:
+                self._pipeline, self._appsrc, self._shape = pipeline, pipeline.get_by_name("src"), shape
+                return
+            errors.append(self._bus_error(pipeline) or "GStreamer refused")
             pipeline.set_state(Gst.State.NULL)
-            raise ReconadError(f"Cannot open a window for {self.uri}: {self._bus_error(pipeline) or 'GStreamer refused'}.")
-        self._pipeline, self._appsrc, self._shape = pipeline, pipeline.get_by_name("src"), shape
+        raise ReconadError(f"Cannot open a window for {self.uri}: {errors[0]}.")
 
     def _bus_error(self, pipeline: Any) -> str | None:
         message = pipeline.get_bus().pop_filtered(self._Gst.MessageType.ERROR)

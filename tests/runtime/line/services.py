@@ -358,8 +358,23 @@ class XvfbDisplay(ChildService):
         for line in self.log(since_start=True).splitlines():
             if line.strip().isdigit():
                 self.display = f":{line.strip()}"
-                return True
+                # and a client can connect: the socket is there and accepts (a server on another display
+                # number that is shutting down must not be the one answering)
+                return self._accepts(Path(f"/tmp/.X11-unix/X{line.strip()}"))
         return False
+
+    @staticmethod
+    def _accepts(path: Path) -> bool:
+        import socket
+
+        if not path.exists():
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+            except OSError:
+                return False
+        return True
 
     def grab(self, path: Path):
         """The whole screen as uint8 [H, W, 3] RGB, through ffmpeg's x11grab."""
