@@ -9,6 +9,7 @@ so a dashboard or service running as another user can read what the tools write.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -56,6 +57,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty folder beside ``path`` (mode ``folder_mode()``): a clean exit replaces ``path``
+    (an existing folder is removed first) by it, an error removes it. Between the removal and the rename
+    a reader sees no folder, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    os.chmod(staging, folder_mode())  # mkdtemp's folder is private (0700)
+    try:
+        yield staging
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

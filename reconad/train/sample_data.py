@@ -6,14 +6,12 @@ the same files (OpenCV's SIMD code paths could differ in a last bit on other CPU
 """
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from reconad.runtime.atomic import folder_mode
+from reconad.runtime.atomic import atomic_folder
 from reconad.runtime.errors import ReconadError
 
 CATEGORIES = ("weave", "wood", "washer", "pill")
@@ -309,20 +307,11 @@ def write_sample_data(
         raise ReconadError(f"{root} exists and is not a folder.")
     if root.is_dir() and any(root.iterdir()) and not overwrite:
         raise ReconadError(f"{root} already exists and is not empty; pass --overwrite to replace it.")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    os.chmod(staging, folder_mode())  # mkdtemp's folder is private (0700); the data set is not
-    try:
-        num_train = num_test = 0
+    num_train = num_test = 0
+    with atomic_folder(root) as staging:
         for category in config.categories:
             # Seeded by the category's fixed index, so a subset renders the same images.
             n_train, n_test = _write_category(staging, category, CATEGORIES.index(category), seed, config)
             num_train += n_train
             num_test += n_test
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return SampleDataSummary(root, num_train, num_test, tuple(config.categories))
