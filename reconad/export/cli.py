@@ -16,8 +16,8 @@ def to_onnx(
     checkpoint: Annotated[Path, typer.Argument(help="A reconad checkpoint (model.ckpt).")],
     out: Annotated[Path, typer.Option(help="Folder for <stem>-<H>x<W>-<precision>.onnx, .json and .reference.npz.")],
     precision: Annotated[
-        Literal["fp32", "fp16", "both"],
-        typer.Option(help="fp32, the mixed-precision fp16 graph (FP32 islands), or both."),
+        Literal["fp32", "fp16", "both", "int8"],
+        typer.Option(help="fp32, the mixed-precision fp16 graph (FP32 islands), both, or int8 (QDQ, calibrated)."),
     ] = "fp32",
     max_batch: Annotated[int, typer.Option(min=1, help="The batch axis accepts 1..N (1: a static batch of 1).")] = 8,
     opset: Annotated[int, typer.Option(min=17, help="ONNX opset (17 or later: LayerNormalization is one op).")] = 17,
@@ -28,11 +28,27 @@ def to_onnx(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace manifests in --out that hold a calibration (it is discarded).")
     ] = False,
+    calibration_images: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="int8: a folder of good images to calibrate activation ranges on; repeatable (8..64 used)."),
+    ] = None,
+    calibration_method: Annotated[
+        str, typer.Option(help="int8: minmax, percentile or entropy (onnxruntime.quantization).")
+    ] = "minmax",
+    evaluation_data: Annotated[
+        Optional[Path],
+        typer.Option(help="int8: MVTec-layout folder; its test split's image AUROC must be within 0.5 point of fp32."),
+    ] = None,
+    evaluation_categories: Annotated[
+        Optional[str], typer.Option(help="int8: comma-separated categories of --evaluation-data [default: the checkpoint's].")
+    ] = None,
 ) -> None:
     """Export a checkpoint to the fused ONNX graph, checked against PyTorch with ONNX Runtime before writing.
 
     A calibrated manifest already in --out is never replaced without --overwrite: the new graph's scores
     need a new calibration. Exit 1 when a graph is over tolerance (nothing is written), 2 for bad input.
+    An int8 graph is also refused (exit 1) when its image AUROC on --evaluation-data is not within 0.5
+    point of the fp32 graph's.
     """
     import logging
 
@@ -46,6 +62,7 @@ def to_onnx(
     try:
         from reconad.export.onnx import export_onnx
 
+        int8 = _int8_options(precision, calibration_images, calibration_method, evaluation_data, evaluation_categories)
         paths = export_onnx(
             checkpoint=checkpoint,
             out_dir=out,
@@ -54,6 +71,7 @@ def to_onnx(
             opset=opset,
             reference_images=reference_images,
             overwrite=overwrite,
+            int8=int8,
         )
     except ReconadError as error:
         exit_with(error)
@@ -61,6 +79,29 @@ def to_onnx(
         export_logger.removeHandler(progress)
     for path in paths:
         typer.echo(f"wrote {path}")
+
+
+def _int8_options(precision, calibration_images, method, evaluation_data, evaluation_categories):  # -> Int8Options | None
+    from reconad.runtime.errors import ReconadError
+
+    given = [flag for flag, value in (("--calibration-images", calibration_images), ("--evaluation-data", evaluation_data),
+                                      ("--evaluation-categories", evaluation_categories)) if value]
+    if precision != "int8":
+        if given or method != "minmax":
+            raise ReconadError(f"{(given or ['--calibration-method'])[0]} is for --precision int8 only.")
+        return None
+    if not calibration_images or evaluation_data is None:
+        raise ReconadError(
+            "--precision int8 needs --calibration-images (good images) and --evaluation-data (an MVTec-layout "
+            "folder with defects, to measure the AUROC against fp32)."
+        )
+    from reconad.export.int8_checks import Int8Options
+    from reconad.runtime.manifest import CALIBRATION_METHODS
+
+    if method not in CALIBRATION_METHODS:
+        raise ReconadError(f"--calibration-method must be one of {list(CALIBRATION_METHODS)}, got {method!r}.")
+    categories = tuple(c.strip() for c in evaluation_categories.split(",") if c.strip()) if evaluation_categories else None
+    return Int8Options(tuple(calibration_images), evaluation_data, method, categories)
 
 
 @app.command("build-engine")
