@@ -299,7 +299,9 @@ def prepare_graph(onnx_path: Path, plan: PrecisionPlan) -> GraphToParse:
     The islands are found on the graph as exported, where each LayerNormalization is one node; a
     decomposed LayerNormalization is then an island made of every node it became.
     """
-    if not (plan.decompose_layer_norm or plan.constrain_islands):
+    # An int8 engine is checked against the islands even when strongly typed (nothing to constrain there).
+    find_islands = plan.constrain_islands or plan.precision == "int8"
+    if not (plan.decompose_layer_norm or find_islands):
         return GraphToParse()
     try:
         import onnx
@@ -315,7 +317,7 @@ def prepare_graph(onnx_path: Path, plan: PrecisionPlan) -> GraphToParse:
     parsed = decompose_layer_norm(model) if plan.decompose_layer_norm else model
     model_bytes = parsed.SerializeToString() if plan.decompose_layer_norm else None
     node_outputs = tuple((node.name, list(node.output)) for node in parsed.graph.node)
-    if not plan.constrain_islands:
+    if not find_islands:
         return GraphToParse(model_bytes, (), node_outputs, ())
     groups = find_fp32_island_groups(model)
     if plan.decompose_layer_norm:

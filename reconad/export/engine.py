@@ -71,6 +71,12 @@ def resolve_onnx(onnx_path: Path, plan: PrecisionPlan) -> tuple[Path, Manifest]:
     )
 
 
+def int8_check_names(islands: tuple[str, ...], node_outputs) -> tuple[set[str], set[str]]:
+    """For a strongly typed int8 build: (island node names, which must run FP32; every other node name)."""
+    island_set = set(islands)
+    return island_set, {node for node, _ in node_outputs if node not in island_set}
+
+
 class EnginePrecisionError(ReconadError):
     """The built engine is not the precision that was asked for (exit code 1, like a failed verify)."""
 
@@ -232,7 +238,7 @@ def build_engine(
     graph = prepare_graph(source_path, plan)
     islands, node_outputs = graph.islands, graph.node_outputs
     island_kinds = tuple(onnx_manifest.precision.fp32_islands) if config.precision == "fp16" else ()
-    if plan.constrain_islands:
+    if plan.constrain_islands or config.precision == "int8":
         island_kinds = graph.island_kinds
     builder = EngineBuilder(trt, config, plan, log)
     layers = builder.parse(source_path, graph.model_bytes)
@@ -260,6 +266,8 @@ def build_engine(
                 f"{source_path.name} parsed into a network with no FP16 layer, so a strongly typed build would be "
                 "FP32; pass the fp16 ONNX written by recon-export to-onnx."
             )
+    elif config.precision == "int8":  # strongly typed: the Q/DQ nodes and the graph's types decide
+        fp32_names, other_names = int8_check_names(islands, node_outputs)
     else:
         fp32_names, other_names = set(), set()
     builder.configure(batch_range)
@@ -298,7 +306,8 @@ def build_engine(
             build_seconds=build_seconds,
         ),
     )
-    precision = Precision(mode=config.precision, fp32_islands=island_kinds, description=plan.description)
+    calibration = onnx_manifest.precision.calibration if config.precision == "int8" else None
+    precision = Precision(mode=config.precision, fp32_islands=island_kinds, description=plan.description, calibration=calibration)
     manifest, manifest_path = write_engine(
         target, serialized, onnx_manifest, engine_info, precision, batch_range, builder.output_dtypes
     )

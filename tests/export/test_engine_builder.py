@@ -131,7 +131,7 @@ class RecordingTensorRT:
         creation = {"EXPLICIT_BATCH": 0} | ({"STRONGLY_TYPED": 5} if self.version >= (10,) else {})
         self.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", creation)
         flags = ["TF32", "GPU_FALLBACK", "VERSION_COMPATIBLE"]
-        flags += ["FP16", "OBEY_PRECISION_CONSTRAINTS"] if self.version < (11,) else []
+        flags += ["FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS"] if self.version < (11,) else []
         self.BuilderFlag = types.SimpleNamespace(**{name: Named(name) for name in flags})
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
         self.ProfilingVerbosity = types.SimpleNamespace(DETAILED="DETAILED")
