@@ -202,6 +202,10 @@ class EngineBuilder:
             built.add_optimization_profile(profile)
         self._set_timing_cache(built)
         if config.dla_core is not None:
+            cores = int(getattr(self.builder, "num_DLA_cores", 0) or 0)
+            if config.dla_core >= cores:
+                have = f"has {cores} DLA core{'s' if cores != 1 else ''}" if cores else "has no DLA"
+                raise ReconadError(f"--dla-core {config.dla_core} cannot be used: this device {have} (TensorRT {trt.__version__}).")
             built.default_device_type = trt.DeviceType.DLA
             built.DLA_core = config.dla_core
             built.set_flag(trt.BuilderFlag.GPU_FALLBACK)
@@ -230,7 +234,12 @@ class EngineBuilder:
         if cache is None and data:
             self.log(f"  timing cache {path} is unusable (another TensorRT?); starting an empty one")
             cache = built.create_timing_cache(b"")
-        built.set_timing_cache(cache, ignore_mismatch=False)
+        # set_timing_cache returns False when the cache was made on another device or TensorRT (with
+        # ignore_mismatch=False it is then not used): replace it with an empty one, saved after the build.
+        if not built.set_timing_cache(cache, ignore_mismatch=False):
+            self.log(f"  warning: timing cache {path} was made on another device or TensorRT; replacing it")
+            if not built.set_timing_cache(built.create_timing_cache(b""), ignore_mismatch=False):
+                raise ReconadError("TensorRT refused an empty timing cache; build without --timing-cache.")
 
     def build(self) -> bytes:
         """Build and serialize; saves the timing cache when one was configured."""
@@ -262,12 +271,9 @@ class EngineBuilder:
         context = engine.create_execution_context()
         inspector = engine.create_engine_inspector()
         if context is not None and context.set_input_shape(INPUT_NAME, input_shape):
-            for attribute in ("execution_context", "context"):  # the name changed after 8.x
-                try:
-                    setattr(inspector, attribute, context)
-                    break
-                except AttributeError:
-                    continue
+            # IEngineInspector.execution_context (the Python name on 8.5 to 11): with it the inspector reports
+            # the formats of this shape; the C++ API's setExecutionContext is the same call.
+            inspector.execution_context = context
         text = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
         del inspector, context, engine, runtime
         return text

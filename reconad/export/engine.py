@@ -98,18 +98,19 @@ class BuildResult:
     build_seconds: float
 
 
-def _cuda_runtime_version() -> str | None:
-    """The CUDA runtime version through whichever binding is installed; None without one."""
+def _cuda_versions() -> dict[str, str | None]:
+    """``{"runtime": CUDA runtime version or None, "binding": "cuda-python 12.6.2" / "pycuda 2024.1 (CUDA 12.2)"}``
+    through whichever binding is installed; empty without one (the driver's version comes from ``probe_gpu``)."""
     try:
         from reconad.runtime.backends.cuda import open_cuda
 
         driver = open_cuda()
     except ReconadError:
-        return None
+        return {}
     try:
-        return driver.runtime_version()
+        return {"runtime": driver.runtime_version(), "binding": driver.binding_version()}
     except ReconadError:
-        return None
+        return {"binding": driver.binding}
     finally:
         driver.close()
 
@@ -217,11 +218,12 @@ def build_engine(
     trt = import_tensorrt()
     version = parse_version(trt.__version__)
     plan = plan_precision(version, config.precision, config.network_typing)
-    check_build_options(version, config)
     source_path, onnx_manifest = resolve_onnx(onnx_path, plan)
     check_artifact_sha256(onnx_manifest, source_path)
     batch_range = resolve_batch_range(config, onnx_manifest.input_tensor)
     gpu = probe_gpu()
+    jetpack, l4t = read_jetson_release()
+    check_build_options(version, config, jetson=l4t is not None or gpu.integrated, integrated_gpu=gpu.integrated)
     target = resolve_engine_path(
         Path(engine_path) if engine_path is not None else None,
         source_path,
@@ -286,10 +288,12 @@ def build_engine(
     )
     build_seconds = time.monotonic() - started
 
-    jetpack, l4t = read_jetson_release()
+    cuda = _cuda_versions()
     engine_info = EngineInfo(
         tensorrt_version=trt.__version__,
-        cuda_version=_cuda_runtime_version(),
+        cuda_runtime_version=cuda.get("runtime"),
+        cuda_driver_version=gpu.driver_cuda_version,
+        cuda_binding=cuda.get("binding"),
         gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
         jetpack=jetpack,

@@ -163,11 +163,33 @@ def _int8_plan(version: tuple[int, ...], typing: str, text: str) -> PrecisionPla
     )
 
 
-def check_build_options(tensorrt_version: tuple[int, ...], config: BuildConfig) -> None:
-    """Refuse options this TensorRT does not have, in one sentence."""
+# TensorRT 10.7 was the last 10.x release with DLA; 11.0-11.3 have none, 11.4.0 only on Windows on ARM, and
+# 11.4.1 brings it back on Jetson AGX Orin with JetPack 7.2.2+ (TensorRT 11.4.1 "Working with DLA").
+NO_DLA_ON_JETPACK = ((10, 8), (11, 4, 1))
+
+
+def check_build_options(tensorrt_version: tuple[int, ...], config: BuildConfig, *, jetson: bool = False, integrated_gpu: bool = False) -> None:
+    """Refuse options this TensorRT or device does not have, in one sentence.
+
+    Args:
+        jetson: the builder runs on JetPack (``/etc/nv_tegra_release``).
+        integrated_gpu: the GPU is integrated (Jetson, DRIVE): hardware compatibility is for Ampere-or-newer
+            discrete GPUs only (TensorRT developer guide, "Hardware Compatibility": not on JetPack or DRIVE OS).
+    """
+    version = version_text(tensorrt_version)
+    if config.hardware_compatible and (integrated_gpu or jetson):
+        raise ReconadError(
+            "--hardware-compatible engines are for Ampere-or-newer discrete GPUs; TensorRT does not build them for "
+            "an integrated GPU (Jetson), so drop the option."
+        )
+    low, high = NO_DLA_ON_JETPACK
+    if config.dla_core is not None and jetson and low <= tuple(tensorrt_version) < high:
+        raise ReconadError(
+            f"TensorRT {version} has no DLA on JetPack (10.7 was the last 10.x release with it; 11.4.1 brings it back "
+            "on AGX Orin with JetPack 7.2.2+), so drop --dla-core or build with a TensorRT that has DLA."
+        )
     if tensorrt_version[:2] >= (8, 6):
         return
     for option in ("version_compatible", "hardware_compatible", "builder_optimization_level"):
         if getattr(config, option) not in (None, False):
-            version = version_text(tensorrt_version)
             raise ReconadError(f"{option} needs TensorRT 8.6 or later; this is TensorRT {version}.")

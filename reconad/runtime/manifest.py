@@ -288,7 +288,12 @@ class EngineInfo:
 
     Attributes:
         tensorrt_version: ``tensorrt.__version__`` of the builder.
-        cuda_version: CUDA runtime version, when known.
+        cuda_runtime_version: the CUDA runtime the Python CUDA binding talks to (cuda-python's
+            ``cudaRuntimeGetVersion``), e.g. ``"12.6"``; None with pycuda (driver API only) or no binding.
+        cuda_driver_version: the newest CUDA version the driver supports (``cuDriverGetVersion``).
+        cuda_binding: the Python CUDA binding and its version, e.g. ``"cuda-python 12.6.2"`` or
+            ``"pycuda 2024.1.2 (built for CUDA 12.2)"``.
+        cuda_version: what manifests before these three fields called the binding's CUDA version; read, never written.
         gpu_name: device name, e.g. ``"Orin"``.
         compute_capability: ``"major.minor"``, e.g. ``"8.7"``.
         jetpack: JetPack release on a Jetson, else None.
@@ -297,6 +302,9 @@ class EngineInfo:
     """
 
     tensorrt_version: str
+    cuda_runtime_version: str | None = None
+    cuda_driver_version: str | None = None
+    cuda_binding: str | None = None
     cuda_version: str | None = None
     gpu_name: str
     compute_capability: str
