@@ -106,7 +106,7 @@ def _int8_options(precision, calibration_images, method, evaluation_data, evalua
 
 @app.command("build-engine")
 def build_engine_command(
-    model: Annotated[Path, typer.Argument(help="The exported .onnx (fp16 or fp32; its sibling is used when needed).")],
+    model: Annotated[Path, typer.Argument(help="The exported .onnx (fp16, fp32 or int8; its sibling is used when needed).")],
     out: Annotated[
         Optional[Path],
         typer.Option(help="The .engine to write, or a folder for <run>-<H>x<W>-<precision>-trt<version>-<device>.engine."),
@@ -114,7 +114,7 @@ def build_engine_command(
     profile: Annotated[
         Optional[Path], typer.Option(help="Build profile TOML, e.g. engines/profiles/orin-nano.toml.")
     ] = None,
-    precision: Annotated[Optional[str], typer.Option(help="fp16 or fp32 (default: the profile's, else built in).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp16, fp32 or int8 (from the int8 ONNX) (default: the profile's, else built in).")] = None,
     workspace_mib: Annotated[Optional[int], typer.Option(help="TensorRT scratch-memory cap in MiB.")] = None,
     min_batch: Annotated[Optional[int], typer.Option(help="Smallest batch of the optimisation profile.")] = None,
     opt_batch: Annotated[Optional[int], typer.Option(help="Batch TensorRT tunes its kernels for.")] = None,
