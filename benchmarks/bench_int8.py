@@ -6,9 +6,12 @@ measurement only, the ONNX-Runtime-only U8S8 variant (uint8 asymmetric activatio
 build). Then: ms/image at batch 1 (median of interleaved rounds, the runtime's session settings), peak RSS of
 a process that loads and runs each graph, parity of each int8 graph against the fp32 graph on 4 reference
 images (``recon-export verify``'s int8 tolerances), and ONNX Runtime's profile shares by op type at 512.
+With ``--methods``, first the calibration methods side by side on the tiny model and synthetic sample data
+(random weights, categories' head fitted): map p99 / score error against the fp32 graph and the image AUROC
+gap, the measurement behind ``DEFAULT_CALIBRATION_METHOD``.
 Writes benchmarks/results/bench_int8.json and bench_int8.md.
 
-    .venv/bin/python benchmarks/bench_int8.py [--rounds 5] [--threads N] [--presets lite0-256,mvtec-512]
+    .venv/bin/python benchmarks/bench_int8.py [--rounds 5] [--threads N] [--presets lite0-256,mvtec-512] [--methods]
 """
 
 from __future__ import annotations
@@ -61,6 +64,47 @@ def build_graphs(preset: str, work: Path) -> tuple[dict[str, Path], np.ndarray]:
     onnx.save(quantize_to_int8(fp32, calibration, "minmax", activation_type="uint8"), paths["int8-u8s8-ort-only"])
     print(f"{preset}: graphs written, int8 quantization {quantize_seconds:.1f} s", file=sys.stderr)
     return paths, synthetic_reference_images(config.input_hw, 4)
+
+
+def calibration_methods(work: Path) -> dict[str, dict]:
+    """Each calibration method on the tiny model: error against the fp32 graph and the image AUROC gap."""
+    import torch
+
+    from reconad.export.int8 import load_calibration_images, quantize_to_int8
+    from reconad.export.onnx import trace_to_onnx
+    from reconad.model import ModelConfig, build_detector
+    from reconad.runtime.backends.ort import OrtBackend
+    from reconad.runtime.verify import compare_outputs
+    from reconad.train.artifacts import image_auroc_of_graphs
+    from reconad.train.data import load_mvtec
+    from reconad.train.sample_data import SampleDataConfig, write_sample_data
+
+    root = work / "sample-data"
+    if not root.exists():
+        write_sample_data(root, seed=0, config=SampleDataConfig(image_size=64, num_train=16, num_test_good=8,
+                                                                num_test_per_defect=3, categories=("weave", "pill")))  # fmt: skip
+    torch.manual_seed(0)
+    config = ModelConfig.tiny()
+    detector = build_detector(config).eval()
+    fp32 = trace_to_onnx(detector, 8, 17)
+    calibration = load_calibration_images([root / c / "train" / "good" for c in ("weave", "pill")], config.input_hw)
+    test = load_mvtec(root, "test", config.input_hw, ("weave", "pill")).images
+    with OrtBackend(fp32.SerializeToString(), "ort-cpu", max_batch=8) as backend:
+        reference = backend.infer(test)
+    reference = {"images": test, **reference, "category_margin": np.full(len(test), np.inf, np.float32)}
+    result = {}
+    for method in ("minmax", "percentile", "entropy"):
+        model = quantize_to_int8(fp32, calibration, method)
+        with OrtBackend(model.SerializeToString(), "ort-cpu", max_batch=8) as backend:
+            report = compare_outputs(backend.infer(test), reference, precision="int8", threshold=None)
+        aurocs, count = image_auroc_of_graphs({"fp32": fp32.SerializeToString(), "int8": model.SerializeToString()},
+                                              root, config.input_hw, ("weave", "pill"))  # fmt: skip
+        result[method] = {"map_p99_fraction_of_range": report.anomaly_map.p99_abs / report.map_scale,
+                          "score_max_abs": report.image_score.max_abs, "auroc_fp32": aurocs["fp32"],
+                          "auroc_int8": aurocs["int8"], "auroc_gap_points": 100 * (aurocs["int8"] - aurocs["fp32"]),
+                          "test_images": count}  # fmt: skip
+        print(f"method {method}: {result[method]}", file=sys.stderr)
+    return result
 
 
 def time_interleaved(paths: dict[str, Path], image: np.ndarray, rounds: int, threads: int | None) -> dict[str, list[float]]:
@@ -127,12 +171,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--presets", default="lite0-256,mvtec-512")
+    parser.add_argument("--methods", action="store_true", help="Also compare the calibration methods (tiny model).")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = RESULTS / "bench_int8_work"
     work.mkdir(exist_ok=True)
     result = {"host": platform.node(), "cpu_count": os.cpu_count(), "threads": args.threads, "rounds": args.rounds,
               "load_average_start": os.getloadavg(), "presets": {}}  # fmt: skip
+    if args.methods:
+        result["calibration_methods"] = calibration_methods(work)
     for preset in args.presets.split(","):
         paths, images = build_graphs(preset, work)
         image_file = work / f"{preset}-image.npy"
@@ -174,6 +221,10 @@ def render(result: dict) -> str:
         for name, rows in entry.get("profile", {}).items():
             shares = ", ".join(f"{row['op_type']} {row['share']:.0%}" for row in rows[:8])
             lines.append(f"\n{preset} {name} profile: {shares}")
+    for method, entry in result.get("calibration_methods", {}).items():
+        lines.append(f"\ncalibration {method} (tiny model): map p99 {entry['map_p99_fraction_of_range']:.2%} of range, "
+                     f"score max abs {entry['score_max_abs']:.3g}, image AUROC {entry['auroc_fp32']:.4f} -> "
+                     f"{entry['auroc_int8']:.4f} ({entry['auroc_gap_points']:+.2f} points)")
     return "\n".join(lines) + "\n"
 
 
