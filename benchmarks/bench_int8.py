@@ -1,7 +1,7 @@
 """The int8 QDQ graph vs the fp32 graph through ONNX Runtime CPU at 256 (lite0-256) and 512 (mvtec-512), one run.
 
 Random weights (no download). Per preset: trace the fp32 graph, quantize it with ``reconad.export.int8``
-(calibrated on 16 synthetic images, the shipped recipe: symmetric INT8, TensorRT-buildable), and, for
+(calibrated on synthetic images, as many as ``max_calibration_images`` allows; the shipped recipe: symmetric INT8, TensorRT-buildable), and, for
 measurement only, the ONNX-Runtime-only U8S8 variant (uint8 asymmetric activations, which TensorRT does not
 build). Then: ms/image at batch 1 (median of interleaved rounds, the runtime's session settings), peak RSS of
 a process that loads and runs each graph, parity of each int8 graph against the fp32 graph on 4 reference
@@ -11,7 +11,7 @@ With ``--methods``, first the calibration methods side by side on the tiny model
 gap, the measurement behind ``DEFAULT_CALIBRATION_METHOD``.
 Writes benchmarks/results/bench_int8.json and bench_int8.md.
 
-    .venv/bin/python benchmarks/bench_int8.py [--rounds 5] [--threads N] [--presets lite0-256,mvtec-512] [--methods]
+    .venv/bin/python benchmarks/bench_int8.py [--rounds 5] [--threads N] [--presets lite0-256,mvtec-512|none] [--methods]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def build_graphs(preset: str, work: Path) -> tuple[dict[str, Path], np.ndarray]:
     import onnx
     import torch
 
-    from reconad.export.int8 import quantize_to_int8
+    from reconad.export.int8 import max_calibration_images, quantize_to_int8
     from reconad.export.onnx import synthetic_reference_images, trace_to_onnx
     from reconad.model import PRESETS, build_detector
 
@@ -55,7 +55,7 @@ def build_graphs(preset: str, work: Path) -> tuple[dict[str, Path], np.ndarray]:
     config = PRESETS[preset]
     detector = build_detector(config).eval()
     fp32 = trace_to_onnx(detector, 8, 17)
-    calibration = synthetic_reference_images(config.input_hw, 16)
+    calibration = synthetic_reference_images(config.input_hw, max_calibration_images(config.input_hw))
     paths = {"fp32": work / f"{preset}-fp32.onnx", "int8": work / f"{preset}-int8.onnx", "int8-u8s8-ort-only": work / f"{preset}-u8s8.onnx"}
     onnx.save(fp32, paths["fp32"])
     started = time.perf_counter()
@@ -180,7 +180,8 @@ def main() -> None:
               "load_average_start": os.getloadavg(), "presets": {}}  # fmt: skip
     if args.methods:
         result["calibration_methods"] = calibration_methods(work)
-    for preset in args.presets.split(","):
+    presets = [preset for preset in args.presets.split(",") if preset and preset != "none"]
+    for preset in presets:
         paths, images = build_graphs(preset, work)
         image_file = work / f"{preset}-image.npy"
         np.save(image_file, images[:1])
@@ -202,8 +203,9 @@ def main() -> None:
     if big:
         result["target_int8_speedup_512"] = TARGET_SPEEDUP_512
         result["target_met"] = big["speedup_vs_fp32"]["int8"] >= TARGET_SPEEDUP_512
-    (RESULTS / "bench_int8.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    (RESULTS / "bench_int8.md").write_text(render(result))
+    name = "bench_int8" if presets else "bench_int8_methods"  # --presets none: the method comparison alone
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (RESULTS / f"{name}.md").write_text(render(result))
     print(render(result))
 
 

@@ -15,6 +15,7 @@ directly (``residual_producers``: on the tiny model they take the image AUROC ga
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -32,8 +33,12 @@ INT8_OP_TYPES = ("MatMul", "Gemm", "Conv")
 # Chosen by measurement (benchmarks/bench_int8.py, "calibration methods"): see DEFAULT_CALIBRATION_METHOD's note there.
 DEFAULT_CALIBRATION_METHOD = "minmax"
 MIN_CALIBRATION_IMAGES = 8
-MAX_CALIBRATION_IMAGES = 64  # evenly spaced over the sorted files of all folders; more adds time, not accuracy
-CALIBRATION_BATCH = 4
+MAX_CALIBRATION_IMAGES = 64  # evenly spaced over the sorted files of all folders (fewer at large sizes, see below)
+CALIBRATION_BATCH = 1
+# onnxruntime's calibrators keep every calibration image's activations until the end (its
+# CalibMaxIntermediateOutputs discards, in 1.32, what it should merge), roughly 1 GB per image at 512 px:
+# 16 images at 512 px were killed for memory on a 23 GB machine. So the count scales with the pixels.
+CALIBRATION_PIXEL_BUDGET = MAX_CALIBRATION_IMAGES * 128 * 128
 INT8_RECIPE = (
     "QDQ static quantization (onnxruntime.quantization): MatMul/Gemm/Conv inputs INT8 (weights symmetric per "
     "channel, activations symmetric, zero point 0); FP32 islands (input normalisation, LayerNormalization, "
@@ -42,12 +47,20 @@ INT8_RECIPE = (
 )
 
 
+def max_calibration_images(input_hw: tuple[int, int]) -> int:
+    """How many calibration images fit the memory budget at this input size: 64 at 128 px and below, 16 at
+    256, 8 (the minimum) at 512."""
+    fitting = CALIBRATION_PIXEL_BUDGET // max(1, input_hw[0] * input_hw[1])
+    return max(MIN_CALIBRATION_IMAGES, min(MAX_CALIBRATION_IMAGES, fitting))
+
+
 def load_calibration_images(
-    folders: Sequence[str | os.PathLike], input_hw: tuple[int, int], limit: int = MAX_CALIBRATION_IMAGES
+    folders: Sequence[str | os.PathLike], input_hw: tuple[int, int], limit: int | None = None
 ) -> np.ndarray:
     """Good images for calibration, prepared exactly as the runtime prepares frames: uint8 [K, H, W, 3] RGB.
 
-    Up to ``limit`` files, evenly spaced over the sorted files of every folder together.
+    Up to ``limit`` files (default ``max_calibration_images(input_hw)``), evenly spaced over the sorted
+    files of every folder together.
 
     Raises:
         ReconadError: no folder, a folder that is missing or holds no images, or fewer than
@@ -70,6 +83,7 @@ def load_calibration_images(
             f"--calibration-images holds {len(paths)} images; calibrating int8 ranges needs at least "
             f"{MIN_CALIBRATION_IMAGES} good images."
         )
+    limit = max_calibration_images(input_hw) if limit is None else limit
     if len(paths) > limit:
         picks = np.linspace(0, len(paths) - 1, limit).round().astype(int)
         paths = [paths[index] for index in sorted(set(picks))]
@@ -134,12 +148,14 @@ def _calibration_method(name: str):  # -> onnxruntime.quantization.CalibrationMe
 
 @contextlib.contextmanager
 def _quiet_quantizer() -> Iterator[None]:
-    """The quantizer logs a pre-processing hint on the root logger at WARNING for every call."""
+    """The quantizer logs a pre-processing hint on the root logger at WARNING for every call, and its
+    histogram calibrators print progress on stdout (where the CLI writes the paths it wrote)."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         root.setLevel(level)
 
@@ -156,7 +172,9 @@ def quantize_to_int8(
     Args:
         fp32_model: the traced, folded fp32 graph (not modified); every node named.
         images: good images, uint8 [K, H, W, 3] (``load_calibration_images``).
-        method: ``"minmax"``, ``"percentile"`` (99.999th, onnxruntime's default) or ``"entropy"``.
+        method: ``"minmax"``, ``"percentile"`` (99.999th, onnxruntime's default) or ``"entropy"``; the last
+            two hold every calibration image's activations in memory at once (onnxruntime's histogram
+            calibrators: about 1 GB per image at 512 px), so give them few images at large sizes.
         activation_type: ``"int8"`` (symmetric, the only form TensorRT builds) or ``"uint8"``
             (asymmetric, ONNX Runtime CPU's U8S8 path; for measurement only, never written by the CLI).
 
@@ -194,10 +212,15 @@ def quantize_to_int8(
                     extra_options={
                         "ActivationSymmetric": symmetric,
                         "WeightSymmetric": True,
-                        # TensorRT fuses a DQ into its consumer; one pair per consumer keeps that local.
+                        # One Q/DQ pair per tensor, shared by its consumers (onnxruntime's default; TensorRT
+                        # propagates and fuses the pair into each consumer itself).
                         "DedicatedQDQPair": False,
                         "CalibTensorRangeSymmetric": symmetric,
                         "CalibMovingAverage": False,
+                        # Entropy searches thresholds over histogram bins beyond the 128 quantized ones;
+                        # onnxruntime's default of 128 bins leaves one candidate, the full range (= minmax).
+                        # 2048 bins, as TensorRT's entropy calibrator uses.
+                        **({"CalibNumBins": 2048} if method == "entropy" else {}),
                     },
                 )
         except (RuntimeError, ValueError, KeyError, onnx.checker.ValidationError) as error:

@@ -139,3 +139,9 @@ def test_excluded_nodes_cover_the_islands_and_the_residual_producers(tiny_export
     extra = [node for node in model.graph.node if node.name in excluded and node.op_type in ("MatMul", "Conv")]
     softmax_inputs = {name for name in groups["softmax logits"]}
     assert any(node.name not in softmax_inputs for node in extra)  # the output projection / tapped convs
+
+
+def test_calibration_image_count_scales_with_the_input_size():
+    from reconad.export.int8 import max_calibration_images
+
+    assert [max_calibration_images((s, s)) for s in (64, 128, 256, 512, 1024)] == [64, 64, 16, 8, 8]
