@@ -177,9 +177,9 @@ def test_a_choice_completes_in_the_shell_and_a_wrong_one_is_one_sentence():
     env = {"_RECON_INSPECT_COMPLETE": "complete_bash", "COMP_WORDS": "recon-inspect run x --backend ort-c", "COMP_CWORD": "4"}
     completion = runner.invoke(inspect_cli.app, [], prog_name="recon-inspect", env=env)
     assert completion.output.split() == ["ort-cpu", "ort-cuda"], completion.output
-    result = runner.invoke(export_cli.app, ["build-engine", "m.onnx", "--precision", "int8"])
+    result = runner.invoke(export_cli.app, ["build-engine", "m.onnx", "--precision", "int4"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.output.strip().splitlines()[-1].endswith("'int8' is not one of 'fp16', 'fp32'.")
+    assert result.output.strip().splitlines()[-1].endswith("'int4' is not one of 'fp16', 'fp32', 'int8'.")
 
 
 def test_help_stays_torch_free_and_fast_to_load():
@@ -191,3 +191,10 @@ def test_help_stays_torch_free_and_fast_to_load():
             "print(sorted(m for m in ('torch', 'cv2', 'onnxruntime', 'onnx') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_the_int8_calibration_methods_are_the_manifests():
+    from reconad.export import cli as export_cli
+    from reconad.runtime.manifest import CALIBRATION_METHODS
+
+    assert tuple(member.value for member in export_cli.CalibrationMethod) == tuple(CALIBRATION_METHODS)

@@ -13,7 +13,7 @@ from typing import Any
 from reconad.runtime.config import decode_overrides, load_toml, resolve
 from reconad.runtime.errors import ReconadError
 
-PRECISIONS = ("fp16", "fp32")
+PRECISIONS = ("fp16", "fp32", "int8")
 NETWORK_TYPINGS = ("auto", "strong", "weak")
 
 

@@ -202,6 +202,10 @@ class EngineBuilder:
             built.add_optimization_profile(profile)
         self._set_timing_cache(built)
         if config.dla_core is not None:
+            cores = int(getattr(self.builder, "num_DLA_cores", 0) or 0)
+            if config.dla_core >= cores:
+                have = f"has {cores} DLA core{'s' if cores != 1 else ''}" if cores else "has no DLA"
+                raise ReconadError(f"--dla-core {config.dla_core} cannot be used: this device {have} (TensorRT {trt.__version__}).")
             built.default_device_type = trt.DeviceType.DLA
             built.DLA_core = config.dla_core
             built.set_flag(trt.BuilderFlag.GPU_FALLBACK)
@@ -230,7 +234,12 @@ class EngineBuilder:
         if cache is None and data:
             self.log(f"  timing cache {path} is unusable (another TensorRT?); starting an empty one")
             cache = built.create_timing_cache(b"")
-        built.set_timing_cache(cache, ignore_mismatch=False)
+        # set_timing_cache returns False when the cache was made on another device or TensorRT (with
+        # ignore_mismatch=False it is then not used): replace it with an empty one, saved after the build.
+        if not built.set_timing_cache(cache, ignore_mismatch=False):
+            self.log(f"  warning: timing cache {path} was made on another device or TensorRT; replacing it")
+            if not built.set_timing_cache(built.create_timing_cache(b""), ignore_mismatch=False):
+                raise ReconadError("TensorRT refused an empty timing cache; build without --timing-cache.")
 
     def build(self) -> bytes:
         """Build and serialize; saves the timing cache when one was configured."""
@@ -262,12 +271,9 @@ class EngineBuilder:
         context = engine.create_execution_context()
         inspector = engine.create_engine_inspector()
         if context is not None and context.set_input_shape(INPUT_NAME, input_shape):
-            for attribute in ("execution_context", "context"):  # the name changed after 8.x
-                try:
-                    setattr(inspector, attribute, context)
-                    break
-                except AttributeError:
-                    continue
+            # IEngineInspector.execution_context (the Python name on 8.5 to 11): with it the inspector reports
+            # the formats of this shape; the C++ API's setExecutionContext is the same call.
+            inspector.execution_context = context
         text = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
         del inspector, context, engine, runtime
         return text
@@ -299,7 +305,9 @@ def prepare_graph(onnx_path: Path, plan: PrecisionPlan) -> GraphToParse:
     The islands are found on the graph as exported, where each LayerNormalization is one node; a
     decomposed LayerNormalization is then an island made of every node it became.
     """
-    if not (plan.decompose_layer_norm or plan.constrain_islands):
+    # An int8 engine is checked against the islands even when strongly typed (nothing to constrain there).
+    find_islands = plan.constrain_islands or plan.precision == "int8"
+    if not (plan.decompose_layer_norm or find_islands):
         return GraphToParse()
     try:
         import onnx
@@ -315,7 +323,7 @@ def prepare_graph(onnx_path: Path, plan: PrecisionPlan) -> GraphToParse:
     parsed = decompose_layer_norm(model) if plan.decompose_layer_norm else model
     model_bytes = parsed.SerializeToString() if plan.decompose_layer_norm else None
     node_outputs = tuple((node.name, list(node.output)) for node in parsed.graph.node)
-    if not plan.constrain_islands:
+    if not find_islands:
         return GraphToParse(model_bytes, (), node_outputs, ())
     groups = find_fp32_island_groups(model)
     if plan.decompose_layer_norm:

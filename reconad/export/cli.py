@@ -13,8 +13,9 @@ from reconad.runtime.cli_common import choices, make_app, value_of
 app = make_app("recon-export", __doc__.splitlines()[0])
 
 # The spellings the library accepts (held equal to its constants by tests/test_cli_conventions.py).
-Precision = choices("Precision", ("fp32", "fp16", "both"))
-EnginePrecision = choices("EnginePrecision", ("fp16", "fp32"))
+Precision = choices("Precision", ("fp32", "fp16", "both", "int8"))
+EnginePrecision = choices("EnginePrecision", ("fp16", "fp32", "int8"))
+CalibrationMethod = choices("CalibrationMethod", ("minmax", "percentile", "entropy"))
 NetworkTyping = choices("NetworkTyping", ("auto", "strong", "weak"))
 Backend = choices("Backend", ("auto", "ort", "ort-cpu", "ort-cuda", "ort-trt", "trt"))
 InstanceKind = choices("InstanceKind", ("auto", "cpu", "gpu"))
@@ -25,7 +26,8 @@ def to_onnx(
     checkpoint: Annotated[Path, typer.Argument(help="A reconad checkpoint (model.ckpt).")],
     out: Annotated[Path, typer.Option(help="Folder for <stem>-<H>x<W>-<precision>.onnx, .json and .reference.npz.")],
     precision: Annotated[
-        Precision, typer.Option(help="fp32, the mixed-precision fp16 graph (FP32 islands), or both.")
+        Precision,
+        typer.Option(help="fp32, the mixed-precision fp16 graph (FP32 islands), both, or int8 (QDQ, calibrated)."),
     ] = Precision("fp32"),
     max_batch: Annotated[int, typer.Option(min=1, help="The batch axis accepts 1..N (1: a static batch of 1).")] = 8,
     opset: Annotated[int, typer.Option(min=17, help="ONNX opset (17 or later: LayerNormalization is one op).")] = 17,
@@ -36,11 +38,27 @@ def to_onnx(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace manifests in --out that hold a calibration (it is discarded).")
     ] = False,
+    calibration_images: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="int8: a folder of good images to calibrate activation ranges on; repeatable (8..64 used)."),
+    ] = None,
+    calibration_method: Annotated[
+        CalibrationMethod, typer.Option(help="int8: how activation ranges are calibrated (onnxruntime.quantization).")
+    ] = CalibrationMethod("minmax"),
+    evaluation_data: Annotated[
+        Optional[Path],
+        typer.Option(help="int8: MVTec-layout folder; its test split's image AUROC must be within 0.5 point of fp32."),
+    ] = None,
+    evaluation_categories: Annotated[
+        Optional[str], typer.Option(help="int8: comma-separated categories of --evaluation-data [default: the checkpoint's].")
+    ] = None,
 ) -> None:
     """Export a checkpoint to the fused ONNX graph, checked against PyTorch with ONNX Runtime before writing.
 
     A calibrated manifest already in --out is never replaced without --overwrite: the new graph's scores
     need a new calibration. Exit 1 when a graph is over tolerance (nothing is written), 2 for bad input.
+    An int8 graph is also refused (exit 1) when its image AUROC on --evaluation-data is not within 0.5
+    point of the fp32 graph's.
     """
     import logging
 
@@ -54,6 +72,8 @@ def to_onnx(
     try:
         from reconad.export.onnx import export_onnx
 
+        int8 = _int8_options(precision.value, calibration_images, calibration_method.value, evaluation_data,
+                             evaluation_categories)
         paths = export_onnx(
             checkpoint=checkpoint,
             out_dir=out,
@@ -62,6 +82,7 @@ def to_onnx(
             opset=opset,
             reference_images=reference_images,
             overwrite=overwrite,
+            int8=int8,
         )
     except ReconadError as error:
         exit_with(error)
@@ -71,9 +92,32 @@ def to_onnx(
         typer.echo(f"wrote {path}")
 
 
+def _int8_options(precision, calibration_images, method, evaluation_data, evaluation_categories):  # -> Int8Options | None
+    from reconad.runtime.errors import ReconadError
+
+    given = [flag for flag, value in (("--calibration-images", calibration_images), ("--evaluation-data", evaluation_data),
+                                      ("--evaluation-categories", evaluation_categories)) if value]
+    if precision != "int8":
+        if given or method != "minmax":
+            raise ReconadError(f"{(given or ['--calibration-method'])[0]} is for --precision int8 only.")
+        return None
+    if not calibration_images or evaluation_data is None:
+        raise ReconadError(
+            "--precision int8 needs --calibration-images (good images) and --evaluation-data (an MVTec-layout "
+            "folder with defects, to measure the AUROC against fp32)."
+        )
+    from reconad.export.int8_checks import Int8Options
+    from reconad.runtime.manifest import CALIBRATION_METHODS
+
+    if method not in CALIBRATION_METHODS:
+        raise ReconadError(f"--calibration-method must be one of {list(CALIBRATION_METHODS)}, got {method!r}.")
+    categories = tuple(c.strip() for c in evaluation_categories.split(",") if c.strip()) if evaluation_categories else None
+    return Int8Options(tuple(calibration_images), evaluation_data, method, categories)
+
+
 @app.command("build-engine")
 def build_engine_command(
-    model: Annotated[Path, typer.Argument(help="The exported .onnx (fp16 or fp32; its sibling is used when needed).")],
+    model: Annotated[Path, typer.Argument(help="The exported .onnx (fp16, fp32 or int8; its sibling is used when needed).")],
     out: Annotated[
         Optional[Path],
         typer.Option(help="The .engine to write, or a folder for <run>-<H>x<W>-<precision>-trt<version>-<device>.engine [default: the ONNX's folder]."),
@@ -82,7 +126,7 @@ def build_engine_command(
         Optional[Path], typer.Option(help="Build profile TOML, e.g. engines/profiles/orin-nano.toml [default: none, the built-in defaults].")
     ] = None,
     precision: Annotated[
-        Optional[EnginePrecision], typer.Option(help="Engine precision [default: the profile's, else fp16].")
+        Optional[EnginePrecision], typer.Option(help="Engine precision; int8 builds from the int8 (QDQ) ONNX [default: the profile's, else fp16].")
     ] = None,
     workspace_mib: Annotated[
         Optional[int], typer.Option(help="TensorRT scratch-memory cap in MiB [default: the profile's, else 1024].")

@@ -72,6 +72,12 @@ def resolve_onnx(onnx_path: Path, plan: PrecisionPlan) -> tuple[Path, Manifest]:
     )
 
 
+def int8_check_names(islands: tuple[str, ...], node_outputs) -> tuple[set[str], set[str]]:
+    """For a strongly typed int8 build: (island node names, which must run FP32; every other node name)."""
+    island_set = set(islands)
+    return island_set, {node for node, _ in node_outputs if node not in island_set}
+
+
 class EnginePrecisionError(ReconadError):
     """The built engine is not the precision that was asked for (exit code 1, like a failed verify)."""
 
@@ -93,18 +99,19 @@ class BuildResult:
     build_seconds: float
 
 
-def _cuda_runtime_version() -> str | None:
-    """The CUDA runtime version through whichever binding is installed; None without one."""
+def _cuda_versions() -> dict[str, str | None]:
+    """``{"runtime": CUDA runtime version or None, "binding": "cuda-python 12.6.2" / "pycuda 2024.1 (CUDA 12.2)"}``
+    through whichever binding is installed; empty without one (the driver's version comes from ``probe_gpu``)."""
     try:
         from reconad.runtime.backends.cuda import open_cuda
 
         driver = open_cuda()
     except ReconadError:
-        return None
+        return {}
     try:
-        return driver.runtime_version()
+        return {"runtime": driver.runtime_version(), "binding": driver.binding_version()}
     except ReconadError:
-        return None
+        return {"binding": driver.binding}
     finally:
         driver.close()
 
@@ -235,11 +242,12 @@ def build_engine(
     trt = import_tensorrt()
     version = parse_version(trt.__version__)
     plan = plan_precision(version, config.precision, config.network_typing)
-    check_build_options(version, config)
     source_path, onnx_manifest = resolve_onnx(onnx_path, plan)
     check_artifact_sha256(onnx_manifest, source_path)
     batch_range = resolve_batch_range(config, onnx_manifest.input_tensor)
     gpu = probe_gpu()
+    jetpack, l4t = read_jetson_release()
+    check_build_options(version, config, jetson=l4t is not None or gpu.integrated, integrated_gpu=gpu.integrated)
     target = resolve_engine_path(
         Path(engine_path) if engine_path is not None else None,
         source_path,
@@ -256,7 +264,7 @@ def build_engine(
     graph = prepare_graph(source_path, plan)
     islands, node_outputs = graph.islands, graph.node_outputs
     island_kinds = tuple(onnx_manifest.precision.fp32_islands) if config.precision == "fp16" else ()
-    if plan.constrain_islands:
+    if plan.constrain_islands or config.precision == "int8":
         island_kinds = graph.island_kinds
     builder = EngineBuilder(trt, config, plan, log)
     layers = builder.parse(source_path, graph.model_bytes)
@@ -284,6 +292,8 @@ def build_engine(
                 f"{source_path.name} parsed into a network with no FP16 layer, so a strongly typed build would be "
                 "FP32; pass the fp16 ONNX written by recon-export to-onnx."
             )
+    elif config.precision == "int8":  # strongly typed: the Q/DQ nodes and the graph's types decide
+        fp32_names, other_names = int8_check_names(islands, node_outputs)
     else:
         fp32_names, other_names = set(), set()
     builder.configure(batch_range)
@@ -302,10 +312,12 @@ def build_engine(
     )
     build_seconds = time.monotonic() - started
 
-    jetpack, l4t = read_jetson_release()
+    cuda = _cuda_versions()
     engine_info = EngineInfo(
         tensorrt_version=trt.__version__,
-        cuda_version=_cuda_runtime_version(),
+        cuda_runtime_version=cuda.get("runtime"),
+        cuda_driver_version=gpu.driver_cuda_version,
+        cuda_binding=cuda.get("binding"),
         gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
         jetpack=jetpack,
@@ -325,7 +337,8 @@ def build_engine(
     )
     if engine_info.reference_path is None:
         log(f"  {reference_path_for(source_path).name} is not beside {source_path.name}: verify will need --reference")
-    precision = Precision(mode=config.precision, fp32_islands=island_kinds, description=plan.description)
+    calibration = onnx_manifest.precision.calibration if config.precision == "int8" else None
+    precision = Precision(mode=config.precision, fp32_islands=island_kinds, description=plan.description, calibration=calibration)
     manifest, manifest_path = write_engine(
         target, serialized, onnx_manifest, engine_info, precision, batch_range, builder.output_dtypes
     )

@@ -48,7 +48,7 @@ def engine_file_name(run: str, input_hw: tuple[int, int], precision: str, tensor
     return f"{run}-{height}x{width}-{precision}-trt{version}-{device_slug(gpu_name)}.engine"
 
 
-_PRECISION_TAG = re.compile(r"(?P<sep>[.-])(?P<precision>fp16|fp32)$")
+_PRECISION_TAG = re.compile(r"(?P<sep>[.-])(?P<precision>fp16|fp32|int8)$")
 
 
 def run_name(onnx_path: Path) -> str:

@@ -33,7 +33,7 @@ from reconad.runtime.verify import CATEGORY_MARGIN_KEY, VerifyReport, compare_ou
 
 logger = logging.getLogger(__name__)
 
-PRECISION_CHOICES = ("fp32", "fp16", "both")
+PRECISION_CHOICES = ("fp32", "fp16", "both", "int8")
 MIN_OPSET = 17  # LayerNormalization is one op from 17 on
 EXPORTER_OPSET = 18  # torch.onnx's dynamo exporter writes opset 18 at least; lower targets are converted
 MAX_REFERENCE_IMAGES = 16  # from --reference-images DIR: evenly spaced over the sorted files
@@ -351,7 +351,8 @@ def check_parity(
 
 
 def build_manifest(
-    detector: Any, onnx_file: str, precision: str, max_batch: int, opset: int, checkpoint_sha256: str, islands: tuple[str, ...]
+    detector: Any, onnx_file: str, precision: str, max_batch: int, opset: int, checkpoint_sha256: str,
+    islands: tuple[str, ...], calibration: Any = None,
 ) -> Manifest:
     import torch
 
@@ -362,11 +363,14 @@ def build_manifest(
         reducer = ScoreReducer(method="mean")
     else:
         reducer = ScoreReducer(method=config.score_reducer, kernel_size=config.score_pool_size, stride=1)
-    recipe = (
-        Precision(mode="fp16", fp32_islands=islands, description=FP16_RECIPE)
-        if precision == "fp16"
-        else Precision(mode="fp32", description="float32 throughout; uint8 in, float32 out")
-    )
+    if precision == "int8":
+        from reconad.export.int8 import INT8_RECIPE
+
+        recipe = Precision(mode="int8", fp32_islands=islands, description=INT8_RECIPE, calibration=calibration)
+    elif precision == "fp16":
+        recipe = Precision(mode="fp16", fp32_islands=islands, description=FP16_RECIPE)
+    else:
+        recipe = Precision(mode="fp32", description="float32 throughout; uint8 in, float32 out")
     categories = detector.provenance.get("categories", ())
     return Manifest.for_onnx(
         onnx_file=onnx_file,
@@ -453,6 +457,7 @@ def export_onnx(
     opset: int = MIN_OPSET,
     reference_images: str | os.PathLike | None = None,
     overwrite: bool = False,
+    int8: Any = None,
 ) -> list[Path]:
     """Export a checkpoint to the fused ONNX graph(s) with manifests and reference outputs.
 
@@ -475,6 +480,8 @@ def export_onnx(
         reference_images: a folder of images for the reference set; default 4 synthetic images.
         overwrite: replace manifests in ``out_dir`` that hold a calibration (thresholds calibrated
             for the old graph; the new graph's scores need a new calibration).
+        int8: for ``precision="int8"``, an ``export.int8_checks.Int8Options`` (calibration images,
+            method, evaluation data); the int8 graph must also pass ``int8_checks.check_int8_graph``.
 
     Returns:
         The paths written.
@@ -486,6 +493,8 @@ def export_onnx(
         raise ReconadError(f"Precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}.")
     if max_batch < 1:
         raise ReconadError(f"max_batch must be at least 1, got {max_batch}.")
+    if (precision == "int8") != (int8 is not None):
+        raise ReconadError("An int8 export needs --calibration-images and --evaluation-data, and only an int8 export takes them.")
     if opset < MIN_OPSET:
         raise ReconadError(f"Opset {opset} is too old: the graph needs opset {MIN_OPSET} or later (LayerNormalization).")
     from reconad.model import load_detector
@@ -524,12 +533,19 @@ def export_onnx(
         emulated = emulate_fp16_storage(graphs["fp16"])
         label = "fp16 graph with FP16 storage emulated"
         check_parity(emulated, images, reference, "fp16", max_batch, label, check_batch_axis=False, count_flips=False)
+    calibration = None
+    if precision == "int8":
+        from reconad.export.int8_checks import build_checked_int8_graph
+
+        groups = find_fp32_island_groups(fp32_model)
+        islands = tuple(name for name in ISLAND_NAMES if groups[name])
+        graphs["int8"], calibration = build_checked_int8_graph(fp32_model, images, reference, max_batch, config, int8)
     checkpoint_sha256 = sha256_file(checkpoint)
     reference_npz = npz_bytes(images=images, **reference)
     contents: dict[Path, bytes] = {}
     for mode in wanted:
         onnx_path = out_dir / artifact_name(stem, config.input_hw, mode)
-        manifest = build_manifest(detector, onnx_path.name, mode, max_batch, opset, checkpoint_sha256, islands)
+        manifest = build_manifest(detector, onnx_path.name, mode, max_batch, opset, checkpoint_sha256, islands, calibration)
         model_bytes = embed_manifest(graphs[mode], manifest)
         manifest = dataclasses.replace(manifest, onnx_sha256=hashlib.sha256(model_bytes).hexdigest())
         contents[onnx_path] = model_bytes

@@ -123,14 +123,32 @@ def typed_layer_names(layers: Iterable[NetworkLayer]) -> tuple[set[str], set[str
     return fp32, fp16 - fp32
 
 
+def field(entry: Mapping[str, Any], *names: str) -> Any:
+    """The value of the first of ``names`` in ``entry``, keys compared case-insensitively; None if none.
+
+    TensorRT's inspector JSON has changed the case of its keys between releases (``"DataType"``,
+    ``"Datatype"``), so every key is read this way.
+    """
+    lowered = {str(key).lower(): value for key, value in entry.items()}
+    for name in names:
+        if name.lower() in lowered:
+            return lowered[name.lower()]
+    return None
+
+
+_TENSOR_TYPE_KEYS = ("Format/Datatype", "Datatype", "DataType", "Data Type", "Format", "Type")
+
+
 def tensor_precision(entry: Mapping[str, Any]) -> str | None:
     """``"fp32"``, ``"fp16"``, ``"bf16"``, ``"fp8"``, ``"int8"``, ``"int"`` or None (unknown) for one inspector tensor.
 
     TensorRT 8.x/10.x describe a tensor as ``"Format/Datatype": "Channel major FP16 format where
-    channel % 8 == 0"`` (Myelin regions: ``"Half"``, ``"Float"``); TensorRT 11 may split it into
-    ``"DataType"`` and ``"Format"``. All of these are read.
+    channel % 8 == 0"`` (Myelin regions: ``"Half"``, ``"Float"``); TensorRT 11 splits it into a per-tensor
+    ``"Datatype"`` and ``"Format"`` (its own trex tooling reads those two). Both layouts are read, keys in
+    any case.
     """
-    text = " ".join(str(entry.get(key, "")) for key in ("DataType", "Format/Datatype", "Format")).upper()
+    lowered = {str(key).lower(): value for key, value in entry.items()}
+    text = " ".join(str(lowered.get(key.lower(), "")) for key in _TENSOR_TYPE_KEYS).upper()
     if "BFLOAT16" in text or "BF16" in text:
         return "bf16"
     if "FP16" in text or "HALF" in text:
@@ -158,7 +176,7 @@ def parse_engine_layers(engine_information: str | Mapping[str, Any]) -> list[dic
             engine_information = json.loads(engine_information)
         except json.JSONDecodeError as error:
             raise ReconadError(f"The engine inspector's output is not JSON ({error.msg}).") from None
-    layers = engine_information.get("Layers") if isinstance(engine_information, Mapping) else None
+    layers = field(engine_information, "Layers") if isinstance(engine_information, Mapping) else None
     if not isinstance(layers, list) or not layers:
         raise ReconadError("The engine inspector listed no layers, so the engine's precision cannot be checked.")
     if not all(isinstance(layer, Mapping) for layer in layers):
@@ -171,13 +189,13 @@ def parse_engine_layers(engine_information: str | Mapping[str, Any]) -> list[dic
 
 def _is_opaque(layer: Mapping[str, Any]) -> bool:
     """Myelin regions (``{ForeignNode[first...last]}``) hide the layers and precisions inside them."""
-    return str(layer.get("LayerType", "")).lower() == "myelin" or str(layer.get("Name", "")).startswith("{ForeignNode[")
+    return str(field(layer, "LayerType") or "").lower() == "myelin" or str(field(layer, "Name") or "").startswith("{ForeignNode[")
 
 
 def _is_reformat(layer: Mapping[str, Any]) -> bool:
     """Format/type conversions TensorRT inserts, named after the layer they serve (``Reformatting CopyNode
     for Input Tensor 0 to softmax``): not computations of that layer, so not checked as one."""
-    return str(layer.get("LayerType", "")) == "Reformat" or str(layer.get("Name", "")).startswith("Reformatting")
+    return str(field(layer, "LayerType") or "").lower() == "reformat" or str(field(layer, "Name") or "").startswith("Reformatting")
 
 
 def _contains_name(text: str, name: str) -> bool:
@@ -193,11 +211,31 @@ def _contains_name(text: str, name: str) -> bool:
 
 
 def _covered_names(layer: Mapping[str, Any], candidates: Collection[str]) -> set[str]:
-    covered = set(onnx_names_in_metadata(str(layer.get("Metadata", "")))) & set(candidates)
+    covered = set(onnx_names_in_metadata(str(field(layer, "Metadata") or ""))) & set(candidates)
     if not _is_opaque(layer):
-        name = str(layer.get("Name", ""))
+        name = str(field(layer, "Name") or "")
         covered |= {candidate for candidate in candidates if candidate in name and _contains_name(name, candidate)}
     return covered
+
+
+_LOW_PRECISIONS = ("fp16", "bf16", "fp8", "int8")  # what an FP32-island layer must not run in
+
+
+def weight_precisions(layer: Mapping[str, Any]) -> list[str]:
+    """The precisions of a layer's weight blobs: ``"Weights"``/``"Bias"`` (8.x, 10.x) or any key naming
+    weights or a bias whose value is a blob with a type (``"Type"``/``"Datatype"``), keys in any case."""
+    found = []
+    for key, blob in layer.items():
+        lowered = str(key).lower()
+        if isinstance(blob, Mapping) and ("weight" in lowered or "bias" in lowered or "kernel" in lowered):
+            kind = str(field(blob, "Type", "Datatype", "DataType") or "").upper()
+            if kind in ("HALF", "FP16", "FLOAT16"):
+                found.append("fp16")
+            elif kind in ("INT8", "INT8_T"):
+                found.append("int8")
+            elif kind:
+                found.append(tensor_precision({"Datatype": kind}) or kind.lower())
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,14 +244,15 @@ class LayerPrecisionReport:
 
     Attributes:
         layer_count: engine layers (after fusion).
-        tensor_counts: layer output tensors per precision (``"fp16"``, ``"fp32"``, ...).
+        tensor_counts: layer output tensors per precision (``"fp16"``, ``"fp32"``, ``"int8"``, ...).
         fp16_weights: weight/bias blobs stored as FP16.
         opaque_layers: Myelin regions, whose inner precisions the inspector does not show.
         island_layers: engine layers made only of FP32-island layers (checked).
-        island_violations: ``"<engine layer>: <tensor> is fp16"`` for island layers not in FP32.
+        island_violations: ``"<engine layer>: <tensor> is fp16"`` (or int8) for island layers not in FP32.
         islands_unverified: island layer names found only inside fused or opaque layers.
         islands_not_found: island layer names in no engine layer (folded away, or hidden in a Myelin
             region without metadata).
+        int8_weights: weight blobs stored as INT8 (explicit quantization).
     """
 
     layer_count: int
@@ -224,29 +263,38 @@ class LayerPrecisionReport:
     island_violations: tuple[str, ...]
     islands_unverified: tuple[str, ...]
     islands_not_found: tuple[str, ...]
+    int8_weights: int = 0
 
     @property
     def has_fp16(self) -> bool:
         return self.tensor_counts.get("fp16", 0) > 0 or self.fp16_weights > 0
 
+    @property
+    def has_int8(self) -> bool:
+        return self.tensor_counts.get("int8", 0) > 0 or self.int8_weights > 0
+
     def problems(self, requested: str) -> list[str]:
-        """One sentence per way the engine is not what ``requested`` (``"fp16"``/``"fp32"``) asked for."""
+        """One sentence per way the engine is not what ``requested`` (``"fp16"``/``"fp32"``/``"int8"``) asked for."""
         found = []
+        hidden = f", {len(self.opaque_layers)} of them opaque Myelin regions" if self.opaque_layers else ""
         if requested == "fp16" and not self.has_fp16:
-            hidden = f", {len(self.opaque_layers)} of them opaque Myelin regions" if self.opaque_layers else ""
             found.append(
                 f"The engine came out FP32: the inspector shows no FP16 tensor or weight in its "
                 f"{self.layer_count} layers{hidden}"
             )
-        if requested == "fp32" and self.has_fp16:
+        if requested == "int8" and not self.has_int8:
             found.append(
-                f"The engine has {self.tensor_counts.get('fp16', 0)} FP16 tensors and {self.fp16_weights} FP16 "
-                "weights although fp32 was requested"
+                f"The engine has no INT8 layer: the inspector shows no INT8 tensor or weight in its "
+                f"{self.layer_count} layers{hidden}, so TensorRT did not honour the graph's Q/DQ nodes"
+            )
+        if requested == "fp32" and (self.has_fp16 or self.has_int8):
+            found.append(
+                f"The engine has {self.tensor_counts.get('fp16', 0)} FP16 tensors, {self.fp16_weights} FP16 weights and "
+                f"{self.tensor_counts.get('int8', 0)} INT8 tensors although fp32 was requested"
             )
         if self.island_violations:
-            found.append(
-                f"{len(self.island_violations)} FP32-island layers run in FP16, e.g. {self.island_violations[0]}"
-            )
+            kinds = "/".join(sorted({violation.rsplit(" is ", 1)[-1].upper() for violation in self.island_violations}))
+            found.append(f"{len(self.island_violations)} FP32-island layers run in {kinds}, e.g. {self.island_violations[0]}")
         return found
 
     def summary(self) -> dict[str, Any]:
@@ -255,6 +303,7 @@ class LayerPrecisionReport:
             "layer_count": self.layer_count,
             "tensor_counts": dict(self.tensor_counts),
             "fp16_weights": self.fp16_weights,
+            "int8_weights": self.int8_weights,
             "opaque_layers": len(self.opaque_layers),
             "island_layers_checked": len(self.island_layers),
             "island_violations": list(self.island_violations[:20]),
@@ -271,31 +320,32 @@ def analyze_layer_precisions(
     """Check an engine's layer precisions against the names that must stay FP32.
 
     An engine layer whose constituent names (from its fused name, or its ONNX metadata) are all in
-    ``fp32_names`` must have FP32 float outputs; one that mixes them with ``other_names``, or a Myelin
-    region, cannot be checked from outside and is reported as unverified.
+    ``fp32_names`` must have FP32 float outputs (not FP16, BF16, FP8 or INT8); one that mixes them with
+    ``other_names``, or a Myelin region, cannot be checked from outside and is reported as unverified.
+    Keys are read case-insensitively and both tensor layouts (``"Format/Datatype"``; TensorRT 11's
+    ``"Datatype"`` + ``"Format"``) are understood (``tensor_precision``).
 
     Args:
         engine_information: the inspector's engine JSON (text or parsed).
         fp32_names: network layer names (and their ONNX node names) that must compute in FP32.
-        other_names: the remaining network layer / ONNX node names, which may be FP16.
+        other_names: the remaining network layer / ONNX node names, which may be FP16 or INT8.
     """
     layers = parse_engine_layers(engine_information)
     fp32_names, other_names = set(fp32_names), set(other_names) - set(fp32_names)
     counts: dict[str, int] = {}
-    fp16_weights = 0
+    fp16_weights = int8_weights = 0
     opaque, island_layers, violations = [], [], []
     verified, unverified, seen = set(), set(), set()
     for layer in layers:
-        name = str(layer.get("Name", ""))
-        outputs = [entry for entry in layer.get("Outputs") or [] if isinstance(entry, Mapping)]
-        precisions = [(str(entry.get("Name", "?")), tensor_precision(entry)) for entry in outputs]
+        name = str(field(layer, "Name") or "")
+        outputs = [entry for entry in field(layer, "Outputs") or [] if isinstance(entry, Mapping)]
+        precisions = [(str(field(entry, "Name") or "?"), tensor_precision(entry)) for entry in outputs]
         for _, precision in precisions:
             if precision is not None:
                 counts[precision] = counts.get(precision, 0) + 1
-        for key in ("Weights", "Bias"):
-            blob = layer.get(key)
-            if isinstance(blob, Mapping) and str(blob.get("Type", "")).upper() in ("HALF", "FP16"):
-                fp16_weights += 1
+        weights = weight_precisions(layer)
+        fp16_weights += weights.count("fp16")
+        int8_weights += weights.count("int8")
         if _is_opaque(layer):
             opaque.append(name)
         if _is_reformat(layer):
@@ -309,7 +359,7 @@ def analyze_layer_precisions(
             continue
         island_layers.append(name)
         verified |= island_hits
-        violations += [f"{name}: {tensor} is {p}" for tensor, p in precisions if p in ("fp16", "bf16", "fp8")]
+        violations += [f"{name}: {tensor} is {p}" for tensor, p in precisions if p in _LOW_PRECISIONS]
     return LayerPrecisionReport(
         layer_count=len(layers),
         tensor_counts=counts,
@@ -319,4 +369,5 @@ def analyze_layer_precisions(
         island_violations=tuple(violations),
         islands_unverified=tuple(sorted(unverified - verified)),
         islands_not_found=tuple(sorted(fp32_names - seen)),
+        int8_weights=int8_weights,
     )

@@ -29,6 +29,8 @@ class PrecisionPlan:
         strongly_typed: the network takes its types from the graph (``STRONGLY_TYPED``; always on in 11).
         explicit_batch_flag: set ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH`` (needed before 10).
         fp16_flag: set ``BuilderFlag.FP16`` (weak typing: TensorRT may pick FP16 kernels).
+        int8_flag: set ``BuilderFlag.INT8`` (weak typing with a QDQ graph: explicit quantization; the
+            scales come from the graph's Q/DQ nodes, no calibrator).
         constrain_islands: put FP32 layer precision and output types on the FP32-island layers and
             set ``OBEY_PRECISION_CONSTRAINTS``.
         disable_tf32: clear ``BuilderFlag.TF32`` so an fp32 engine keeps full FP32 matmuls/convolutions.
@@ -47,11 +49,12 @@ class PrecisionPlan:
     disable_tf32: bool
     decompose_layer_norm: bool
     description: str
+    int8_flag: bool = False
 
     @property
     def builder_flags(self) -> tuple[str, ...]:
         """``trt.BuilderFlag`` names to set."""
-        return ("FP16",) * self.fp16_flag + ("OBEY_PRECISION_CONSTRAINTS",) * self.constrain_islands
+        return ("FP16",) * self.fp16_flag + ("INT8",) * self.int8_flag + ("OBEY_PRECISION_CONSTRAINTS",) * self.constrain_islands
 
 
 def version_text(version: tuple[int, ...]) -> str:
@@ -72,6 +75,11 @@ def plan_precision(
     - 11+: strongly typed only (there is no FP16 builder flag).
 
     An fp32 engine is built from the fp32 graph with TF32 off, strongly typed on 10+.
+
+    An int8 engine is built from the int8 (QDQ) graph as explicit quantization (TensorRT developer guide,
+    "Working with Quantized Types"): strongly typed on 10+, where the Q/DQ nodes set INT8 and the rest keeps
+    the graph's FP32; on 8.x (and weak 10.x) with the INT8 and FP16 builder flags, so the float parts may
+    run in FP16, and FP32 constraints, obeyed, on the islands.
 
     Raises:
         ReconadError: the version is older than 8.5, or the typing asked for does not exist there.
@@ -94,6 +102,8 @@ def plan_precision(
             f"TensorRT {text} has deprecated (10.12) or removed (11) weak typing and the FP16 builder flag; "
             "build strongly typed from the fp16 ONNX instead (network_typing auto)."
         )
+    if precision == "int8":
+        return _int8_plan(version, typing, text)
     if typing == "strong":
         return PrecisionPlan(
             tensorrt_version=version,
@@ -129,11 +139,57 @@ def plan_precision(
     )
 
 
-def check_build_options(tensorrt_version: tuple[int, ...], config: BuildConfig) -> None:
-    """Refuse options this TensorRT does not have, in one sentence."""
+def _int8_plan(version: tuple[int, ...], typing: str, text: str) -> PrecisionPlan:
+    strong = typing == "strong"
+    decompose = not strong and version[:2] < LAYER_NORM_FROM
+    graph = "int8 QDQ ONNX (LayerNormalization decomposed)" if decompose else "int8 QDQ ONNX"
+    return PrecisionPlan(
+        tensorrt_version=version,
+        precision="int8",
+        onnx_precision="int8",
+        strongly_typed=strong,
+        explicit_batch_flag=not strong and version[0] < 10,
+        fp16_flag=not strong,
+        constrain_islands=not strong,
+        disable_tf32=strong,  # strongly typed: the float parts are the graph's FP32, kept exact
+        decompose_layer_norm=decompose,
+        description=(
+            f"strongly typed from the {graph}: explicit quantization, float parts FP32 (TensorRT {text})"
+            if strong
+            else f"{graph} with the INT8 and FP16 builder flags (explicit quantization) and FP32 constraints on the "
+            f"islands, obeyed (TensorRT {text})"
+        ),
+        int8_flag=not strong,
+    )
+
+
+# TensorRT 10.7 was the last 10.x release with DLA; 11.0-11.3 have none, 11.4.0 only on Windows on ARM, and
+# 11.4.1 brings it back on Jetson AGX Orin with JetPack 7.2.2+ (TensorRT 11.4.1 "Working with DLA").
+NO_DLA_ON_JETPACK = ((10, 8), (11, 4, 1))
+
+
+def check_build_options(tensorrt_version: tuple[int, ...], config: BuildConfig, *, jetson: bool = False, integrated_gpu: bool = False) -> None:
+    """Refuse options this TensorRT or device does not have, in one sentence.
+
+    Args:
+        jetson: the builder runs on JetPack (``/etc/nv_tegra_release``).
+        integrated_gpu: the GPU is integrated (Jetson, DRIVE): hardware compatibility is for Ampere-or-newer
+            discrete GPUs only (TensorRT developer guide, "Hardware Compatibility": not on JetPack or DRIVE OS).
+    """
+    version = version_text(tensorrt_version)
+    if config.hardware_compatible and (integrated_gpu or jetson):
+        raise ReconadError(
+            "--hardware-compatible engines are for Ampere-or-newer discrete GPUs; TensorRT does not build them for "
+            "an integrated GPU (Jetson), so drop the option."
+        )
+    low, high = NO_DLA_ON_JETPACK
+    if config.dla_core is not None and jetson and low <= tuple(tensorrt_version) < high:
+        raise ReconadError(
+            f"TensorRT {version} has no DLA on JetPack (10.7 was the last 10.x release with it; 11.4.1 brings it back "
+            "on AGX Orin with JetPack 7.2.2+), so drop --dla-core or build with a TensorRT that has DLA."
+        )
     if tensorrt_version[:2] >= (8, 6):
         return
     for option in ("version_compatible", "hardware_compatible", "builder_optimization_level"):
         if getattr(config, option) not in (None, False):
-            version = version_text(tensorrt_version)
             raise ReconadError(f"{option} needs TensorRT 8.6 or later; this is TensorRT {version}.")

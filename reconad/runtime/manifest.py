@@ -41,7 +41,8 @@ CATEGORY_METHODS = ("nearest_centroid", "none")
 UNNAMED_CATEGORY = "all"  # the one category of a graph whose checkpoint had no centroids
 METADATA_KEY = "reconad_manifest"  # ONNX metadata_props key holding the manifest JSON
 ARTIFACT_KINDS = ("onnx", "engine")
-PRECISION_MODES = ("fp32", "fp16")
+PRECISION_MODES = ("fp32", "fp16", "int8")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")  # onnxruntime.quantization CalibrationMethod, lower case
 SCORE_REDUCERS = ("max_avgpool", "mean")
 
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -215,23 +216,53 @@ class ScoreReducer:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Int8Calibration:
+    """The good images an int8 graph's activation ranges were calibrated on (static quantization).
+
+    Attributes:
+        count: images read (prepared as the runtime prepares frames).
+        folders: the folders given to ``--calibration-images``, as given.
+        method: one of ``CALIBRATION_METHODS``: how each activation's range was chosen from them.
+        activation_type: ``"int8"``, symmetric with zero point 0 (what TensorRT's explicit quantization reads).
+        per_channel: weights quantized per output channel (symmetric INT8).
+    """
+
+    count: int
+    folders: tuple[str, ...]
+    method: str
+    activation_type: str = "int8"
+    per_channel: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, CALIBRATION_METHODS, "precision.calibration.method")
+        require(self.count >= 1, f"manifest field precision.calibration.count must be at least 1, got {self.count}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Precision:
     """The precision recipe of the graph or engine.
 
     Attributes:
-        mode: ``"fp32"`` or ``"fp16"`` (FP16 weights/activations with FP32 islands).
-        fp32_islands: what is kept in FP32 in an fp16 artifact, e.g.
+        mode: ``"fp32"``, ``"fp16"`` (FP16 weights/activations with FP32 islands) or ``"int8"`` (a QDQ
+            graph: MatMul/Gemm/Conv in INT8, the islands in floating point).
+        fp32_islands: what is kept in floating point in an fp16 or int8 artifact, e.g.
             ``("LayerNormalization", "softmax logits", "anomaly head")``; empty for fp32.
         description: one free-form line, e.g. how the engine was typed
             (``"strongly typed from the fp16 ONNX"``).
+        calibration: the calibration set of an int8 artifact; None for fp32 and fp16.
     """
 
     mode: str
     fp32_islands: tuple[str, ...] = ()
     description: str = ""
+    calibration: Int8Calibration | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.mode, PRECISION_MODES, "precision.mode")
+        require(
+            (self.calibration is not None) == (self.mode == "int8"),
+            "manifest field precision.calibration is given for int8 artifacts and only for them",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -257,7 +288,12 @@ class EngineInfo:
 
     Attributes:
         tensorrt_version: ``tensorrt.__version__`` of the builder.
-        cuda_version: CUDA runtime version, when known.
+        cuda_runtime_version: the CUDA runtime the Python CUDA binding talks to (cuda-python's
+            ``cudaRuntimeGetVersion``), e.g. ``"12.6"``; None with pycuda (driver API only) or no binding.
+        cuda_driver_version: the newest CUDA version the driver supports (``cuDriverGetVersion``).
+        cuda_binding: the Python CUDA binding and its version, e.g. ``"cuda-python 12.6.2"`` or
+            ``"pycuda 2024.1.2 (built for CUDA 12.2)"``.
+        cuda_version: what manifests before these three fields called the binding's CUDA version; read, never written.
         gpu_name: device name, e.g. ``"Orin"``.
         compute_capability: ``"major.minor"``, e.g. ``"8.7"``.
         jetpack: JetPack release on a Jetson, else None.
@@ -271,6 +307,9 @@ class EngineInfo:
     """
 
     tensorrt_version: str
+    cuda_runtime_version: str | None = None
+    cuda_driver_version: str | None = None
+    cuda_binding: str | None = None
     cuda_version: str | None = None
     gpu_name: str
     compute_capability: str

@@ -99,7 +99,7 @@ def fit_command(
 
 @app.command("evaluate")
 def evaluate_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A model.ckpt written by fit (or import-uniad).")],
+    checkpoint: Annotated[Path, typer.Argument(help="A model.ckpt written by fit (or import-uniad), or an exported .onnx / .engine (run through the runtime).")],
     data: Annotated[Path, typer.Argument(help="MVTec-layout folder, or a folder holding cifar-10-batches-py.")],
     out: Annotated[Path, typer.Option("--out", help="Report folder: metrics.json, report.md, roc/, heatmaps/.")],
     categories: Annotated[Optional[str], typer.Option("--categories", help="Comma-separated [default: the checkpoint's].")] = None,

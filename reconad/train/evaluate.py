@@ -1,6 +1,7 @@
 """Evaluation of a checkpoint on the test split: metrics per category and mean, with a report.
 
-Runs the same ``AnomalyDetector.forward`` that is exported. Writes ``metrics.json``, ``report.md``,
+Runs the same ``AnomalyDetector.forward`` that is exported, or an exported artifact itself (``.onnx`` /
+``.engine``, through the runtime's Inspector: ``reconad.train.artifacts``). Writes ``metrics.json``, ``report.md``,
 ``scores.csv`` (every test image's score and category), ROC plots (``roc/<category>.png``, the
 operating point marked) and heatmap overlays (``heatmaps/<category>/*.png``). The operating point per
 category: the threshold of a calibrated manifest, or ``recon-inspect calibrate``'s rule applied to the
@@ -25,6 +26,7 @@ from reconad.runtime.calibration import UNRELATED_DISTANCE, distance_limit_for, 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import Manifest
 from reconad.runtime.thresholds import Calibration, OperatingPointCounts, Threshold
+from reconad.train.artifacts import ModelFacts, Predictions, facts_from_manifest, is_artifact, predict_artifact
 from reconad.train.metrics import compute_detection_metrics, roc_curve
 from reconad.train.data import ImageDataset, list_categories, load_dataset
 from reconad.train.memory import retain_freed_memory
@@ -38,17 +40,6 @@ METRIC_COLUMNS = (
     ("pixel_ap", "pixel AP"),
     ("pixel_f1_max", "pixel F1-max"),
 )
-
-
-@dataclass(frozen=True)
-class Predictions:
-    """The fused forward's outputs for a test set: maps float32 [N, H, W], scores float32 [N],
-    categories int64 [N] (centroid indices) and category distances float32 [N]."""
-
-    anomaly_maps: np.ndarray
-    image_scores: np.ndarray
-    categories: np.ndarray
-    category_distances: np.ndarray
 
 
 @torch.no_grad()
@@ -94,6 +85,20 @@ def evaluate_predictions(dataset: ImageDataset, anomaly_maps: np.ndarray, image_
     return {"categories": per_category, "mean": mean}
 
 
+def facts_from_detector(detector: AnomalyDetector) -> ModelFacts:
+    """``ModelFacts`` of a checkpoint's detector (its config, category head and provenance)."""
+    provenance = detector.provenance
+    return ModelFacts(
+        preset=detector.config.preset,
+        input_hw=detector.config.input_hw,
+        category_names=category_names(detector),
+        separation=_centroid_separation(detector),
+        trained_categories=tuple(provenance.get("categories") or ()),
+        normal_classes=tuple(provenance["normal_classes"]) if provenance.get("normal_classes") else None,
+        bit_depth=provenance.get("bit_depth"),
+    )
+
+
 def _centroid_separation(detector: AnomalyDetector) -> np.ndarray:
     """Per centroid, the cosine distance to the nearest other one (``UNRELATED_DISTANCE`` with one centroid)."""
     centroids = detector.category_centroids.detach().double().cpu()
@@ -114,7 +119,7 @@ def _rule_threshold(values: np.ndarray, max_fpr: float, margin: float, source: s
 def operating_points(
     dataset: ImageDataset,
     predictions: Predictions,
-    detector: AnomalyDetector,
+    model: ModelFacts | AnomalyDetector,
     manifest: Manifest | None = None,
     max_fpr: float = 0.01,
     margin: float = 0.05,
@@ -131,8 +136,8 @@ def operating_points(
         each point ``OperatingPointCounts.to_dict()`` plus ``threshold_source`` and ``recognition_accuracy``
         (None where the model names no category); a category without good images or threshold: None.
     """
-    names = category_names(detector)
-    separation = _centroid_separation(detector)
+    facts = model if isinstance(model, ModelFacts) else facts_from_detector(model)
+    names, separation = facts.category_names, facts.separation
     named = [names[index] if names else None for index in predictions.categories]
     in_category = {category: np.array([c == category for c in dataset.categories]) for category in dataset.category_names}
     goods = dataset.labels == 0
@@ -340,9 +345,9 @@ def _operating_point_text(calibrated, manifest_path, max_fpr: float, margin: flo
     return where
 
 
-def _default_categories(detector: AnomalyDetector, data_root) -> tuple[str, ...] | None:
-    """The checkpoint's training categories when the data holds all of them, else every category."""
-    trained = detector.provenance.get("categories") or []
+def _default_categories(facts: ModelFacts, data_root) -> tuple[str, ...] | None:
+    """The model's training categories when the data holds all of them, else every category."""
+    trained = facts.trained_categories
     try:
         available = set(list_categories(data_root))
     except ReconadError:
@@ -368,6 +373,9 @@ def evaluate_checkpoint(
     """Evaluate ``checkpoint`` on the test split of ``data_root`` and write the report to ``out_dir``.
 
     Args:
+        checkpoint: a ``model.ckpt``, or an exported ``.onnx`` / ``.engine`` with its manifest, run through
+            the runtime's Inspector (``device``: ``"auto"`` picks its best backend, ``"cpu"`` ONNX Runtime's CPU
+            provider); its manifest gives the input size, category names and training categories.
         categories: MVTec categories; default: the checkpoint's training categories (else all).
         num_heatmaps: overlays written per category.
         normal_classes: CIFAR-10 normal classes; default: those the checkpoint was trained with.
@@ -381,19 +389,32 @@ def evaluate_checkpoint(
     calibrated = Manifest.load(manifest) if manifest is not None else None
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 ("cpu" if device == "auto" else device))
-    detector = load_detector(checkpoint).to(torch_device)
-    config = detector.config
-    categories = categories or _default_categories(detector, data_root)
-    classes = normal_classes or tuple(detector.provenance.get("normal_classes") or (0, 1, 2, 3, 4))
-    bit_depth = bit_depth or detector.provenance.get("bit_depth")
-    dataset = load_dataset(data_root, "test", config.input_hw, categories,
+    artifact = is_artifact(checkpoint)
+    if artifact:
+        from reconad.runtime.inspector import load_artifact_manifest
+
+        recorded = load_artifact_manifest(checkpoint)
+        if recorded is None:
+            raise ReconadError(f"{checkpoint} has no manifest beside it; evaluate the artifact recon-export wrote.")
+        facts = facts_from_manifest(recorded, UNRELATED_DISTANCE)
+    else:
+        detector = load_detector(checkpoint).to(torch_device)
+        facts = facts_from_detector(detector)
+    categories = categories or _default_categories(facts, data_root)
+    classes = normal_classes or facts.normal_classes or (0, 1, 2, 3, 4)
+    bit_depth = bit_depth or facts.bit_depth
+    dataset = load_dataset(data_root, "test", facts.input_hw, categories,
                            "skip" if skip_bad_files else "fail", classes, bit_depth=bit_depth)
     for message in dataset.skipped:
         print(f"skipped: {message}", file=sys.stderr)
-    predictions = predict_outputs(detector, dataset.images, batch_size, torch_device)
+    if artifact:
+        backend = {"auto": "auto", "cpu": "ort-cpu"}.get(device, device)
+        _, predictions = predict_artifact(checkpoint, dataset.images, batch_size, backend)
+    else:
+        predictions = predict_outputs(detector, dataset.images, batch_size, torch_device)
     anomaly_maps, image_scores = predictions.anomaly_maps, predictions.image_scores
     result = evaluate_predictions(dataset, anomaly_maps, image_scores)
-    points = operating_points(dataset, predictions, detector, calibrated, max_fpr, margin)
+    points = operating_points(dataset, predictions, facts, calibrated, max_fpr, margin)
     result["operating_points"] = points
     table = format_metrics_table(result)
     points_table = format_operating_points(points)
@@ -419,14 +440,14 @@ def evaluate_checkpoint(
     payload = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "data": str(Path(data_root).resolve()),
-        "preset": config.preset,
-        "input_hw": list(config.input_hw),
+        "preset": facts.preset,
+        "input_hw": list(facts.input_hw),
         "pro_fpr_limit": 0.3,
         **_json_safe(result),
         "notes": notes,
     }
     write_text_atomic(out_dir / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    names = category_names(detector)
+    names = facts.category_names
     rows = ["name,category,label,image_score,recognized_category,category_distance"] + [
         f"{name},{category},{label},{score:.6g},{names[index] if names else ''},{distance:.6g}"
         for name, category, label, score, index, distance in zip(
@@ -436,7 +457,7 @@ def evaluate_checkpoint(
     ]
     write_text_atomic(out_dir / "scores.csv", "\n".join(rows) + "\n")
     report = [
-        f"# Evaluation: {Path(checkpoint).name} ({config.preset})",
+        f"# Evaluation: {Path(checkpoint).name} ({facts.preset})",
         "",
         f"Data: `{payload['data']}` (test split, {len(dataset)} images). AU-PRO is integrated to a false-positive "
         "rate of 0.3 and normalised, as MVTec AD's evaluation does. AUROCs below 0.5 are reported as they are.",

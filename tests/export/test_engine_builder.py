@@ -113,7 +113,11 @@ class FakeConfig:
         return types.SimpleNamespace(data=data, serialize=lambda: data + b"+tuned")
 
     def set_timing_cache(self, cache, ignore_mismatch):
+        """TensorRT returns False for a cache made on another device or version (``mismatched`` here)."""
+        if cache.data == self.trt.mismatched_cache:
+            return False
         self.cache = cache
+        return True
 
     def get_timing_cache(self):
         return self.cache
@@ -127,11 +131,13 @@ class RecordingTensorRT:
         self.version = tuple(int(part) for part in version.split("."))
         self.layer_specs, self.inspector_json, self.parse_errors = layer_specs, inspector_json, list(parse_errors)
         self.networks, self.configs, self.parsed, self.built = [], [], [], []
+        self.num_DLA_cores = 2  # Orin AGX / NX; the Nano has none
+        self.mismatched_cache = b"cache from another GPU"
         self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda logger, severity: None})
         creation = {"EXPLICIT_BATCH": 0} | ({"STRONGLY_TYPED": 5} if self.version >= (10,) else {})
         self.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", creation)
         flags = ["TF32", "GPU_FALLBACK", "VERSION_COMPATIBLE"]
-        flags += ["FP16", "OBEY_PRECISION_CONSTRAINTS"] if self.version < (11,) else []
+        flags += ["FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS"] if self.version < (11,) else []
         self.BuilderFlag = types.SimpleNamespace(**{name: Named(name) for name in flags})
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
         self.ProfilingVerbosity = types.SimpleNamespace(DETAILED="DETAILED")
@@ -149,7 +155,7 @@ class RecordingTensorRT:
     def _builder(trt):
         class Builder:
             def __init__(self, logger):
-                pass
+                self.num_DLA_cores = trt.num_DLA_cores
 
             def create_network(self, flags):
                 trt.networks.append(FakeNetwork(flags))
@@ -241,7 +247,7 @@ def use(monkeypatch, trt):
     monkeypatch.setattr(engine, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(engine, "probe_gpu", lambda device=0: ORIN)
     monkeypatch.setattr(engine, "read_jetson_release", lambda: ("6.0", "36.3.0"))
-    monkeypatch.setattr(engine, "_cuda_runtime_version", lambda: "12.2")
+    monkeypatch.setattr(engine, "_cuda_versions", lambda: {"runtime": "12.2", "binding": "cuda-python 12.2.1"})
     return trt
 
 
@@ -286,7 +292,9 @@ def test_tensorrt_8_6_builds_the_fp32_graph_with_fp16_flag_and_obeyed_island_con
         and details["plan"]["onnx_file"] == "mini-8x8-fp32.onnx"
     )
     assert details["profile"] == "orin-nano" and details["layer_precisions"]["island_violations"] == []
-    assert (manifest.engine.jetpack, manifest.engine.l4t, manifest.engine.cuda_version) == ("6.0", "36.3.0", "12.2")
+    assert (manifest.engine.jetpack, manifest.engine.l4t, manifest.engine.cuda_runtime_version) == ("6.0", "36.3.0", "12.2")
+    assert (manifest.engine.cuda_driver_version, manifest.engine.cuda_binding) == ("12.6", "cuda-python 12.2.1")
+    assert manifest.engine.cuda_version is None  # the old ambiguous name is no longer written
     assert any("FP32 constraints on" in line for line in lines)
     assert any("no progress on this version" in line for line in lines)
 

@@ -51,7 +51,7 @@ def test_a_max_batch_flag_pulls_the_profile_batches_down_with_it(tmp_path):
         ("version_compatible = 1\n", "key version_compatible must be true or false"),
         ("workspace_mib = true\n", "key workspace_mib must be an integer"),
         ("max_batch = \n", "is not valid TOML"),
-        ('precision = "int8"\n', "precision must be one of"),
+        ('precision = "int4"\n', "precision must be one of"),
         ("builder_optimization_level = 9\n", "builder_optimization_level must be 0..5"),
         ("dla_core = 0\nhardware_compatible = true\n", "DLA engine cannot be hardware compatible"),
     ],

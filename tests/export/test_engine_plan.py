@@ -61,7 +61,7 @@ def test_versions_older_than_8_5_and_unknown_choices_are_refused():
     with pytest.raises(ReconadError, match="older than 8.5"):
         plan_precision((8, 4, 3), "fp16")
     with pytest.raises(ReconadError, match="Precision must be one of"):
-        plan_precision((10, 3), "int8")
+        plan_precision((10, 3), "int4")
     with pytest.raises(ReconadError, match="Network typing"):
         plan_precision((10, 3), "fp16", "loose")
 

@@ -283,7 +283,8 @@ def test_artifact_stem(tmp_path):
 
 def test_bad_arguments_fail_before_any_work(tiny_checkpoint, tmp_path):
     cases = [
-        ({"precision": "int8"}, "Precision must be one of"),
+        ({"precision": "int4"}, "Precision must be one of"),
+        ({"precision": "int8"}, "An int8 export needs --calibration-images"),
         ({"max_batch": 0}, "max_batch must be at least 1"),
         ({"opset": 16}, "Opset 16 is too old"),
     ]

@@ -25,6 +25,7 @@ def test_to_onnx_defaults(tmp_path):
         opset=17,
         reference_images=None,
         overwrite=False,
+        int8=None,
     )
     assert f"wrote {tmp_path / 'a-64x64-fp32.onnx'}" in result.stdout
 
@@ -45,6 +46,7 @@ def test_to_onnx_all_options(tmp_path):
         opset=18,
         reference_images=Path("data/weave/test"),
         overwrite=True,
+        int8=None,
     )
 
 
@@ -58,7 +60,7 @@ def test_cli_defaults_are_the_export_defaults():
         "reference_images": None,
         "overwrite": False,
     }
-    assert export_module.PRECISION_CHOICES == ("fp32", "fp16", "both")
+    assert export_module.PRECISION_CHOICES == ("fp32", "fp16", "both", "int8")
 
 
 def test_bad_input_is_one_line_with_exit_2(tmp_path):

@@ -176,7 +176,7 @@ def _broken(mutate) -> dict:
         (lambda d: d.update(colour="BGR"), "unknown key(s) 'colour'"),
         (lambda d: d.update(engine_sha256="b" * 64), "must not carry engine_sha256"),
         (lambda d: d.update(artifact_kind="engine"), "engine must be present"),
-        (lambda d: d["precision"].update(mode="int8"), "precision.mode must be one of"),
+        (lambda d: d["precision"].update(mode="int4"), "precision.mode must be one of"),
         (lambda d: d.update(image_threshold={"value": 1.0}), "'image_threshold.calibration' is missing"),
         (lambda d: d.update(schema_version=3), "reads versions 1, 2"),
         (lambda d: d.pop("category_head"), "category_head must be present exactly when"),

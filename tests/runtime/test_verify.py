@@ -93,8 +93,8 @@ def test_nan_and_inf_are_counted_and_fail():
 
 def test_shape_mismatch_and_unknown_precision_are_bad_input():
     reference, outputs = reference_pair()
-    with pytest.raises(ReconadError, match="No tolerances for precision 'int8'"):
-        compare_outputs(outputs, reference, precision="int8", threshold=None)
+    with pytest.raises(ReconadError, match="No tolerances for precision 'int4'"):
+        compare_outputs(outputs, reference, precision="int4", threshold=None)
     outputs[IMAGE_SCORE_NAME] = outputs[IMAGE_SCORE_NAME][:2]
     with pytest.raises(ReconadError, match="image_score has shape \\[2\\] but the reference has \\[4\\]"):
         compare_outputs(outputs, reference, precision="fp32", threshold=None)

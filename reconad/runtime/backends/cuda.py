@@ -1,6 +1,7 @@
 """The few CUDA calls the TensorRT backend needs, over cuda-python or pycuda, whichever is installed.
 
-Pinned host buffers, device buffers, one stream, async copies and CUDA graph capture, after the memory
+Pinned host buffers, device buffers, one stream, async copies and CUDA graph capture (cuda-python only: no
+pycuda release wraps stream capture, so with pycuda the backend never captures), after the memory
 handling of TensorRT's ``samples/python/common_runtime.py``. Torch-free; bindings load on first use.
 Every resource is a ``Releasable``: freed once, explicitly, by its owner. The device itself is probed
 in ``device.py`` (through the driver, so the engine builder needs no binding).
@@ -115,8 +116,17 @@ class CudaDriver:
         raise NotImplementedError
 
     def runtime_version(self) -> str | None:
-        """The CUDA runtime version the binding talks to, e.g. ``"12.6"``, when it can say."""
+        """The CUDA runtime version the binding talks to, e.g. ``"12.6"``; None when it uses no runtime."""
         raise NotImplementedError
+
+    def binding_version(self) -> str:
+        """The binding and its version, e.g. ``"cuda-python 12.6.2"``."""
+        raise NotImplementedError
+
+    def clear_error(self) -> str | None:
+        """Read and reset the thread's last CUDA runtime error (``cudaGetLastError``), as trtexec does after a
+        failed graph capture so that the next plain run does not report it; returns its name, or None."""
+        return None
 
     def alloc_pinned(self, nbytes: int) -> PinnedBuffer:
         raise NotImplementedError
@@ -192,6 +202,17 @@ class CudaPythonDriver(CudaDriver):
         version = self._call("read the runtime version", self._cudart.cudaRuntimeGetVersion())
         return format_cuda_version(int(version))
 
+    def binding_version(self) -> str:
+        return f"cuda-python {_module_version('cuda.bindings', 'cuda')}"
+
+    def clear_error(self) -> str | None:
+        error = self._cudart.cudaGetLastError()
+        error = error[0] if isinstance(error, tuple) else error
+        if int(error) == 0:
+            return None
+        name = self._cudart.cudaGetErrorName(error)[1]
+        return name.decode() if isinstance(name, bytes) else str(name)
+
     def alloc_pinned(self, nbytes: int) -> PinnedBuffer:
         address = int(self._call(f"allocate {nbytes} bytes of pinned memory", self._cudart.cudaMallocHost(nbytes)))
         return PinnedBuffer(
@@ -259,8 +280,9 @@ class PyCudaDriver(CudaDriver):
             self._context = driver.Device(device).retain_primary_context()
         except driver.Error as error:
             raise ReconadError(f"pycuda could not open CUDA device {device}: {error}.") from None
-        # pycuda gained stream capture late; without it the backend runs without CUDA graphs.
-        self.supports_graphs = hasattr(driver.Stream, "begin_capture")
+        # No pycuda release wraps stream capture (cuStreamBeginCapture), so the backend never captures a CUDA
+        # graph through pycuda; TrtBackend says so when cuda_graph is asked for.
+        self.supports_graphs = False
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[None]:
@@ -277,8 +299,11 @@ class PyCudaDriver(CudaDriver):
             raise ReconadError(f"CUDA could not {what}: {str(error).strip().rstrip('.')}.") from None
 
     def runtime_version(self) -> str | None:
+        return None  # pycuda uses the driver API only; its get_version() is the CUDA it was built for
+
+    def binding_version(self) -> str:
         major, minor, _ = self._driver.get_version()
-        return f"{major}.{minor}"
+        return f"pycuda {_module_version('pycuda')} (built for CUDA {major}.{minor})"
 
     def alloc_pinned(self, nbytes: int) -> PinnedBuffer:
         what = f"allocate {nbytes} bytes of pinned memory"
@@ -305,29 +330,31 @@ class PyCudaDriver(CudaDriver):
     def synchronize(self, stream: Stream) -> None:
         self._guard("finish the stream's work", stream.native.synchronize)
 
-    # pycuda's stream-capture API is recent and untested here: any failure becomes a ReconadError, on
-    # which the backend falls back to plain runs.
-    def _graph_call(self, what: str, function: Callable[..., Any], *arguments: Any) -> Any:
-        try:
-            return function(*arguments)
-        except (self._driver.Error, AttributeError, TypeError) as error:
-            raise ReconadError(f"pycuda could not {what}: {str(error).strip().rstrip('.')}.") from None
-
     def begin_capture(self, stream: Stream) -> None:
-        self._graph_call("begin a CUDA graph capture", stream.native.begin_capture)
+        raise ReconadError("pycuda has no stream capture, so CUDA graphs need cuda-python.")
 
     def end_capture(self, stream: Stream) -> GraphExec:
-        graph = self._graph_call("end the CUDA graph capture", stream.native.end_capture)
-        native = self._graph_call("instantiate the CUDA graph", graph.instantiate)
-        return GraphExec(native, lambda: None)
+        raise ReconadError("pycuda has no stream capture, so CUDA graphs need cuda-python.")
 
     def launch_graph(self, graph: GraphExec, stream: Stream) -> None:
-        self._graph_call("launch the CUDA graph", graph.native.launch, stream.native)
+        raise ReconadError("pycuda has no stream capture, so CUDA graphs need cuda-python.")
 
     def close(self) -> None:
         context, self._context = getattr(self, "_context", None), None
         if context is not None:
             context.detach()
+
+
+def _module_version(*modules: str) -> str:
+    """``__version__`` of the first importable of ``modules``, else ``"?"``."""
+    for module in modules:
+        try:
+            version = getattr(importlib.import_module(module), "__version__", None)
+        except ImportError:
+            continue
+        if version:
+            return str(version)
+    return "?"
 
 
 def _import_cudart() -> Any | None:

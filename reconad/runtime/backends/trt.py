@@ -69,13 +69,20 @@ def _compute_capability(text: str) -> tuple[int, int]:
 
 
 def engine_mismatch(
-    recorded: EngineInfo, engine_name: str, *, tensorrt_version: str, gpu_name: str, compute_capability: str
+    recorded: EngineInfo,
+    engine_name: str,
+    *,
+    tensorrt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    integrated: bool = False,
 ) -> str | None:
     """Why an engine built as ``recorded`` cannot run on this TensorRT and GPU, in one sentence; None if it can.
 
     Engines run only on the TensorRT version and GPU model they were built with, unless they were
     built version compatible (then a later TensorRT of the same major version may run them) or
-    hardware compatible (then any Ampere-or-newer GPU, compute capability 8.0+, may run them).
+    hardware compatible (then any Ampere-or-newer discrete GPU, compute capability 8.0+, may run them: TensorRT's
+    developer guide, "Hardware Compatibility", excludes JetPack and DRIVE OS, i.e. integrated GPUs).
 
     Args:
         recorded: the manifest's ``engine`` section; ``build_details`` may hold ``version_compatible``
@@ -84,6 +91,7 @@ def engine_mismatch(
         tensorrt_version: ``tensorrt.__version__`` here.
         gpu_name: this device's name.
         compute_capability: this device's ``"major.minor"``.
+        integrated: this GPU is integrated (Jetson), where a hardware-compatible engine does not run.
     """
     details = recorded.build_details
     built, running = parse_version(recorded.tensorrt_version), parse_version(tensorrt_version)
@@ -92,7 +100,7 @@ def engine_mismatch(
     else:
         version_ok = running == built
     if details.get("hardware_compatible"):
-        gpu_ok = _compute_capability(compute_capability) >= (8, 0)
+        gpu_ok = _compute_capability(compute_capability) >= (8, 0) and not integrated
     else:
         gpu_ok = gpu_name == recorded.gpu_name and compute_capability == recorded.compute_capability
     if version_ok and gpu_ok:
@@ -129,7 +137,8 @@ class TrtBackend:
         cuda_graph: replay the engine as a CUDA graph, captured after one plain run and captured
             again whenever the batch size changes (a graph is only valid for the shapes it was
             captured with), so it pays off at a steady batch size; when capture fails (some engines
-            cannot be captured) it runs without, and says so in the log.
+            cannot be captured) it runs without, and says so in the log; cuda-python only (no pycuda release has
+            stream capture: with pycuda it runs without graphs and logs that).
         manifest: the engine's manifest; default the ``<stem>.json`` beside it, if any.
         device: CUDA device index.
         cuda_binding: ``"cuda-python"`` or ``"pycuda"``; default whichever is installed.
@@ -172,6 +181,7 @@ class TrtBackend:
                 tensorrt_version=trt.__version__,
                 gpu_name=gpu.name,
                 compute_capability=gpu.compute_capability,
+                integrated=gpu.integrated,
             )
             if reason is not None:
                 raise ReconadError(reason)
@@ -186,6 +196,16 @@ class TrtBackend:
     def _open(self, trt: Any, recorded: EngineInfo | None, max_batch: int | None) -> None:
         cuda = self._cuda
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        dla_core = recorded.build_details.get("dla_core") if recorded is not None else None
+        if dla_core is not None:
+            # A DLA engine runs on the core the runtime names (IRuntime::setDLACore), 0 unless set.
+            cores = int(getattr(self._runtime, "num_DLA_cores", 0) or 0)
+            if not 0 <= int(dla_core) < cores:
+                raise ReconadError(
+                    f"{self.engine_path.name} was built for DLA core {dla_core}, but this device has "
+                    f"{cores or 'no'} DLA core{'s' if cores != 1 else ''} under TensorRT {trt.__version__}."
+                )
+            self._runtime.DLA_core = int(dla_core)
         if recorded is not None and recorded.build_details.get("version_compatible"):
             # A version-compatible plan carries its own lean runtime, i.e. host code to trust and run.
             self._runtime.engine_host_code_allowed = True
@@ -225,6 +245,10 @@ class TrtBackend:
             for name in names
             if name != self.input_name
         )
+        if self.cuda_graph and not self._cuda.supports_graphs:
+            _LOG.warning("%s cannot capture CUDA graphs (no stream capture); %s runs without them.",
+                         self._cuda.binding, self.engine_path.name)
+            self.cuda_graph = False
         self._set_batch(self.max_batch)
         for name in names:
             nbytes = int(np.prod(self._shapes[name], dtype=np.int64)) * dtypes[name].itemsize
@@ -339,11 +363,15 @@ class TrtBackend:
             finally:
                 graph = cuda.end_capture(stream)
         except ReconadError as error:
+            # A failed capture leaves a sticky-until-read runtime error; clear it (as trtexec does) so that
+            # the next plain run is not reported as failing.
+            cuda.clear_error()
             _LOG.warning("CUDA graph capture failed for %s, running without: %s", self.engine_path.name, error)
             self.cuda_graph = False
             return None
         if not captured:
             graph.free()
+            cuda.clear_error()
             _LOG.warning("TensorRT could not be captured in a CUDA graph for %s; running without.", self.engine_path)
             self.cuda_graph = False
             return None
