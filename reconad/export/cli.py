@@ -40,14 +40,14 @@ def to_onnx(
     ] = False,
     calibration_images: Annotated[
         Optional[list[Path]],
-        typer.Option(help="int8: a folder of good images to calibrate activation ranges on; repeatable (8..64 used)."),
+        typer.Option(help="int8: a folder of good images to calibrate activation ranges on; repeatable (8..64 used) [default: none; needed for int8]."),
     ] = None,
     calibration_method: Annotated[
         CalibrationMethod, typer.Option(help="int8: how activation ranges are calibrated (onnxruntime.quantization).")
     ] = CalibrationMethod("minmax"),
     evaluation_data: Annotated[
         Optional[Path],
-        typer.Option(help="int8: MVTec-layout folder; its test split's image AUROC must be within 0.5 point of fp32."),
+        typer.Option(help="int8: MVTec-layout folder; its test split's image AUROC must be within 0.5 point of fp32 [default: none; needed for int8]."),
     ] = None,
     evaluation_categories: Annotated[
         Optional[str], typer.Option(help="int8: comma-separated categories of --evaluation-data [default: the checkpoint's].")
