@@ -65,6 +65,7 @@ def calibrate(
         Optional[int], typer.Option(min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk (e.g. 12).")
     ] = None,
     backend: Annotated[str, typer.Option(help="auto, ort, ort-cpu, ort-cuda, ort-trt or trt.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
     """Write thresholds computed from defect-free images into the manifest: per category and global.
 
@@ -72,6 +73,10 @@ def calibrate(
     threshold, recall and false-alarm rate at it, and the confusion counts.
     """
     import numpy as np
+
+    from reconad.runtime.progress import configure
+
+    configure(quiet=quiet)
 
     from reconad.runtime.calibration import CalibrationConfig, calibrate_artifact
     from reconad.runtime.config import resolve
