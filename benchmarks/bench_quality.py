@@ -161,12 +161,18 @@ def run_uniad(data_root: Path, train_set: ImageDataset, fit_idx: np.ndarray, hel
         clock["start"] = time.perf_counter()
         result = fit(view, run_dir or Path(temp) / "run", train_config, on_epoch_end=on_epoch_end)
         total_minutes = (time.perf_counter() - clock["start"] - clock["outside"]) / 60
+        if not curve or curve[-1]["epoch"] != result.epochs_trained:  # the budget stopped before a planned end
+            record = {"planned_epochs": result.epochs_trained, "loss": result.final_loss}
+            on_epoch_end(result.epochs_trained, result.detector, record)
+            curve[-1]["minutes"] = total_minutes
     selected = min(curve, key=lambda point: point["heldout_error"])
     epoch_seconds = [p["epoch_seconds"] for p in curve if p["epoch_seconds"] is not None]
     return {
         "train_config": train_config.to_dict(),
         "feature_cache": result.feature_cache,
         "total_minutes": total_minutes,
+        "epochs_trained": result.epochs_trained,
+        "stopped_by_budget": result.stopped_by_budget,
         "curve": curve,
         "selected_epoch": selected["epoch"],
         "selected_by": "lowest reconstruction error on the held-out good training images",
@@ -213,7 +219,7 @@ def format_report(report: dict) -> str:
         for point in uniad["curve"]:
             mark = " **(selected)**" if point["epoch"] == uniad["selected_epoch"] else ""
             head = _headline(point["test"])
-            lines.append(f"| {point['epoch']}{mark} | {point['minutes']:.1f} | {point['lr']:.2g} | {_fmt(point['train_loss'])} "
+            lines.append(f"| {point['epoch']}{mark} | {point['minutes']:.1f} | {'n/a' if point['lr'] is None else format(point['lr'], '.2g')} | {_fmt(point['train_loss'])} "
                          f"| {point['heldout_error']:.4f} | {_fmt(head['image_auroc'])} | {_fmt(head['pixel_auroc'])} "
                          f"| {_fmt(head['au_pro'])} |")
     return "\n".join(lines) + "\n"
