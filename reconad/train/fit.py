@@ -1,8 +1,9 @@
 """Fitting one reconstruction model for all categories: single process, or DDP under torchrun.
 
 Like DETR's engine.py: ``train_one_epoch`` and ``validate`` are plain functions and ``fit`` is the short
-orchestration around them. Only the reconstructor trains (AdamW, StepLR, gradient clipping, MSE on the
-frozen backbone's features); without augmentation the features are extracted once and cached.
+orchestration around them. Only the reconstructor trains (AdamW, the recipe's schedule and weight average
+from ``schedule.py``, gradient clipping, MSE on the frozen backbone's features); without augmentation the
+features are extracted once and cached.
 """
 
 import contextlib
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from reconad.model import PRESETS, AnomalyDetector, ModelConfig, build_detector, save_checkpoint
 from reconad.runtime.atomic import atomic_path, write_text_atomic
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.progress import Progress, note
+from reconad.runtime.progress import Progress, format_seconds, note
 from reconad.train.config import TrainConfig
 from reconad.train.data import ImageDataset, load_dataset
 from reconad.train.distributed import DistributedContext, _from_rank0, setup_distributed
@@ -31,10 +32,8 @@ from reconad.train.memory import retain_freed_memory
 from reconad.train.schedule import (Budget, WeightAverage, build_optimizer, reconstruction_errors, replan,
                                     split_holdout)
 
-__all__ = [  # the trainer's API, re-exported from the modules that hold it
-    "DistributedContext", "build_optimizer", "extract_all_features", "fit", "fit_category_head",
-    "predict_from_features", "setup_distributed", "train_one_epoch", "training_step", "validate",
-]
+__all__ = ["DistributedContext", "build_optimizer", "extract_all_features", "fit", "fit_category_head",  # re-exported
+           "predict_from_features", "setup_distributed", "train_one_epoch", "training_step", "validate"]
 
 CHECKPOINT_NAME = "model.ckpt"
 CONFIG_NAME = "config.json"
@@ -461,6 +460,10 @@ def fit(
                 budget.exclude(hook_seconds)
         budget.record(time.perf_counter() - epoch_started - hook_seconds)
         record["minutes"] = round(budget.elapsed() / 60, 4)
+        if epoch < planned:  # the run's ETA from the mean epoch so far (validation included)
+            left = float(np.mean(budget.epoch_seconds)) * (planned - epoch)
+            _echo(context, f"run: {epoch}/{planned} epochs after {format_seconds(budget.elapsed())}, "
+                           f"{format_seconds(left)} left")
         if context.is_main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(_json_safe(record)) + "\n")
