@@ -399,14 +399,11 @@ def fit(
             "feature_cache_seconds": round(extract_seconds, 3),
         })
 
-    stats, epoch, stopped_by_budget = {"loss": float("nan")}, first_epoch - 1, False
+    stats, epoch = {"loss": float("nan")}, first_epoch - 1
     while epoch < planned:
         if budget.enabled and epoch >= first_epoch:  # measured at least one epoch of this session
             planned = _from_rank0(context, budget.planned_epochs(epoch))
             if planned <= epoch:
-                stopped_by_budget = True
-                _echo(context, f"time budget of {config.minutes:g} min: stopping after epoch {epoch} "
-                               f"({budget.elapsed() / 60:.1f} min used)")
                 break
             replan(scheduler, config, planned)
         epoch += 1
@@ -415,8 +412,7 @@ def fit(
                                 epochs=planned)
         record = {"epoch": epoch, "planned_epochs": planned, "lr": scheduler.get_last_lr()[0],
                   **{k: round(v, 6) for k, v in stats.items()}}
-        if not getattr(scheduler, "per_batch", False):
-            scheduler.step()
+        scheduler.step() if not getattr(scheduler, "per_batch", False) else None
         last = epoch == planned
         weights = average.applied(detector.reconstructor) if average is not None else contextlib.nullcontext()
         with weights:  # validate, save and hand over the weights the run keeps (the average, if any)
@@ -471,6 +467,10 @@ def fit(
         if context.enabled:
             torch.distributed.barrier()  # the others wait while rank 0 validates and writes
 
+    stopped_by_budget = budget.enabled and epoch < config.epochs
+    if stopped_by_budget:
+        _echo(context, f"time budget of {config.minutes:g} min: stopped after epoch {epoch} "
+                       f"({budget.elapsed() / 60:.1f} min used)")
     if context.is_main:
         weights = average.applied(detector.reconstructor) if average is not None else contextlib.nullcontext()
         with weights:

@@ -98,6 +98,7 @@ def test_fit_stops_at_the_time_budget_with_a_valid_checkpoint(sample_data_root, 
 def test_resume_restores_the_schedule_and_the_average(sample_data_root, tmp_path):
     # a warm-up over both epochs: the schedule then does not depend on the planned total (1 or 2 epochs)
     config = dict(recipe="budget", learning_rate=1e-3, warmup_epochs=2, ema_decay=0.5)
+    assert TrainConfig(preset="tiny", **config).schedule == "cosine"
     straight = fit(sample_data_root, tmp_path / "straight", tiny_train_config(epochs=2, **config))
     fit(sample_data_root, tmp_path / "split", tiny_train_config(epochs=1, keep_resume=True, **config))
     resumed = fit(sample_data_root, tmp_path / "split", tiny_train_config(epochs=2, **config), resume=True)
