@@ -134,7 +134,7 @@ def run_uniad(data_root: Path, train_set: ImageDataset, fit_idx: np.ndarray, hel
     def on_epoch_end(epoch: int, detector: AnomalyDetector, record: dict) -> None:
         entered = time.perf_counter()
         device = next(detector.reconstructor.parameters()).device
-        if epoch % eval_every == 0 or epoch == train_config.epochs:
+        if epoch % eval_every == 0 or epoch == record.get("planned_epochs", train_config.epochs):
             if not cache:
                 detector.eval()
                 cache["held"] = extract_all_features(detector, train_set.images[held_idx], train_config.batch_size, device)
@@ -161,12 +161,18 @@ def run_uniad(data_root: Path, train_set: ImageDataset, fit_idx: np.ndarray, hel
         clock["start"] = time.perf_counter()
         result = fit(view, run_dir or Path(temp) / "run", train_config, on_epoch_end=on_epoch_end)
         total_minutes = (time.perf_counter() - clock["start"] - clock["outside"]) / 60
+        if not curve or curve[-1]["epoch"] != result.epochs_trained:  # the budget stopped before a planned end
+            record = {"planned_epochs": result.epochs_trained, "loss": result.final_loss}
+            on_epoch_end(result.epochs_trained, result.detector, record)
+            curve[-1]["minutes"] = total_minutes
     selected = min(curve, key=lambda point: point["heldout_error"])
     epoch_seconds = [p["epoch_seconds"] for p in curve if p["epoch_seconds"] is not None]
     return {
         "train_config": train_config.to_dict(),
         "feature_cache": result.feature_cache,
         "total_minutes": total_minutes,
+        "epochs_trained": result.epochs_trained,
+        "stopped_by_budget": result.stopped_by_budget,
         "curve": curve,
         "selected_epoch": selected["epoch"],
         "selected_by": "lowest reconstruction error on the held-out good training images",
@@ -213,7 +219,7 @@ def format_report(report: dict) -> str:
         for point in uniad["curve"]:
             mark = " **(selected)**" if point["epoch"] == uniad["selected_epoch"] else ""
             head = _headline(point["test"])
-            lines.append(f"| {point['epoch']}{mark} | {point['minutes']:.1f} | {point['lr']:.2g} | {_fmt(point['train_loss'])} "
+            lines.append(f"| {point['epoch']}{mark} | {point['minutes']:.1f} | {'n/a' if point['lr'] is None else format(point['lr'], '.2g')} | {_fmt(point['train_loss'])} "
                          f"| {point['heldout_error']:.4f} | {_fmt(head['image_auroc'])} | {_fmt(head['pixel_auroc'])} "
                          f"| {_fmt(head['au_pro'])} |")
     return "\n".join(lines) + "\n"
@@ -267,8 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone-weights", default="pretrained", help='"pretrained", "none" (random) or a file')
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--eval-every", type=int, default=1, help="epochs between held-out/test evaluations")
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--learning-rate", "--lr", type=float, default=TrainConfig.learning_rate)
+    parser.add_argument("--minutes", type=float, default=0.0, help="time budget of fit (--epochs is then the most)")
+    parser.add_argument("--recipe", default="auto", help="official, budget or auto (TrainConfig.recipe)")
+    parser.add_argument("--batch-size", type=int, help="default: the recipe's")
+    parser.add_argument("--learning-rate", "--lr", type=float, help="default: the recipe's")
+    parser.add_argument("--schedule", choices=("step", "cosine"), help="default: the recipe's")
+    parser.add_argument("--warmup-epochs", type=float, help="default: the recipe's")
+    parser.add_argument("--ema-decay", type=float, help="0 = off; default: the recipe's")
     parser.add_argument("--lr-step-epochs", type=int, default=TrainConfig.lr_step_epochs)
     parser.add_argument("--holdout", type=float, default=0.1, help="fraction of each category's good training images")
     parser.add_argument("--categories", help="comma-separated; default all")
@@ -320,9 +331,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{report['knn']['metrics']['mean']['pixel_auroc']:.4f}", file=sys.stderr, flush=True)
         if args.uniad:
             train_config = TrainConfig(
-                preset=args.preset, backbone_weights=args.backbone_weights, epochs=args.epochs,
-                batch_size=args.batch_size, learning_rate=args.learning_rate, lr_step_epochs=args.lr_step_epochs,
-                seed=args.seed, val_every_epochs=0, categories=tuple(train_set.category_names),
+                preset=args.preset, backbone_weights=args.backbone_weights, epochs=args.epochs, minutes=args.minutes,
+                recipe=args.recipe, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                schedule=args.schedule, warmup_epochs=args.warmup_epochs, ema_decay=args.ema_decay,
+                lr_step_epochs=args.lr_step_epochs, seed=args.seed, val_every_epochs=0,
+                categories=tuple(train_set.category_names),
             )
             report["uniad"] = run_uniad(args.data, train_set, fit_idx, held_idx, test_set, train_config,
                                         args.eval_every, args.run_dir)

@@ -123,6 +123,9 @@ class RealSetConfig:
     num_per_defect: int = 4  # per category and defect kind; sizes cycle small, medium, large
     categories: tuple[str, ...] = CATEGORIES
     seed: int = 0
+    # A validation set for choosing a recipe: its test images (goods and defects) are new crops of the
+    # TRAIN rectangles, so a search on it never sees the test rectangles; the training goods are the same.
+    validation: bool = False
 
     @classmethod
     def tiny(cls, categories: tuple[str, ...] = ("brick", "gravel")) -> RealSetConfig:
@@ -450,8 +453,10 @@ def write_real_set(
             jobs += [("test", d, k, SIZES[k % len(SIZES)]) for d in DEFECTS for k in range(config.num_per_defect)]
             for split, defect, k, size in jobs:
                 code = 0 if split == "train" else 1 if defect == "good" else 2 + DEFECTS.index(defect)
-                rng = np.random.default_rng([config.seed, index, code, k])
-                image, mask = render_image(rng, photo, source, split, config.image_size,
+                salt = [1] if config.validation and split == "test" else []
+                rng = np.random.default_rng([config.seed, index, code, k, *salt])
+                region = "train" if config.validation else split
+                image, mask = render_image(rng, photo, source, region, config.image_size,
                                            None if defect == "good" else defect, size or "medium", others)
                 relative = f"{name}/{split}/{defect}/{k:03d}.png"
                 _write_png(staging / relative, image)
@@ -498,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--source-root", type=Path, action="append", default=[],
                         help="also look for Debian files under DIR (a `dpkg -x` tree); repeatable")
+    parser.add_argument("--validation", action="store_true",
+                        help="test images cut from the TRAIN rectangles: a set to choose a recipe on (never the test split)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     categories = tuple(c.strip() for c in args.categories.split(",") if c.strip()) if args.categories else None
@@ -505,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     changes = {k: v for k, v in dict(image_size=args.image_size, num_train=args.num_train,
                                       num_test_good=args.num_test_good, num_per_defect=args.num_per_defect,
                                       seed=args.seed, categories=categories).items() if v is not None}
+    changes["validation"] = args.validation
     config = RealSetConfig(**{**asdict(config), **changes})
     try:
         summary = write_real_set(args.out, config, tuple(args.source_root), args.overwrite)

@@ -17,6 +17,7 @@ from typing import Any
 from reconad.export.build_config import BuildConfig
 from reconad.export.precision_check import FLOAT_DTYPES, NetworkLayer
 from reconad.export.precision_plan import PrecisionPlan, version_text
+from reconad.runtime.progress import Progress
 from reconad.runtime.atomic import write_bytes_atomic
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import INPUT_NAME
@@ -247,7 +248,11 @@ class EngineBuilder:
             self.log("Building the engine (TensorRT reports no progress on this version; this takes minutes)")
         else:
             self.log("Building the engine")
-        serialized = self.builder.build_serialized_network(self.network, self.builder_config)
+        if self._monitor is None:  # a plain line every interval off a terminal, a clock on one
+            with Progress("building the engine", None) as progress, progress.heartbeat():
+                serialized = self.builder.build_serialized_network(self.network, self.builder_config)
+        else:
+            serialized = self.builder.build_serialized_network(self.network, self.builder_config)
         if serialized is None:
             raise ReconadError(f"TensorRT {self.trt.__version__} could not build the engine (see its messages above).")
         path = self.config.timing_cache

@@ -52,6 +52,7 @@ def to_onnx(
     evaluation_categories: Annotated[
         Optional[str], typer.Option(help="int8: comma-separated categories of --evaluation-data [default: the checkpoint's].")
     ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
     """Export a checkpoint to the fused ONNX graph, checked against PyTorch with ONNX Runtime before writing.
 
@@ -63,7 +64,9 @@ def to_onnx(
     import logging
 
     from reconad.runtime.errors import ReconadError, exit_with
+    from reconad.runtime.progress import configure
 
+    configure(quiet=quiet)
     progress = logging.StreamHandler()  # the parity numbers, on stderr
     progress.setFormatter(logging.Formatter("%(message)s"))
     export_logger = logging.getLogger("reconad.export")
@@ -158,6 +161,7 @@ def build_engine_command(
     network_typing: Annotated[
         Optional[NetworkTyping], typer.Option(help="auto: weak on 8.x, strong on 10+; weak exists before 10.12 [default: auto].")
     ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
     """Build a TensorRT engine from an exported ONNX graph, on the target; no torch needed.
 
@@ -167,7 +171,9 @@ def build_engine_command(
     from reconad.export import engine
     from reconad.export.build_config import load_build_profile, resolve_build_config
     from reconad.runtime.errors import ReconadError, exit_with
+    from reconad.runtime.progress import configure
 
+    configure(quiet=quiet)
     try:
         loaded = load_build_profile(profile) if profile is not None else None
         config = resolve_build_config(

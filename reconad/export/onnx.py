@@ -28,6 +28,7 @@ from reconad.export.naming import artifact_name, artifact_stem
 from reconad.runtime.atomic import temp_file_beside
 from reconad.runtime.backends.ort import OrtBackend
 from reconad.runtime.errors import ReconadError
+from reconad.runtime.progress import Progress
 from reconad.runtime.manifest import ANOMALY_MAP_NAME, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, UNNAMED_CATEGORY, CategoryHead, ExporterInfo, Manifest, Precision, ScoreReducer, manifest_path_for, reference_path_for, sha256_file
 from reconad.runtime.verify import CATEGORY_MARGIN_KEY, VerifyReport, compare_outputs
 
@@ -516,30 +517,42 @@ def export_onnx(
             check_no_calibration(manifest_path_for(out_dir / artifact_name(stem, config.input_hw, mode)))
 
     logger.info("exporting %s (%s, %dx%d) with opset %d", checkpoint, config.preset, *config.input_hw, opset)
-    fp32_model = trace_to_onnx(detector, max_batch, opset)
-    reference = run_torch(detector, images, max_batch)
-    graphs = {"fp32": fp32_model}
-    reference = {**reference, CATEGORY_MARGIN_KEY: category_margins(detector, images, max_batch)}
-    check_parity(fp32_model, images, reference, "fp32", max_batch)
-    islands: tuple[str, ...] = ()
-    if precision in ("fp16", "both"):
-        groups = find_fp32_island_groups(fp32_model)
-        islands = tuple(name for name in ISLAND_NAMES if groups[name])
-        graphs["fp16"] = convert_to_fp16(fp32_model)
-        check_parity(graphs["fp16"], images, reference, "fp16", max_batch)
-        # ONNX Runtime's CPU run skips most FP16 rounding (see emulate_fp16_storage); this one does not.
-        # It is the pessimistic bound: its flips at a proxy threshold between near-equal scores are
-        # reported, while the artifact's own run above must have none.
-        emulated = emulate_fp16_storage(graphs["fp16"])
-        label = "fp16 graph with FP16 storage emulated"
-        check_parity(emulated, images, reference, "fp16", max_batch, label, check_batch_axis=False, count_flips=False)
-    calibration = None
-    if precision == "int8":
-        from reconad.export.int8_checks import build_checked_int8_graph
+    steps = 3 + (3 if precision in ("fp16", "both") else 0) + (1 if precision == "int8" else 0)
+    with Progress("exporting", steps, unit="steps") as progress, progress.heartbeat():
+        progress.advance(0, step="trace")
+        fp32_model = trace_to_onnx(detector, max_batch, opset)
+        progress.advance(1, step="PyTorch reference")
+        reference = run_torch(detector, images, max_batch)
+        graphs = {"fp32": fp32_model}
+        reference = {**reference, CATEGORY_MARGIN_KEY: category_margins(detector, images, max_batch)}
+        progress.advance(1, step="fp32 parity")
+        check_parity(fp32_model, images, reference, "fp32", max_batch)
+        progress.advance(1)
+        islands: tuple[str, ...] = ()
+        if precision in ("fp16", "both"):
+            progress.advance(0, step="fp16 conversion")
+            groups = find_fp32_island_groups(fp32_model)
+            islands = tuple(name for name in ISLAND_NAMES if groups[name])
+            graphs["fp16"] = convert_to_fp16(fp32_model)
+            progress.advance(1, step="fp16 parity")
+            check_parity(graphs["fp16"], images, reference, "fp16", max_batch)
+            # ONNX Runtime's CPU run skips most FP16 rounding (see emulate_fp16_storage); this one does not.
+            # It is the pessimistic bound: its flips at a proxy threshold between near-equal scores are
+            # reported, while the artifact's own run above must have none.
+            progress.advance(1, step="fp16 storage emulated")
+            emulated = emulate_fp16_storage(graphs["fp16"])
+            label = "fp16 graph with FP16 storage emulated"
+            check_parity(emulated, images, reference, "fp16", max_batch, label, check_batch_axis=False, count_flips=False)
+            progress.advance(1)
+        calibration = None
+        if precision == "int8":
+            from reconad.export.int8_checks import build_checked_int8_graph
 
-        groups = find_fp32_island_groups(fp32_model)
-        islands = tuple(name for name in ISLAND_NAMES if groups[name])
-        graphs["int8"], calibration = build_checked_int8_graph(fp32_model, images, reference, max_batch, config, int8)
+            progress.advance(0, step="int8 calibration and checks")
+            groups = find_fp32_island_groups(fp32_model)
+            islands = tuple(name for name in ISLAND_NAMES if groups[name])
+            graphs["int8"], calibration = build_checked_int8_graph(fp32_model, images, reference, max_batch, config, int8)
+            progress.advance(1)
     checkpoint_sha256 = sha256_file(checkpoint)
     reference_npz = npz_bytes(images=images, **reference)
     contents: dict[Path, bytes] = {}

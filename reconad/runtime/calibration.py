@@ -21,6 +21,7 @@ import numpy as np
 
 from reconad.runtime.config import utc_now_iso
 from reconad.runtime.errors import ReconadError
+from reconad.runtime.progress import Progress
 from reconad.runtime.frames import Roi, list_images, prepare_image
 from reconad.runtime.inspector import Inspector
 from reconad.runtime.manifest import Manifest, manifest_path_for
@@ -206,14 +207,19 @@ def score_images(
     paths: list[Path],
     config: CalibrationConfig,
     report: Callable[[str], None] = print,
+    description: str = "scoring",
 ) -> Scored:
-    """Run the graph on the readable images of ``paths``; unreadable ones are reported and counted."""
+    """Run the graph on the readable images of ``paths``; unreadable ones are reported and counted.
+    Progress (``reconad.runtime.progress``) is shown as ``description``."""
     scores: list[float] = []
     pixels: list[np.ndarray] = []
     recognized: list[str | None] = []
     distances: list[float] = []
     read = np.zeros(len(paths), bool)
+    progress = Progress(description, len(paths), unit="images", rate_unit="img/s")
     for start in range(0, len(paths), config.batch_size):
+        if start:
+            progress.advance(config.batch_size)
         images = []
         for offset, path in enumerate(paths[start : start + config.batch_size]):
             try:
@@ -228,6 +234,8 @@ def score_images(
             pixels.append(_pixel_sample(verdict.anomaly_map, config.pixel_samples_per_image))
             recognized.append(verdict.recognized_category)
             distances.append(math.nan if verdict.category_distance is None else verdict.category_distance)
+    progress.advance(len(paths) - progress.done)
+    progress.close()
     return Scored(
         scores=np.asarray(scores, dtype=np.float64),
         pixels=np.concatenate(pixels) if pixels else np.empty(0, np.float32),
@@ -396,7 +404,8 @@ def _calibrate_set(
     category = calibration_set.category
     paths = [path for folder in calibration_set.good_dirs for path in list_images(folder)]
     where = ", ".join(str(folder) for folder in calibration_set.good_dirs)
-    scored = score_images(inspector, paths, config, report)
+    name = calibration_set.category or "all categories"
+    scored = score_images(inspector, paths, config, report, f"calibrating {name}: good images")
     if scored.scores.size < 2:
         raise ReconadError(f"Only {scored.scores.size} of the {len(paths)} images in {where} could be read.")
     pixel_max_fpr = config.max_fpr if config.pixel_max_fpr is None else config.pixel_max_fpr
@@ -448,7 +457,7 @@ def _calibrate_set(
     if calibration_set.test_dir is not None:
         test_paths, labels = _test_images(calibration_set.test_dir)
         if labels.any():
-            test = score_images(inspector, test_paths, config, report)
+            test = score_images(inspector, test_paths, config, report, f"calibrating {name}: test images")
             unknown = distance_limit.is_exceeded_by(test.distances) if distance_limit is not None else None
             counts = OperatingPointCounts.count(image_threshold, labels[test.read], test.scores, unknown)
             if manifest.recognizes_categories:

@@ -75,6 +75,7 @@ def calibrate(
         Optional[int], typer.Option(min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk (e.g. 12) [default: 16].")
     ] = None,
     backend: Annotated[Backend, typer.Option(help=_BACKEND_HELP)] = Backend("auto"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
     """Write thresholds computed from defect-free images into the manifest: per category and global.
 
@@ -82,6 +83,10 @@ def calibrate(
     threshold, recall and false-alarm rate at it, and the confusion counts.
     """
     import numpy as np
+
+    from reconad.runtime.progress import configure
+
+    configure(quiet=quiet)
 
     from reconad.runtime.calibration import CalibrationConfig, calibrate_artifact
     from reconad.runtime.config import resolve

@@ -7,7 +7,7 @@ import typer
 
 from reconad.runtime.cli_common import choices, make_app, value_of
 from reconad.runtime.errors import ReconadError, exit_with
-from reconad.train.config import VAL_METRICS, TrainConfig
+from reconad.train.config import SCHEDULES, SELECT_ON, VAL_METRICS, TrainConfig
 
 app = make_app(
     "recon-train", "Train UniAD on defect-free images of all products at once, evaluate it, import official checkpoints."
@@ -18,6 +18,9 @@ _DEFAULTS = TrainConfig()  # option defaults are None ("not given") so a --confi
 # them would load torch)
 Preset = choices("Preset", ("mvtec-512", "uniad-224", "cifar-32", "lite0-256", "tiny"))
 ValMetric = choices("ValMetric", VAL_METRICS)
+Recipe = choices("Recipe", ("auto", "official", "budget"))
+Schedule = choices("Schedule", SCHEDULES)
+SelectOn = choices("SelectOn", SELECT_ON)
 
 
 def _split_names(value: str | None) -> tuple[str, ...] | None:
@@ -47,15 +50,23 @@ def fit_command(
     out: Annotated[Path, typer.Option("--out", help="Run folder: model.ckpt, config.json, train_log.jsonl.")],
     preset: Annotated[Optional[Preset], typer.Option("--preset", help=f"Model preset [default: {_DEFAULTS.preset}].")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with TrainConfig keys (flags win).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help=f"[default: {_DEFAULTS.epochs}]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=f"Per process [default: {_DEFAULTS.batch_size}].")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr", help=f"AdamW [default: {_DEFAULTS.learning_rate}].")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help=f"With --minutes: the most [default: {_DEFAULTS.epochs}].")] = None,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", help="Time budget for the whole fit; the schedule is fitted to the epochs that fit [default: none].")] = None,
+    recipe: Annotated[Optional[Recipe], typer.Option("--recipe", help="official (UniAD's: 1e-4, StepLR), budget (warm-up + cosine) or auto (budget for lite0-256) [default: auto].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Per process [default: the recipe's].")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr", help="AdamW peak rate [default: the recipe's].")] = None,
+    schedule: Annotated[Optional[Schedule], typer.Option("--schedule", help="[default: the recipe's]")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Cosine: linear warm-up length [default: the recipe's].")] = None,
+    ema_decay: Annotated[Optional[float], typer.Option("--ema-decay", help="Weight average per step; 0 = off [default: the recipe's].")] = None,
     lr_step_epochs: Annotated[Optional[int], typer.Option("--lr-step-epochs", help="StepLR step; 0 = 80% of the epochs [default: 0].")] = None,
     categories: Annotated[Optional[str], typer.Option("--categories", help="Comma-separated [default: all].")] = None,
     normal_classes: Annotated[Optional[str], typer.Option("--normal-classes", help="CIFAR-10: the normal classes [default: 0,1,2,3,4].")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help=f"[default: {_DEFAULTS.seed}]")] = None,
-    val_every_epochs: Annotated[Optional[int], typer.Option("--val-every-epochs", help=f"0 = never; keep the last epoch [default: {_DEFAULTS.val_every_epochs}].")] = None,
-    val_metric: Annotated[Optional[ValMetric], typer.Option("--val-metric", help=f"[default: {_DEFAULTS.val_metric}]")] = None,
+    select_on: Annotated[Optional[SelectOn], typer.Option("--select-on", help="Which epoch becomes model.ckpt: last (no selection), held-out (lowest reconstruction error on --holdout-fraction of the good training images) or test (optimistic) [default: last].")] = None,
+    holdout_fraction: Annotated[Optional[float], typer.Option("--holdout-fraction", help="Good training images per category left out of training and scored every --val-every-epochs [default: 0].")] = None,
+    val_every_epochs: Annotated[Optional[int], typer.Option("--val-every-epochs", help=f"Held-out (or test) evaluation every K epochs and at the end; 0 = never [default: {_DEFAULTS.val_every_epochs}].")] = None,
+    val_metric: Annotated[Optional[ValMetric], typer.Option("--val-metric", help=f"--select-on test only [default: {_DEFAULTS.val_metric}].")] = None,
+    keep_resume: Annotated[Optional[bool], typer.Option("--keep-resume", help="Keep resume.pt after the last epoch (to --resume with more --epochs).")] = None,
     hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Augmentation; turns the feature cache off [default: off].")] = None,
     vflip: Annotated[Optional[bool], typer.Option("--vflip/--no-vflip", help="[default: off]")] = None,
     cache_features: Annotated[Optional[bool], typer.Option("--cache-features/--no-cache-features", help="[default: on]")] = None,
@@ -64,10 +75,13 @@ def fit_command(
     device: Annotated[Optional[str], typer.Option("--device", help=f"auto, cpu, cuda, cuda:1 ... [default: {_DEFAULTS.device}]")] = None,
     bit_depth: Annotated[Optional[int], typer.Option("--bit-depth", min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk (e.g. 12) [default: 16].")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
     """Train one model for all categories. Multi-GPU / multi-node: torchrun --nproc-per-node N $(which recon-train) fit ..."""
+    from reconad.runtime.progress import configure
     from reconad.train.config import read_train_config
 
+    configure(quiet=quiet)
     try:
         classes = tuple(int(c) for c in _split_names(normal_classes)) if normal_classes else None
     except ValueError:
@@ -75,7 +89,9 @@ def fit_command(
         exit_with(ReconadError(message), prefix="error: ")
     try:
         train_config = read_train_config(
-            config, preset=value_of(preset), epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+            config, preset=value_of(preset), epochs=epochs, minutes=minutes, recipe=value_of(recipe), batch_size=batch_size,
+            learning_rate=learning_rate, schedule=value_of(schedule), warmup_epochs=warmup_epochs, ema_decay=ema_decay,
+            select_on=value_of(select_on), holdout_fraction=holdout_fraction, keep_resume=keep_resume,
             lr_step_epochs=lr_step_epochs, categories=_split_names(categories), normal_classes=classes, seed=seed,
             val_every_epochs=val_every_epochs, val_metric=value_of(val_metric), hflip=hflip, vflip=vflip,
             cache_features=cache_features, backbone_weights=backbone_weights, skip_bad_files=skip_bad_files,
@@ -92,9 +108,10 @@ def fit_command(
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # joined by fit under torchrun
     if result.is_main:
-        best = f", best epoch {result.best_epoch} ({train_config.val_metric} {result.best_value:.4f})" if result.best_epoch else ""
-        typer.echo(f"wrote {result.checkpoint}: {result.epochs_trained} epochs in {result.seconds:.0f} s, "
-                   f"final loss {result.final_loss:.4f}{best}")
+        chosen = f", epoch {result.best_epoch} chosen by {result.selected_by}" if result.best_epoch else ", last epoch, no selection"
+        budget = f" (stopped at the {train_config.minutes:g}-minute budget)" if result.stopped_by_budget else ""
+        typer.echo(f"wrote {result.checkpoint}: {result.epochs_trained} epochs in {result.seconds:.0f} s{budget}, "
+                   f"final loss {result.final_loss:.4f}{chosen}")
 
 
 @app.command("evaluate")
@@ -112,11 +129,14 @@ def evaluate_command(
                         "report the operating points at its thresholds.")] = None,
     max_fpr: Annotated[float, typer.Option("--max-fpr", help="Without --manifest: the calibration rule's "
                        "false-positive rate on the good test images.")] = 0.01,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
     """Image/pixel AUROC, AU-PRO, AP and F1-max per category and mean, and the operating point per category
     (threshold, recall, false-alarm rate, confusion counts, recognition); prints the tables, writes the report."""
+    from reconad.runtime.progress import configure
     from reconad.train.evaluate import evaluate_checkpoint
 
+    configure(quiet=quiet)
     try:
         report = evaluate_checkpoint(checkpoint, data, out, _split_names(categories), batch_size, device,
                                      num_heatmaps, skip_bad_files, bit_depth=bit_depth, manifest=manifest,

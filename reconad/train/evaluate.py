@@ -25,10 +25,12 @@ from reconad.runtime.config import utc_now_iso
 from reconad.runtime.calibration import UNRELATED_DISTANCE, distance_limit_for, threshold_at_fpr
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import Manifest
+from reconad.runtime.progress import Progress
 from reconad.runtime.thresholds import Calibration, OperatingPointCounts, Threshold
 from reconad.train.artifacts import ModelFacts, Predictions, facts_from_manifest, is_artifact, predict_artifact
 from reconad.train.metrics import compute_detection_metrics, roc_curve
 from reconad.train.data import ImageDataset, list_categories, load_dataset
+from reconad.train.learning_curve import format_learning_curve, plot_learning_curve, read_train_log, selection_sentence
 from reconad.train.memory import retain_freed_memory
 
 METRIC_COLUMNS = (
@@ -47,11 +49,13 @@ def predict_outputs(detector: AnomalyDetector, images: np.ndarray, batch_size: i
     """Run the fused forward in eval mode on uint8 [N, H, W, 3] images."""
     detector.eval()
     outputs: list[list[np.ndarray]] = [[], [], [], []]
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
-        anomaly_map, *rest = detector(batch)
-        for pieces, value in zip(outputs, (anomaly_map[:, 0], *rest)):
-            pieces.append(value.cpu().numpy())
+    with Progress("evaluating", len(images), unit="images", rate_unit="img/s") as progress:
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(images[start : start + batch_size]).to(device)
+            anomaly_map, *rest = detector(batch)
+            for pieces, value in zip(outputs, (anomaly_map[:, 0], *rest)):
+                pieces.append(value.cpu().numpy())
+            progress.advance(len(batch))
     return Predictions(*(np.concatenate(pieces) for pieces in outputs))
 
 
@@ -422,6 +426,10 @@ def evaluate_checkpoint(
 
     out_dir = Path(out_dir)
     (out_dir / "roc").mkdir(parents=True, exist_ok=True)
+    curve = _json_safe(read_train_log(checkpoint))
+    saved_epoch = detector.provenance.get("epoch")
+    if curve:
+        plot_learning_curve(out_dir / "learning_curve.png", curve, saved_epoch)
     for category in dataset.category_names:
         keep = np.nonzero(np.array([c == category for c in dataset.categories]))[0]
         masked = dataset.category_has_masks(category)
@@ -445,6 +453,8 @@ def evaluate_checkpoint(
         "pro_fpr_limit": 0.3,
         **_json_safe(result),
         "notes": notes,
+        "training": {"selected_by": detector.provenance.get("selected_by"), "epoch": detector.provenance.get("epoch"),
+                     "stopped_by_budget": detector.provenance.get("stopped_by_budget", False), "curve": curve},
     }
     write_text_atomic(out_dir / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
     names = facts.category_names
@@ -471,6 +481,12 @@ def evaluate_checkpoint(
         points_table,
         "",
     ]
+    report += ["## Training run", "", selection_sentence(detector.provenance), ""]
+    if curve:
+        report += [f"Learning curve from `{Path(checkpoint).parent / 'train_log.jsonl'}`:", "",
+                   format_learning_curve(curve, saved_epoch), "", "![learning curve](learning_curve.png)", ""]
+    else:
+        report += ["No train_log.jsonl beside the checkpoint (an imported or copied checkpoint): no learning curve.", ""]
     if notes:
         report += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     report += ["## ROC curves", ""] + [f"![{c}](roc/{c}.png)" for c in dataset.category_names] + [""]

@@ -1,15 +1,16 @@
 """Fitting one reconstruction model for all categories: single process, or DDP under torchrun.
 
 Like DETR's engine.py: ``train_one_epoch`` and ``validate`` are plain functions and ``fit`` is the short
-orchestration around them. Only the reconstructor trains (AdamW, StepLR, gradient clipping, MSE on the
-frozen backbone's features); without augmentation the features are extracted once and cached.
+orchestration around them. Only the reconstructor trains (AdamW, the recipe's schedule and weight average
+from ``schedule.py``, gradient clipping, MSE on the frozen backbone's features); without augmentation the
+features are extracted once and cached.
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +23,17 @@ import torch.nn.functional as F
 from reconad.model import PRESETS, AnomalyDetector, ModelConfig, build_detector, save_checkpoint
 from reconad.runtime.atomic import atomic_path, write_text_atomic
 from reconad.runtime.errors import ReconadError
-from reconad.train.metrics import ranking_metrics
-from reconad.train.config import VAL_METRICS, TrainConfig
+from reconad.runtime.progress import Progress, format_seconds, note
+from reconad.train.config import TrainConfig
 from reconad.train.data import ImageDataset, load_dataset
+from reconad.train.distributed import DistributedContext, _from_rank0, setup_distributed
+from reconad.train.features import extract_all_features, fit_category_head, predict_from_features, validate
 from reconad.train.memory import retain_freed_memory
+from reconad.train.schedule import (Budget, WeightAverage, build_optimizer, reconstruction_errors, replan,
+                                    split_holdout)
+
+__all__ = ["DistributedContext", "build_optimizer", "extract_all_features", "fit", "fit_category_head",  # re-exported
+           "predict_from_features", "setup_distributed", "train_one_epoch", "training_step", "validate"]
 
 CHECKPOINT_NAME = "model.ckpt"
 CONFIG_NAME = "config.json"
@@ -42,121 +50,9 @@ def resolve_model_config(preset: str) -> ModelConfig:
     return PRESETS[preset]
 
 
-@dataclass(frozen=True)
-class DistributedContext:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device: str = "auto") -> DistributedContext:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (NCCL on CUDA, gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda:
-        chosen = torch.device("cuda", local_rank) if device in ("auto", "cuda") else torch.device(device)
-        torch.cuda.set_device(chosen)
-    else:
-        chosen = torch.device("cpu" if device == "auto" else device)
-    if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistributedContext(rank, world_size, chosen)
-
-
-class ProgressBar:
-    """One line per epoch: batches done, running loss and images/s; redrawn in place on a terminal."""
-
-    def __init__(self, enabled: bool, epoch: int, epochs: int, num_batches: int):
-        self.enabled = enabled
-        self.prefix = f"epoch {epoch}/{epochs}"
-        self.num_batches = num_batches
-        self.interactive = enabled and sys.stderr.isatty()
-        self.last_draw = 0.0
-
-    def update(self, done: int, loss: float, images_per_s: float) -> None:
-        if not self.interactive or (time.monotonic() - self.last_draw < 0.5 and done < self.num_batches):
-            return
-        self.last_draw = time.monotonic()
-        filled = int(20 * done / self.num_batches)
-        bar = "#" * filled + "." * (20 - filled)
-        print(f"\r{self.prefix} [{bar}] {done}/{self.num_batches} loss {loss:.4f} {images_per_s:.1f} img/s",
-              end="", file=sys.stderr, flush=True)
-
-    def close(self, summary: str) -> None:
-        if self.interactive:
-            print(f"\r{self.prefix} {summary}\033[K", file=sys.stderr, flush=True)
-        elif self.enabled:
-            print(f"{self.prefix} {summary}", file=sys.stderr, flush=True)
-
-
 def _echo(context: DistributedContext, message: str) -> None:
     if context.is_main:
-        print(message, file=sys.stderr, flush=True)
-
-
-def _from_rank0(context: DistributedContext, value):
-    """``value`` as rank 0 has it, on every rank (rank 0 alone reads the run folder)."""
-    if not context.enabled:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-@torch.no_grad()
-def extract_all_features(
-    detector: AnomalyDetector, images: np.ndarray, batch_size: int, device: torch.device
-) -> torch.Tensor:
-    """Backbone features of uint8 [N, H, W, 3] images -> float32 [N, C, h, w] on the CPU."""
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
-        chunks.append(detector.extract_features(batch).cpu())
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
-def fit_category_head(
-    detector: AnomalyDetector,
-    train_set: ImageDataset,
-    features: torch.Tensor | None,
-    batch_size: int,
-    device: torch.device,
-    data_root: str | os.PathLike,
-) -> dict:
-    """Fit the detector's category centroids on the training images (``AnomalyDetector.fit_category_centroids``).
-
-    Args:
-        features: the cached backbone features of ``train_set`` [N, C, h, w], or None to extract them
-            (one more backbone pass over the training images).
-
-    Returns:
-        The checkpoint provenance entry ``category_head``: ``names`` (centroid order), ``n_images``, ``source``.
-    """
-    pooled = []
-    for start in range(0, len(train_set), batch_size):
-        if features is not None:
-            batch = features[start : start + batch_size].to(device)
-        else:
-            batch = detector.extract_features(torch.from_numpy(train_set.images[start : start + batch_size]).to(device))
-        pooled.append(detector.pooled_features(batch).cpu())
-    names = train_set.category_names
-    detector.fit_category_centroids(torch.cat(pooled), train_set.categories, names)
-    return {
-        "names": list(names),
-        "n_images": [train_set.categories.count(name) for name in names],
-        "source": f"{len(train_set)} training images of {Path(data_root).resolve()}",
-    }
+        note(message)
 
 
 def _flip(images: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
@@ -170,20 +66,6 @@ def _flip(images: torch.Tensor, config: TrainConfig, generator: torch.Generator)
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-def build_optimizer(
-    reconstructor: torch.nn.Module, config: TrainConfig
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.StepLR]:
-    """AdamW on every reconstructor parameter (weight decay on all of them, as the official trainer) and
-    a StepLR stepped once per epoch: ``lr_gamma`` after every ``lr_step_epochs`` (0 = 80% of the epochs).
-
-    The official trainer calls ``StepLR.step(epoch)`` with the 0-based epoch just finished, which decays
-    one epoch later than this (801 epochs at the first rate in its 1000-epoch schedule, here 800).
-    """
-    optimizer = torch.optim.AdamW(reconstructor.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    step_epochs = config.lr_step_epochs or max(1, int(0.8 * config.epochs))
-    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_epochs, gamma=config.lr_gamma)
 
 
 ATTENTION_LOGITS_BUDGET_BYTES = 64 << 20  # per attention-logits tensor [n, nhead, L, L] of one micro-batch
@@ -276,6 +158,8 @@ def train_one_epoch(
     context: DistributedContext,
     config: TrainConfig,
     epoch: int,
+    on_step: Callable[[], None] | None = None,
+    epochs: int | None = None,
 ) -> dict:
     """One pass over this process's shard of ``source``.
 
@@ -284,6 +168,8 @@ def train_one_epoch(
         reconstructor: ``detector.reconstructor``, or its DDP wrapper.
         source: cached features float32 [N, C, h, w], or uint8 images [N, H, W, 3] (augmentation on).
         context: rank, world size and device.
+        on_step: called after every optimiser step (a per-batch schedule, the weight average).
+        epochs: the total shown in the progress line (default ``config.epochs``; a budget's estimate).
 
     Returns:
         ``loss`` (mean over all processes), ``images_per_s`` (all processes), ``seconds``,
@@ -297,12 +183,13 @@ def train_one_epoch(
     sampler.set_epoch(epoch)
     indices = torch.tensor(list(sampler))
     batches = indices.split(config.batch_size)
-    progress = ProgressBar(context.is_main, epoch, config.epochs, len(batches))
+    progress = Progress(f"epoch {epoch}/{epochs or config.epochs}", len(batches), unit="batches",
+                        rate_unit="img/s", rate_scale=config.batch_size * context.world_size, enabled=context.is_main)
     detector.train()
     start = time.perf_counter()
     backbone_seconds = 0.0
     loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of loss x batch size, images]
-    for done, batch in enumerate(batches, 1):
+    for batch in batches:
         if source.dtype == torch.uint8:
             images = _flip(source[batch], config, generator).to(context.device)
             tick = time.perf_counter()
@@ -312,9 +199,10 @@ def train_one_epoch(
             features = source[batch].to(context.device, non_blocking=True)
         loss, _ = training_step(reconstructor, features, optimizer, config.grad_clip_norm,
                                 parameters=detector.reconstructor.parameters(), where=f" at epoch {epoch}")
+        if on_step is not None:
+            on_step()
         loss_sum += torch.tensor([loss * len(batch), len(batch)], dtype=torch.float64)
-        elapsed = time.perf_counter() - start
-        progress.update(done, loss_sum[0].item() / loss_sum[1].item(), loss_sum[1].item() * context.world_size / elapsed)
+        progress.advance(1, loss=round(loss_sum[0].item() / loss_sum[1].item(), 4))
     if context.enabled:
         torch.distributed.all_reduce(loss_sum)
     seconds = time.perf_counter() - start
@@ -328,48 +216,19 @@ def train_one_epoch(
     return stats
 
 
-@torch.no_grad()
-def predict_from_features(
-    detector: AnomalyDetector, features: torch.Tensor, batch_size: int, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    """Anomaly maps float32 [N, H, W] and image scores [N] from cached features, in eval mode."""
-    was_training = detector.training
-    detector.eval()
-    maps, scores = [], []
-    for start in range(0, len(features), batch_size):
-        batch = features[start : start + batch_size].to(device)
-        anomaly_map, image_score = detector.score(batch, detector.reconstructor(batch))
-        maps.append(anomaly_map[:, 0].cpu().numpy())
-        scores.append(image_score.cpu().numpy())
-    detector.train(was_training)
-    return np.concatenate(maps), np.concatenate(scores)
-
-
-def validate(dataset: ImageDataset, anomaly_maps: np.ndarray, image_scores: np.ndarray) -> dict:
-    """Image AUROC (and pixel AUROC where there are masks) per category and their means."""
-    result = {"categories": {}}
-    for category in dataset.category_names:
-        keep = np.array([c == category for c in dataset.categories])
-        metrics = {"image_auroc": ranking_metrics(dataset.labels[keep], image_scores[keep])["auroc"]}
-        if dataset.has_masks:
-            metrics["pixel_auroc"] = ranking_metrics(dataset.masks[keep].ravel(), anomaly_maps[keep].ravel())["auroc"]
-        result["categories"][category] = metrics
-    for name in VAL_METRICS:
-        values = [m[name] for m in result["categories"].values() if name in m and math.isfinite(m[name])]
-        result[name] = float(np.mean(values)) if values else float("nan")
-    return result
-
-
 def _write_json_atomic(path: Path, payload: dict) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
 
 
-def _save_resume_state(path: Path, detector, optimizer, scheduler, epoch: int, best: dict | None) -> None:
+def _save_resume_state(path: Path, detector, optimizer, scheduler, average, epoch: int, best: dict | None,
+                       planned: int) -> None:
     state = {
         "reconstructor": detector.reconstructor.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "average": average.state_dict() if average is not None else None,
         "epoch": epoch,
+        "planned_epochs": planned,
         "best": json.dumps(best),
     }
     with atomic_path(path) as temp:
@@ -391,7 +250,8 @@ def _check_run_dir(run_dir: Path, model_config: ModelConfig, config: TrainConfig
             return f"{run_dir} already holds a run; pass --resume to continue it or choose another --out."
         return None
     if not (run_dir / RESUME_NAME).is_file():
-        return f"Nothing to resume: {run_dir / RESUME_NAME} does not exist."
+        finished = " (a finished run keeps it only with --keep-resume)" if (run_dir / CHECKPOINT_NAME).exists() else ""
+        return f"Nothing to resume: {run_dir / RESUME_NAME} does not exist{finished}."
     try:
         saved = json.loads((run_dir / CONFIG_NAME).read_text())["model_config"]
     except (OSError, ValueError, KeyError):
@@ -399,6 +259,15 @@ def _check_run_dir(run_dir: Path, model_config: ModelConfig, config: TrainConfig
     if saved != model_config.to_dict():
         return f"{run_dir} was trained with preset {saved.get('preset')!r}, not {config.preset!r}."
     return None
+
+
+def selection_text(config: TrainConfig, num_held: int = 0) -> str:
+    """Which split chose the saved epoch, in the words the report uses."""
+    if config.select_on == "held-out":
+        return f"lowest reconstruction error on {num_held} held-out good training images"
+    if config.select_on == "test":
+        return f"best mean {config.val_metric} on the test split (optimistic: the test data chose the epoch)"
+    return "last epoch, no selection"
 
 
 @dataclass(frozen=True)
@@ -412,7 +281,21 @@ class FitResult:
     feature_cache: bool
     seconds: float
     is_main: bool  # rank 0 (the process that wrote the run)
-    detector: AnomalyDetector  # as trained to the last epoch (model.ckpt may hold an earlier, better one)
+    detector: AnomalyDetector  # as trained to the last epoch (averaged weights where the recipe averages)
+    selected_by: str = "last epoch, no selection"
+    stopped_by_budget: bool = False
+
+
+def _hold_out(train_set: ImageDataset, config: TrainConfig) -> tuple[ImageDataset, np.ndarray | None]:
+    """(training images, held-out good images uint8 [M, H, W, 3] or None) per ``config.holdout_fraction``."""
+    if config.holdout_fraction <= 0:
+        return train_set, None
+    keep, held = split_holdout(train_set.categories, train_set.names, config.holdout_fraction, config.seed)
+    pick = lambda values, idx: [values[i] for i in idx]  # noqa: E731
+    kept = dataclasses.replace(train_set, images=train_set.images[keep], masks=train_set.masks[keep],
+                               labels=train_set.labels[keep], categories=pick(train_set.categories, keep),
+                               names=pick(train_set.names, keep))
+    return kept, train_set.images[held]
 
 
 def fit(
@@ -424,14 +307,20 @@ def fit(
 ) -> FitResult:
     """Train one detector on every (or the chosen) category of ``data_root``; write the run to ``run_dir``.
 
-    Writes (rank 0 only) ``model.ckpt`` (the best validated epoch, else the last), ``config.json``,
-    ``train_log.jsonl`` (one JSON object per epoch) and ``resume.pt`` (optimizer and scheduler state for
-    ``resume``). Launched by torchrun, every process trains on its shard and DDP averages the gradients.
-    The process keeps the memory it frees for reuse from here on (``retain_freed_memory``).
+    Writes (rank 0 only) ``model.ckpt`` (the selected epoch, see ``config.select_on``; by default the
+    last), ``config.json``, ``train_log.jsonl`` (one JSON object per epoch: loss, lr, seconds, minutes
+    since the start, held-out error and test metrics where measured) and, while training, ``resume.pt``
+    (optimizer, schedule and weight-average state for ``resume``; removed at the end unless
+    ``config.keep_resume``). With ``config.minutes`` the fit stops before the epoch that would not end
+    within the budget (estimated from the epochs' mean measured time) and the schedule is re-planned to
+    the epochs that fit. Launched by torchrun, every process trains on its shard and DDP averages the
+    gradients. The process keeps the memory it frees for reuse from here on (``retain_freed_memory``).
     ``on_epoch_end(epoch, detector, record)`` runs on rank 0 after each epoch (e.g. a benchmark's own
-    held-out evaluation); the detector is put back in training mode afterwards.
+    evaluation; its time is not counted in the budget); the detector holds the weights that would be
+    saved and is put back in training mode afterwards.
     """
     started = time.perf_counter()
+    budget = Budget(config.minutes, started, config.epochs)
     retain_freed_memory()
     context = setup_distributed(config.device)
     run_dir = Path(run_dir)
@@ -454,8 +343,9 @@ def fit(
                              bit_depth=config.bit_depth)
     for message in train_set.skipped:
         _echo(context, f"skipped: {message}")
+    train_set, held_images = _hold_out(train_set, config)
     val_set, problem = None, None
-    if config.val_every_epochs > 0 and context.is_main:  # rank 0 alone validates
+    if config.select_on == "test" and context.is_main:  # rank 0 alone validates
         try:
             val_set = load_dataset(data_root, "test", model_config.input_hw, categories, on_bad_file,
                                    config.normal_classes, bit_depth=config.bit_depth)
@@ -478,7 +368,8 @@ def fit(
     extract_seconds = 0.0
     if use_cache:
         tick = time.perf_counter()
-        source = extract_all_features(detector.eval(), train_set.images, config.batch_size, context.device)
+        source = extract_all_features(detector.eval(), train_set.images, config.batch_size, context.device,
+                                      show=context.is_main)
         extract_seconds = time.perf_counter() - tick
         _echo(context, f"cached features of {len(train_set)} training images in {extract_seconds:.1f} s "
                        f"({len(train_set) / extract_seconds:.1f} img/s, {cache_bytes / 2**20:.0f} MiB)")
@@ -487,26 +378,43 @@ def fit(
     category_head = fit_category_head(
         detector.eval(), train_set, source if use_cache else None, config.batch_size, context.device, data_root
     )
-    val_features = None
+    val_features = held_features = None
     if val_set is not None and use_cache:
-        val_features = extract_all_features(detector.eval(), val_set.images, config.batch_size, context.device)
+        val_features = extract_all_features(detector.eval(), val_set.images, config.batch_size, context.device,
+                                            description="caching test features")
+    if held_images is not None and context.is_main:
+        held_features = extract_all_features(detector.eval(), held_images, config.batch_size, context.device,
+                                             description="caching held-out features")
 
     reconstructor: torch.nn.Module = detector.reconstructor
     if context.enabled:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         reconstructor = torch.nn.parallel.DistributedDataParallel(detector.reconstructor, device_ids=device_ids)
-    optimizer, scheduler = build_optimizer(detector.reconstructor, config)
+    steps_per_epoch = math.ceil(math.ceil(len(source) / context.world_size) / config.batch_size)
+    optimizer, scheduler = build_optimizer(detector.reconstructor, config, steps_per_epoch)
+    average = WeightAverage(detector.reconstructor, config.ema_decay) if config.ema_decay > 0 else None
 
-    first_epoch, best = 1, None
+    first_epoch, best, planned = 1, None, config.epochs
     if resume_state is not None:
         state = resume_state
         detector.reconstructor.load_state_dict(state["reconstructor"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if average is not None and state.get("average") is not None:
+            average.load_state_dict(state["average"])
         first_epoch, best = state["epoch"] + 1, json.loads(state["best"])
+        planned = max(state.get("planned_epochs", config.epochs), state["epoch"]) if config.minutes else config.epochs
         _echo(context, f"resuming {run_dir} at epoch {first_epoch}")
         if first_epoch > config.epochs:
             raise ReconadError(f"{run_dir} already trained {state['epoch']} epochs; raise --epochs to continue.")
+        budget.max_epochs = config.epochs
+    selected_by = selection_text(config, 0 if held_images is None else len(held_images))
+
+    def on_step() -> None:
+        if getattr(scheduler, "per_batch", False):
+            scheduler.step()
+        if average is not None:
+            average.update(detector.reconstructor)
 
     provenance = {
         "categories": list(train_set.category_names),
@@ -517,6 +425,7 @@ def fit(
         "train_config": config.to_dict(),
         "world_size": context.world_size,
         "torch_version": str(torch.__version__),
+        "selected_by": selected_by,
     }
     detector.provenance = dict(provenance)  # as load_detector gives it back (category_names reads it)
     if context.is_main:
@@ -527,58 +436,108 @@ def fit(
             "data": provenance["data"],
             "categories": provenance["categories"],
             "num_train_images": len(train_set),
+            "num_heldout_images": 0 if held_images is None else len(held_images),
+            "selected_by": selected_by,
             "world_size": context.world_size,
             "feature_cache": use_cache,
             "feature_cache_seconds": round(extract_seconds, 3),
         })
 
-    stats = {"loss": float("nan")}
-    for epoch in range(first_epoch, config.epochs + 1):
-        stats = train_one_epoch(detector, reconstructor, source, optimizer, context, config, epoch)
-        record = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **{k: round(v, 6) for k, v in stats.items()}}
-        scheduler.step()
-        last = epoch == config.epochs
-        if val_set is not None and (epoch % config.val_every_epochs == 0 or last):
-            if val_features is not None:
-                maps, scores = predict_from_features(detector, val_features, config.batch_size, context.device)
-            else:
-                from reconad.train.evaluate import predict
+    stats, epoch = {"loss": float("nan")}, first_epoch - 1
+    while epoch < planned:
+        if budget.enabled and epoch >= first_epoch:  # measured at least one epoch of this session
+            planned = _from_rank0(context, budget.planned_epochs(epoch))
+            if planned <= epoch:
+                break
+            replan(scheduler, config, planned)
+        epoch += 1
+        epoch_started, hook_seconds = time.perf_counter(), 0.0
+        stats = train_one_epoch(detector, reconstructor, source, optimizer, context, config, epoch, on_step,
+                                epochs=planned)
+        record = {"epoch": epoch, "planned_epochs": planned, "lr": scheduler.get_last_lr()[0],
+                  **{k: round(v, 6) for k, v in stats.items()}}
+        scheduler.step() if not getattr(scheduler, "per_batch", False) else None
+        last = epoch == planned
+        weights = average.applied(detector.reconstructor) if average is not None else contextlib.nullcontext()
+        with weights:  # validate, save and hand over the weights the run keeps (the average, if any)
+            validating = config.val_every_epochs > 0 and (epoch % config.val_every_epochs == 0 or last)
+            value = None
+            if validating and held_features is not None:
+                errors = reconstruction_errors(detector.reconstructor, held_features, config.batch_size, context.device)
+                record["heldout_error"] = round(float(errors.mean()), 6)
+                if config.select_on == "held-out":
+                    value = -float(errors.mean())
+            if validating and val_set is not None:
+                if val_features is not None:
+                    maps, scores = predict_from_features(detector, val_features, config.batch_size, context.device)
+                else:
+                    from reconad.train.evaluate import predict
 
-                maps, scores = predict(detector, val_set.images, config.batch_size, context.device)
-                detector.train()
-            result = validate(val_set, maps, scores)
-            value = result[config.val_metric]
-            record["val"] = _json_safe(result)
-            if math.isfinite(value) and (best is None or value > best["value"]):
+                    maps, scores = predict(detector, val_set.images, config.batch_size, context.device)
+                    detector.train()
+                result = validate(val_set, maps, scores)
+                record["val"] = _json_safe(result)
+                value = result[config.val_metric]
+            if value is not None and math.isfinite(value) and (best is None or value > best["value"]):
                 best = {"epoch": epoch, "value": value}
-                save_checkpoint(detector, run_dir / CHECKPOINT_NAME, **provenance, epoch=epoch,
-                                val_metric=config.val_metric, val_value=value)
+                if context.is_main:
+                    save_checkpoint(detector, run_dir / CHECKPOINT_NAME, **provenance, epoch=epoch,
+                                    val_metric="heldout_error" if config.select_on == "held-out" else config.val_metric,
+                                    val_value=abs(value) if config.select_on == "held-out" else value)
                 record["best"] = True
-            _echo(context, f"validation epoch {epoch}: mean {config.val_metric} {value:.4f}"
-                           + (" (best)" if record.get("best") else f" (best {best['value']:.4f} at epoch {best['epoch']})" if best else ""))
-        if on_epoch_end is not None and context.is_main:
-            on_epoch_end(epoch, detector, record)
-            detector.train()
+            if value is not None and best is not None:
+                shown = (lambda v: f"held-out error {abs(v):.5f}") if config.select_on == "held-out" \
+                    else (lambda v: f"mean {config.val_metric} {v:.4f}")
+                _echo(context, f"validation epoch {epoch}: {shown(value)}"
+                               + (" (best)" if record.get("best") else f" (best {shown(best['value'])} at epoch {best['epoch']})"))
+            elif "heldout_error" in record:
+                _echo(context, f"validation epoch {epoch}: held-out error {record['heldout_error']:.5f}")
+            if on_epoch_end is not None and context.is_main:
+                tick = time.perf_counter()
+                on_epoch_end(epoch, detector, record)
+                detector.train()
+                hook_seconds = time.perf_counter() - tick
+                budget.exclude(hook_seconds)
+        budget.record(time.perf_counter() - epoch_started - hook_seconds)
+        record["minutes"] = round(budget.elapsed() / 60, 4)
+        if epoch < planned:  # the run's ETA from the mean epoch so far (validation included)
+            left = float(np.mean(budget.epoch_seconds)) * (planned - epoch)
+            _echo(context, f"run: {epoch}/{planned} epochs after {format_seconds(budget.elapsed())}, "
+                           f"{format_seconds(left)} left")
         if context.is_main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(_json_safe(record)) + "\n")
-            _save_resume_state(resume_path, detector, optimizer, scheduler, epoch, best)
+            _save_resume_state(resume_path, detector, optimizer, scheduler, average, epoch, best, planned)
         if context.enabled:
             torch.distributed.barrier()  # the others wait while rank 0 validates and writes
 
-    if context.is_main and best is None:
-        save_checkpoint(detector, run_dir / CHECKPOINT_NAME, **provenance, epoch=config.epochs)
+    stopped_by_budget = budget.enabled and epoch < config.epochs
+    if stopped_by_budget:
+        _echo(context, f"time budget of {config.minutes:g} min: stopped after epoch {epoch} "
+                       f"({budget.elapsed() / 60:.1f} min used)")
+    if context.is_main:
+        weights = average.applied(detector.reconstructor) if average is not None else contextlib.nullcontext()
+        with weights:
+            if best is None:
+                save_checkpoint(detector, run_dir / CHECKPOINT_NAME, **provenance, epoch=epoch,
+                                stopped_by_budget=stopped_by_budget)
+        if not config.keep_resume:
+            resume_path.unlink(missing_ok=True)
     if context.enabled:
         torch.distributed.barrier()
+    if average is not None:
+        detector.reconstructor.load_state_dict(average.model.module.state_dict())
     return FitResult(
         run_dir=run_dir,
         checkpoint=run_dir / CHECKPOINT_NAME,
-        epochs_trained=config.epochs,
+        epochs_trained=epoch,
         best_epoch=best["epoch"] if best else None,
-        best_value=best["value"] if best else None,
+        best_value=(abs(best["value"]) if config.select_on == "held-out" else best["value"]) if best else None,
         final_loss=stats["loss"],
         feature_cache=use_cache,
         seconds=time.perf_counter() - started,
         is_main=context.is_main,
         detector=detector.eval(),
+        selected_by=selected_by,
+        stopped_by_budget=stopped_by_budget,
     )

@@ -135,3 +135,25 @@ def test_every_category_builds_when_its_debian_package_is_installed(make_real_se
     assert summary.categories == make_real_set.CATEGORIES
     test = load_mvtec(tmp_path / "all", "test", (64, 64))
     assert all(m.any() for m in test.masks[test.labels == 1])
+
+
+def test_the_validation_set_cuts_its_test_images_from_the_training_rectangles(make_real_set, tiny_real_set, tmp_path):
+    import dataclasses
+
+    config = dataclasses.replace(make_real_set.RealSetConfig.tiny(), validation=True)
+    make_real_set.write_real_set(tmp_path / "val", config)
+    ours, real = _digest(tmp_path / "val"), _digest(tiny_real_set)
+    train = [k for k in real if "/train/" in k]
+    assert train and all(ours[k] == real[k] for k in train)  # the same training goods
+    tests = [k for k in real if "/test/" in k]
+    assert tests and not {ours[k] for k in tests} & {real[k] for k in tests}  # other test images
+    # Every validation test image is a crop of the brick photograph's train band (top two thirds), so none
+    # is a crop of its test band: the band boundary is far from where the crops may lie.
+    info = json.loads((tmp_path / "val" / "real_set.json").read_text())
+    assert info["config"]["validation"] is True
+    source = make_real_set.SOURCES["brick"]
+    rng = np.random.default_rng([0, make_real_set.CATEGORIES.index("brick"), 1, 0, 1])
+    photo = make_real_set.load_photograph(source, make_real_set.resolve_source(source))
+    image, _ = make_real_set.render_image(rng, photo, source, "train", 64)
+    good = load_mvtec(tmp_path / "val", "test", (64, 64)).subset("brick")
+    assert np.array_equal(good.images[list(good.names).index("brick/test/good/000.png")], image)

@@ -72,3 +72,25 @@ def test_evaluate_end_to_end_and_missing_checkpoint(tiny_run, sample_data_root, 
 @pytest.mark.parametrize("command", ["sample-data", "fit", "evaluate"])
 def test_help(command):
     assert runner.invoke(cli.app, [command, "--help"]).exit_code == 0
+
+
+def test_fit_recipe_budget_and_selection_flags_reach_the_config(monkeypatch):
+    received = {}
+
+    def fake_fit(data, out, config, resume):
+        received.update(config=config)
+        raise ReconadError("stop here")
+
+    monkeypatch.setattr("reconad.train.fit.fit", fake_fit)
+    args = ["fit", "DATA", "--out", "RUN", "--preset", "lite0-256", "--recipe", "official", "--minutes", "20",
+            "--schedule", "cosine", "--warmup-epochs", "2", "--ema-decay", "0.9", "--select-on", "held-out",
+            "--holdout-fraction", "0.2", "--keep-resume", "--quiet"]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 2 and "error: stop here" in result.output
+    assert received["config"] == TrainConfig(
+        preset="lite0-256", recipe="official", minutes=20.0, schedule="cosine", warmup_epochs=2.0, ema_decay=0.9,
+        select_on="held-out", holdout_fraction=0.2, keep_resume=True,
+    )
+    assert received["config"].learning_rate == 1e-4  # the official recipe's where no flag sets it
+    result = runner.invoke(cli.app, ["fit", "DATA", "--out", "RUN", "--select-on", "held-out"])
+    assert result.exit_code == 2 and "holdout_fraction above 0" in result.output and "Traceback" not in result.output

@@ -25,7 +25,8 @@ def _worker(rank: int, world_size: int, port: int, data_root: str, tmp: str) -> 
     from reconad.train.fit import fit
 
     # Every rank gets its own --out so the test can see which ranks wrote anything.
-    result = fit(data_root, f"{tmp}/run-rank{rank}", tiny_train_config(epochs=2, batch_size=2, val_every_epochs=1))
+    config = tiny_train_config(epochs=2, batch_size=2, val_every_epochs=1, select_on="test", keep_resume=True)
+    result = fit(data_root, f"{tmp}/run-rank{rank}", config)
     torch.save({k: v.detach().clone() for k, v in result.detector.reconstructor.state_dict().items()},
                f"{tmp}/params-rank{rank}.pt")
     torch.distributed.destroy_process_group()

@@ -111,3 +111,24 @@ def test_operating_points_from_a_calibrated_manifest(tiny_run, sample_data_root,
     assert pill["threshold_source"] == "manifest (its own threshold)"
     assert weave["threshold"] == 1e9 and weave["recall"] == 0.0 and weave["threshold_source"] == "manifest (the global threshold)"
     assert "calibrated manifest" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_the_report_shows_the_learning_curve_and_which_split_chose_the_epoch(sample_data_root, tmp_path):
+    from reconad.train.fit import fit
+    from tests.train.conftest import tiny_train_config
+
+    config = tiny_train_config(epochs=3, holdout_fraction=0.25, select_on="held-out", val_every_epochs=1)
+    result = fit(sample_data_root, tmp_path / "run", config)
+    evaluate_checkpoint(result.checkpoint, sample_data_root, tmp_path / "r", num_heatmaps=0, device="cpu")
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert f"Saved epoch {result.best_epoch}, chosen by lowest reconstruction error on 4 held-out good training" in text
+    assert "| epoch | minutes | lr | train loss | held-out error |" in text and f"| {result.best_epoch} (saved) |" in text
+    assert (tmp_path / "r" / "learning_curve.png").stat().st_size > 0
+    training = json.loads((tmp_path / "r" / "metrics.json").read_text())["training"]
+    assert [r["epoch"] for r in training["curve"]] == [1, 2, 3] and "held-out" in training["selected_by"]
+
+
+def test_the_report_says_last_epoch_no_selection(tiny_run, sample_data_root, tmp_path):
+    evaluate_checkpoint(tiny_run.checkpoint, sample_data_root, tmp_path / "r", num_heatmaps=0, device="cpu")
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "Saved epoch 1: the last epoch, no selection." in text and "| 1 (saved) |" in text

@@ -8,7 +8,7 @@ import torch
 
 from reconad.model import load_detector
 from reconad.runtime.errors import ReconadError
-from reconad.train.config import TrainConfig, read_train_config
+from reconad.train.config import RECIPES, read_train_config
 from reconad.train.fit import fit
 from reconad.train.data import load_mvtec
 from reconad.train.evaluate import evaluate_checkpoint
@@ -21,7 +21,8 @@ def _log(run_dir):
 
 def test_fit_writes_the_run(tiny_run, sample_data_root):
     run_dir = tiny_run.run_dir
-    assert {p.name for p in run_dir.iterdir()} == {"model.ckpt", "config.json", "train_log.jsonl", "resume.pt"}
+    # A finished run keeps no resume.pt unless asked (--keep-resume).
+    assert {p.name for p in run_dir.iterdir()} == {"model.ckpt", "config.json", "train_log.jsonl"}
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train_config"]["preset"] == "tiny" and config["model_config"]["preset"] == "tiny"
     assert config["categories"] == ["pill", "weave"] and config["num_train_images"] == 12
@@ -47,7 +48,8 @@ def test_fit_writes_the_run(tiny_run, sample_data_root):
 
 def test_resume_continues_exactly_where_it_stopped(sample_data_root, tmp_path):
     straight = fit(sample_data_root, tmp_path / "straight", tiny_train_config(epochs=2))
-    fit(sample_data_root, tmp_path / "split", tiny_train_config(epochs=1, lr_step_epochs=1))
+    fit(sample_data_root, tmp_path / "split", tiny_train_config(epochs=1, lr_step_epochs=1, keep_resume=True))
+    assert (tmp_path / "split" / "resume.pt").is_file()
     with pytest.raises(ReconadError, match="--resume"):
         fit(sample_data_root, tmp_path / "split", tiny_train_config(epochs=2))
     resumed = fit(sample_data_root, tmp_path / "split", tiny_train_config(epochs=2, lr_step_epochs=1), resume=True)
@@ -55,14 +57,15 @@ def test_resume_continues_exactly_where_it_stopped(sample_data_root, tmp_path):
     for a, b in zip(straight.detector.reconstructor.parameters(), resumed.detector.reconstructor.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     assert [r["epoch"] for r in _log(tmp_path / "split")] == [1, 2]
-    with pytest.raises(ReconadError, match="raise --epochs"):
-        fit(sample_data_root, tmp_path / "split", tiny_train_config(epochs=2, lr_step_epochs=1), resume=True)
+    assert not (tmp_path / "split" / "resume.pt").exists()  # the resumed run finished without --keep-resume
+    with pytest.raises(ReconadError, match="Nothing to resume.*--keep-resume"):
+        fit(sample_data_root, tmp_path / "split", tiny_train_config(epochs=3, lr_step_epochs=1), resume=True)
     with pytest.raises(ReconadError, match="Nothing to resume"):
         fit(sample_data_root, tmp_path / "empty", tiny_train_config(), resume=True)
 
 
-def test_validation_keeps_the_best_epoch(sample_data_root, tmp_path):
-    result = fit(sample_data_root, tmp_path / "run", tiny_train_config(epochs=3, val_every_epochs=2))
+def test_selection_on_test_data_only_when_asked(sample_data_root, tmp_path):
+    result = fit(sample_data_root, tmp_path / "run", tiny_train_config(epochs=3, val_every_epochs=2, select_on="test"))
     log = _log(tmp_path / "run")
     validated = [r for r in log if "val" in r]
     assert [r["epoch"] for r in validated] == [2, 3]  # every 2 epochs and at the end
@@ -71,6 +74,31 @@ def test_validation_keeps_the_best_epoch(sample_data_root, tmp_path):
     assert set(validated[0]["val"]["categories"]) == {"pill", "weave"}
     provenance = load_detector(tmp_path / "run" / "model.ckpt").provenance
     assert provenance["epoch"] == best["epoch"] and provenance["val_value"] == pytest.approx(best["val"]["image_auroc"])
+    assert "test split" in provenance["selected_by"] and "test split" in result.selected_by
+
+
+def test_by_default_no_selection_and_no_test_data(sample_data_root, tmp_path):
+    result = fit(sample_data_root, tmp_path / "run", tiny_train_config(epochs=2, val_every_epochs=1))
+    assert all("val" not in r and "heldout_error" not in r for r in _log(tmp_path / "run"))
+    provenance = load_detector(result.checkpoint).provenance
+    assert provenance["epoch"] == 2 and provenance["selected_by"] == "last epoch, no selection"
+    assert result.best_epoch is None
+
+
+def test_selection_on_held_out_good_training_images(sample_data_root, tmp_path):
+    config = tiny_train_config(epochs=3, holdout_fraction=0.25, select_on="held-out", val_every_epochs=1)
+    result = fit(sample_data_root, tmp_path / "run", config)
+    log = _log(tmp_path / "run")
+    assert all("val" not in r for r in log)  # the test split is never read
+    errors = [r["heldout_error"] for r in log]
+    assert len(errors) == 3 and result.best_epoch == 1 + int(np.argmin(errors))
+    run_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run_config["num_train_images"] == 8 and run_config["num_heldout_images"] == 4  # 2 of 6 per category
+    provenance = load_detector(result.checkpoint).provenance
+    assert provenance["epoch"] == result.best_epoch and "4 held-out good training images" in provenance["selected_by"]
+    assert provenance["val_metric"] == "heldout_error" and provenance["val_value"] == pytest.approx(min(errors), abs=1e-6)
+    with pytest.raises(ReconadError, match="holdout_fraction"):
+        tiny_train_config(select_on="held-out")
 
 
 def test_augmentation_runs_the_backbone_every_step(sample_data_root, tmp_path):
@@ -93,7 +121,7 @@ def test_train_config_precedence(tmp_path):
     config = read_train_config(toml, epochs=3, seed=None)
     assert config.epochs == 3  # the flag wins over the file
     assert config.learning_rate == 1.0 and config.categories == ("pill",) and config.preset == "lite0-256"
-    assert config.batch_size == TrainConfig.batch_size  # the dataclass default where neither sets it
+    assert config.batch_size == RECIPES["budget"]["batch_size"]  # lite0-256's recipe where neither sets it
     toml.write_text("epochs = 'ten'\n")
     with pytest.raises(ReconadError, match="epochs"):
         read_train_config(toml)
