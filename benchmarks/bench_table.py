@@ -83,7 +83,6 @@ def worker(variant: str, path: str, reference: Path, batch: int) -> dict:
     data = np.load(reference)
     images = np.concatenate([data["images"]] * (batch // len(data["images"]) + 1))[:batch]
     if variant == "gemm":
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper
 

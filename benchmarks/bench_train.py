@@ -46,7 +46,7 @@ from reconad.model import PRESETS, build_detector, transformer
 from reconad.model.transformer import Attention, explicit_attention
 from reconad.train.config import TrainConfig
 from reconad.train.evaluate import predict
-from reconad.train import fit
+from reconad.train import step
 from reconad.train.fit import DistributedContext, extract_all_features, train_one_epoch
 from reconad.train.memory import retain_freed_memory
 
@@ -92,7 +92,7 @@ def set_variant(variant: str) -> None:
     if variant != "new":
         transformer.Dropout.forward = torch.nn.Dropout.forward  # F.dropout, as before issue 13
     if variant != "new":  # the whole batch in one forward/backward pass, as before issue 13
-        fit.micro_batch_size_for = lambda reconstructor, features, budget_bytes=0: len(features)
+        step.micro_batch_size_for = lambda reconstructor, features, budget_bytes=0: len(features)
     if variant in ("today", "heap"):
         Attention.forward = attention_before_issue_13
     elif variant == "sdpa":

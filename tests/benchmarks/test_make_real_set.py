@@ -38,7 +38,6 @@ def test_tiny_set_has_the_mvtec_layout_with_masks(make_real_set, tiny_real_set):
 
 
 def test_defects_change_the_pixels_under_their_masks_only(make_real_set):
-    rng = np.random.default_rng(3)
     photo = make_real_set.load_photograph(make_real_set.SOURCES["gravel"],
                                           make_real_set.resolve_source(make_real_set.SOURCES["gravel"]))
     source = make_real_set.SOURCES["gravel"]

@@ -12,7 +12,7 @@ from reconad.export.engine import EnginePrecisionError, build_engine
 from reconad.export.precision_check import analyze_layer_precisions, tensor_precision, weight_precisions
 from reconad.export.precision_plan import plan_precision
 from reconad.runtime.manifest import Int8Calibration, Manifest, Precision, manifest_path_for
-from tests.export.mini_graph import FP32, build_model, engine_json, parsed_network
+from tests.export.mini_graph import build_model, engine_json, parsed_network
 from tests.export.test_engine_builder import RecordingTensorRT, use
 from tests.runtime.onnx_graphs import make_manifest
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from reconad.runtime.thresholds import Calibration, Threshold
 from tests.runtime.line.services import require_ffmpeg_rtsp_client, require_rtsp_server, wait_until
