@@ -84,7 +84,7 @@ def test_markup_like_text_survives_in_help():
     assert "False-positive rate allowed on good images [default: 0.01]." in calibrate
     assert "--backend <auto|ort|ort-cpu|ort-cuda|ort-trt|trt>" in calibrate and "[default: auto]" in calibrate
     assert "mqtt://[user@]host[:port]/topic" in rendered_help(inspect_cli.app, "run")
-    assert "AdamW [default: 0.0001]." in rendered_help(train_cli.app, "fit")
+    assert "AdamW peak rate [default: the recipe's]." in rendered_help(train_cli.app, "fit")
     evaluate = option_help(typer.main.get_command(train_cli.app).commands["evaluate"], "evaluate")
     assert "[default: 0.01]" in evaluate["--max-fpr"]
 

@@ -401,9 +401,11 @@ def evaluate_checkpoint(
         if recorded is None:
             raise ReconadError(f"{checkpoint} has no manifest beside it; evaluate the artifact recon-export wrote.")
         facts = facts_from_manifest(recorded, UNRELATED_DISTANCE)
+        provenance: dict = {}  # an artifact's manifest does not carry the training run's epoch selection
     else:
         detector = load_detector(checkpoint).to(torch_device)
         facts = facts_from_detector(detector)
+        provenance = detector.provenance
     categories = categories or _default_categories(facts, data_root)
     classes = normal_classes or facts.normal_classes or (0, 1, 2, 3, 4)
     bit_depth = bit_depth or facts.bit_depth
@@ -427,7 +429,7 @@ def evaluate_checkpoint(
     out_dir = Path(out_dir)
     (out_dir / "roc").mkdir(parents=True, exist_ok=True)
     curve = _json_safe(read_train_log(checkpoint))
-    saved_epoch = detector.provenance.get("epoch")
+    saved_epoch = provenance.get("epoch")
     if curve:
         plot_learning_curve(out_dir / "learning_curve.png", curve, saved_epoch)
     for category in dataset.category_names:
@@ -453,8 +455,8 @@ def evaluate_checkpoint(
         "pro_fpr_limit": 0.3,
         **_json_safe(result),
         "notes": notes,
-        "training": {"selected_by": detector.provenance.get("selected_by"), "epoch": detector.provenance.get("epoch"),
-                     "stopped_by_budget": detector.provenance.get("stopped_by_budget", False), "curve": curve},
+        "training": {"selected_by": provenance.get("selected_by"), "epoch": provenance.get("epoch"),
+                     "stopped_by_budget": provenance.get("stopped_by_budget", False), "curve": curve},
     }
     write_text_atomic(out_dir / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
     names = facts.category_names
@@ -481,7 +483,11 @@ def evaluate_checkpoint(
         points_table,
         "",
     ]
-    report += ["## Training run", "", selection_sentence(detector.provenance), ""]
+    if artifact:
+        report += ["## Training run", "", f"An exported artifact: its training run is the checkpoint's "
+                   f"(evaluate model.ckpt for the learning curve and the epoch selection).", ""]
+    else:
+        report += ["## Training run", "", selection_sentence(provenance), ""]
     if curve:
         report += [f"Learning curve from `{Path(checkpoint).parent / 'train_log.jsonl'}`:", "",
                    format_learning_curve(curve, saved_epoch), "", "![learning curve](learning_curve.png)", ""]
