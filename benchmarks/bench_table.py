@@ -6,8 +6,8 @@ included), the int8 graph through ``reconad.export.int8.quantize_to_int8`` calib
 images (the export's int8 checks need a trained model's AUROC, so they are not run on random weights here),
 and the eager model's GFLOP per image (torch's FLOP counter: 2 x multiply-accumulates of conv, linear and
 matmul). Then every measurement is a fresh process (its own peak RSS), interleaved round by round over
-variants and batch sizes, with this CPU's ONNX Runtime GEMM peak (a 1024^3 MatMul, the number the issue
-measures against) measured in every round too. Reported per row: ms per image (median over rounds),
+variants and batch sizes, with this CPU's ONNX Runtime GEMM peak (1024^3 MatMuls back to back for 3 s,
+sustained: the number the graph can be held to) measured in every round too. Reported per row: ms per image (median over rounds),
 GFLOP/s, fraction of the GEMM peak (medians of per-round ratios), peak RSS, and parity against the eager
 model on the reference images (map p99 error as a fraction of the map's range, image-score max error).
 
@@ -34,6 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("eager", "ort-fp32", "ort-fp16", "ort-int8")
 LABELS = {"eager": "PyTorch eager", "ort-fp32": "ORT fp32", "ort-fp16": "fp16 graph (ORT)", "ort-int8": "int8 QDQ (ORT)"}
 GEMM_N = 1024
+GEMM_SECONDS = 3.0
 WARMUP, TIMED = 1, 3
 
 
@@ -73,7 +74,7 @@ def build(preset: str, work: Path) -> None:
     detector = load_detector(checkpoint).eval()
     reference = run_torch(detector, images, max_batch=8)
     np.savez(folder / "reference.npz", images=images, **reference)
-    gflop = count_gflop(detector, torch.from_numpy(images[:1]))
+    gflop = count_gflop(detector, torch.from_numpy(images[:1]))  # on the explicit (exported) attention form
     paths = {"eager": str(checkpoint), "ort-fp32": str(fp32), "ort-fp16": str(fp16), "ort-int8": str(folder / "int8.onnx")}
     (folder / "build.json").write_text(json.dumps({"gflop_per_image": gflop, "paths": paths}))
 
@@ -97,12 +98,14 @@ def worker(variant: str, path: str, reference: Path, batch: int) -> dict:
                                        providers=["CPUExecutionProvider"])
         a = np.random.default_rng(0).standard_normal((GEMM_N, GEMM_N), dtype=np.float32)
         session.run(None, {"a": a, "b": a})
-        times = []
-        for _ in range(10):
-            start = time.perf_counter()
+        # Sustained, over GEMM_SECONDS: a container's CPU quota lets a few milliseconds of work burst on
+        # more cores than it may use for long (a single 1024^3 MatMul measured 2.4x this), and a graph
+        # run lasts far longer than a burst.
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < GEMM_SECONDS:
             session.run(None, {"a": a, "b": a})
-            times.append(time.perf_counter() - start)
-        return {"gflop_per_s": 2 * GEMM_N**3 / statistics.median(times) / 1e9}
+            calls += 1
+        return {"gflop_per_s": 2 * GEMM_N**3 * calls / (time.perf_counter() - start) / 1e9}
     if variant == "eager":
         import torch
 
