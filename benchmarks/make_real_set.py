@@ -39,15 +39,14 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from reconad.runtime.atomic import atomic_folder
 from reconad.runtime.errors import ReconadError
 
 DEFECTS = ("scratch", "hole", "stain", "contamination", "cut", "discoloration")
@@ -440,10 +439,8 @@ def write_real_set(
     paths = {name: resolve_source(SOURCES[name], source_roots) for name in config.categories}
     photos = {name: load_photograph(SOURCES[name], path) for name, path in paths.items()}
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     summary = RealSetSummary(root, 0, 0, tuple(config.categories))
-    try:
+    with atomic_folder(root) as staging:  # a half-written set is never left behind
         for name in config.categories:
             index = CATEGORIES.index(name)  # seeded by the fixed index: a subset renders the same images
             source, photo = SOURCES[name], photos[name]
@@ -482,12 +479,6 @@ def write_real_set(
             "images": summary.images,
         }
         (staging / "real_set.json").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary
 
 
