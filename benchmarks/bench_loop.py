@@ -5,7 +5,8 @@ camera (camera-size BGR frames; crop, resize and colour conversion happen on the
 JSONL sink, not paced, so it runs flat out and drops nothing; with ``--output`` each round runs the loop
 twice more with those video outputs attached: as a file or folder source (every frame rendered and written:
 the loop waits for the outputs) and as a live camera delivering frames flat out (inference drops what it
-cannot take and the outputs render what they can, on their lower-priority threads: the line's case, where
+cannot take and the outputs render what they can, at most at their frame rate, on their lower-priority
+threads: the line's case, where
 rendering must not slow inference). Each round measures bare then loop back to back; the headline ratio is the median of the per-round ratios, which cancels slow drifts of a shared
 machine. Latency: a live camera paced at half the bare rate (at most --camera-fps), so frames do not
 queue. Writes benchmarks/results/bench_loop.json and bench_loop.md (git-ignored).

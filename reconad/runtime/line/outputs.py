@@ -455,6 +455,9 @@ class VideoOutputSink:
         low, high: the heat scale (the manifest's score normalisation), or None.
         pixel_threshold: outline level for NG frames (the manifest's pixel threshold), or None.
         queue_size: frames waiting for rendering; more are dropped oldest first (live view, not a log).
+        max_fps: render at most this many frames per second (a live source: the outputs' own frame rate,
+            so a camera or inference faster than the stream does not pay for frames nobody sees; the rest
+            are counted in ``frames_over_rate``); None renders every frame (a file source's record).
     """
 
     name = "video"
@@ -462,15 +465,30 @@ class VideoOutputSink:
     needs_frames = True  # the loop keeps frame and map in results for sinks that say so
 
     def __init__(self, outputs: Sequence[VideoOutput], *, low: float | None = None, high: float | None = None,
-                 pixel_threshold: float | None = None, queue_size: int = 2) -> None:
+                 pixel_threshold: float | None = None, queue_size: int = 2, max_fps: float | None = None) -> None:
+        if max_fps is not None and max_fps <= 0:
+            raise ReconadError(f"max_fps must be positive, got {max_fps}.")
         self.outputs = list(outputs)
         self.low, self.high, self.pixel_threshold = low, high, pixel_threshold
         self.queue_size = queue_size
         self.render_ms = 0.0  # last render's duration
+        self.interval_s = None if max_fps is None else 1.0 / max_fps
+        self.frames_over_rate = 0
+        self._next_due = float("-inf")
 
     def accepts(self, result: Any) -> bool:
         verdict = getattr(result, "verdict", None)
-        return verdict is not None and getattr(result, "frame", None) is not None
+        if verdict is None or getattr(result, "frame", None) is None:
+            return False
+        if self.interval_s is not None:
+            # Called on the loop's thread in result order. Half an interval of slack, so a camera at
+            # exactly the output's rate is never thinned by its own jitter.
+            now = time.monotonic()
+            if now + 0.5 * self.interval_s < self._next_due:
+                self.frames_over_rate += 1
+                return False
+            self._next_due = max(self._next_due, now - self.interval_s) + self.interval_s
+        return True
 
     def write(self, result: Any) -> bool:
         if not any(getattr(output, "wants_frames", True) for output in self.outputs):

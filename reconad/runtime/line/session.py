@@ -125,7 +125,9 @@ def _add_sinks(sinks: list[Sink], config: InspectConfig, manifest: Manifest | No
         from reconad.runtime.line.outputs import VideoOutputSink, open_outputs
 
         outputs = open_outputs(config.outputs, fps=fps or 30.0)
-        sinks.append(VideoOutputSink(outputs, low=low, high=high, pixel_threshold=pixel.value if pixel else None))
+        # a live source renders at most at the outputs' frame rate; a file source renders every frame
+        sinks.append(VideoOutputSink(outputs, low=low, high=high, pixel_threshold=pixel.value if pixel else None,
+                                     max_fps=(fps or 30.0) if live else None))
     if config.metrics_port is not None:
         from reconad.runtime.line.prometheus import LineMetrics
 

@@ -312,3 +312,29 @@ def test_nothing_is_rendered_for_an_rtsp_output_nobody_watches(rtsp_output):
     finally:
         feeder.stop()
     assert near(frames[-1][4, 4], VERDICT_COLOURS["NG"]) and sink.render_ms > 0
+
+
+def test_a_live_source_renders_at_most_at_the_outputs_frame_rate(monkeypatch):
+    """Frames arriving faster than the output's rate are not rendered (counted); at the rate, none is lost
+    to jitter; without max_fps (a file source) every frame is rendered."""
+    from reconad.runtime.line import outputs as outputs_module
+
+    clock = [0.0]
+    monkeypatch.setattr(outputs_module.time, "monotonic", lambda: clock[0])
+
+    def accepted(sink, arrivals):
+        kept = 0
+        for t in arrivals:
+            clock[0] = t
+            kept += sink.accepts(inspection(0, 0.9))
+        return kept
+
+    fast = [k / 60 for k in range(120)]  # 2 s of a 60 fps camera
+    capped = VideoOutputSink([], max_fps=30)
+    kept = accepted(capped, fast)
+    assert 58 <= kept <= 62 and capped.frames_over_rate == 120 - kept
+    jittery = [k / 30 + (0.004 if k % 2 else -0.004) for k in range(60)]  # a 30 fps camera, +-4 ms
+    assert accepted(VideoOutputSink([], max_fps=30), jittery) == 60
+    assert accepted(VideoOutputSink([]), fast) == 120
+    with pytest.raises(ReconadError, match="max_fps"):
+        VideoOutputSink([], max_fps=0)
