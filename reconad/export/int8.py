@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from reconad.export.islands import find_fp32_island_groups
+from reconad.export.islands import find_fp32_island_groups, name_nodes
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import CALIBRATION_METHODS, INPUT_NAME, Int8Calibration
 
@@ -229,17 +229,9 @@ def quantize_to_int8(
         model = onnx.load(str(target))
     model.producer_name, model.producer_version = fp32_model.producer_name, fp32_model.producer_version
     model.doc_string = fp32_model.doc_string
-    _name_new_nodes(model)
+    name_nodes(model, tag="q")
     onnx.checker.check_model(model, full_check=True)
     return model
-
-
-def _name_new_nodes(model: onnx.ModelProto) -> None:
-    seen = set()
-    for position, node in enumerate(model.graph.node):
-        if not node.name or node.name in seen:
-            node.name = f"{node.name or node.op_type}_q{position}"
-        seen.add(node.name)
 
 
 def int8_node_counts(model: onnx.ModelProto) -> dict[str, int]:

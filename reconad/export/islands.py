@@ -196,3 +196,14 @@ def find_fp32_islands(model: onnx.ModelProto) -> list[str]:
     groups = find_fp32_island_groups(model)
     wanted = {name for names in groups.values() for name in names}
     return [node.name for node in model.graph.node if node.name in wanted]
+
+
+def name_nodes(model: onnx.ModelProto, tag: str = "") -> None:
+    """Give every node a unique name: precision constraints and engine layer reports refer to them.
+    A nameless or repeated name becomes ``<name or op type>_<tag><position>`` (the int8 pass tags its
+    Q/DQ nodes ``q``, so they cannot collide with the fp32 graph's names)."""
+    seen = set()
+    for position, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.name or node.op_type}_{tag}{position}"
+        seen.add(node.name)

@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 
 import reconad
 from reconad.export.fp16 import convert_to_fp16, emulate_fp16_storage
-from reconad.export.islands import ISLAND_NAMES, find_fp32_island_groups
+from reconad.export.islands import ISLAND_NAMES, find_fp32_island_groups, name_nodes
 from reconad.export.naming import artifact_name, artifact_stem
 from reconad.runtime.atomic import temp_file_beside
 from reconad.runtime.backends.ort import OrtBackend
@@ -229,15 +229,6 @@ def deduplicate_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
         del graph.initializer[:]
         graph.initializer.extend(unique)
     return model
-
-
-def name_nodes(model: onnx.ModelProto) -> None:
-    """Give every node a unique name: precision constraints and engine layer reports refer to them."""
-    seen = set()
-    for position, node in enumerate(model.graph.node):
-        if not node.name or node.name in seen:
-            node.name = f"{node.name or node.op_type}_{position}"
-        seen.add(node.name)
 
 
 def run_onnx(model: onnx.ModelProto, images: np.ndarray, max_batch: int) -> dict[str, np.ndarray]:

@@ -484,8 +484,8 @@ def evaluate_checkpoint(
         "",
     ]
     if artifact:
-        report += ["## Training run", "", f"An exported artifact: its training run is the checkpoint's "
-                   f"(evaluate model.ckpt for the learning curve and the epoch selection).", ""]
+        report += ["## Training run", "", "An exported artifact: its training run is the checkpoint's "
+                   "(evaluate model.ckpt for the learning curve and the epoch selection).", ""]
     else:
         report += ["## Training run", "", selection_sentence(provenance), ""]
     if curve:
