@@ -303,7 +303,7 @@ def test_heavy_sink_threads_run_below_the_inference_threads_and_light_ones_do_no
     import os
     import threading
 
-    from reconad.runtime.line.outputs import VideoOutputSink
+    from reconad.runtime.line.video_sink import VideoOutputSink
     from reconad.runtime.line.prometheus import LineMetrics
     from reconad.runtime.line.report import RateLimitedReporter
     from reconad.runtime.line.sinks import SINK_NICENESS, JsonlSink, OverlaySink, SinkWorker

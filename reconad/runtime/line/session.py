@@ -122,7 +122,8 @@ def _add_sinks(sinks: list[Sink], config: InspectConfig, manifest: Manifest | No
 
         sinks.append(MqttSink(config.mqtt, run_id=run_id, warn=warn))
     if config.outputs:
-        from reconad.runtime.line.outputs import VideoOutputSink, open_outputs
+        from reconad.runtime.line.outputs import open_outputs
+        from reconad.runtime.line.video_sink import VideoOutputSink
 
         outputs = open_outputs(config.outputs, fps=fps or 30.0)
         # a live source renders at most at the outputs' frame rate; a file source renders every frame

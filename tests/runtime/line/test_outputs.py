@@ -17,12 +17,12 @@ from reconad.runtime.inspector import Verdict
 from reconad.runtime.line.outputs import (
     FileOutput,
     OutputTarget,
-    VideoOutputSink,
     open_output,
     open_outputs,
     parse_output_uri,
 )
 from reconad.runtime.line.render import VERDICT_COLOURS
+from reconad.runtime.line.video_sink import VideoOutputSink
 from reconad.runtime.line.sinks import InspectionResult
 from tests.runtime.line.services import (
     free_port,
@@ -317,7 +317,7 @@ def test_nothing_is_rendered_for_an_rtsp_output_nobody_watches(rtsp_output):
 def test_a_live_source_renders_at_most_at_the_outputs_frame_rate(monkeypatch):
     """Frames arriving faster than the output's rate are not rendered (counted); at the rate, none is lost
     to jitter; without max_fps (a file source) every frame is rendered."""
-    from reconad.runtime.line import outputs as outputs_module
+    from reconad.runtime.line import video_sink as outputs_module
 
     clock = [0.0]
     monkeypatch.setattr(outputs_module.time, "monotonic", lambda: clock[0])
