@@ -349,7 +349,16 @@ class Inspector:
             what = "no image threshold"
         else:
             what = f"no image threshold for {', '.join(missing)} (nor a global one)"
-        return f"{sidecar} has {what}: calibrate it with recon-inspect calibrate {artifact.name} GOOD_IMAGES, {flags}."
+        return f"{sidecar} has {what}: calibrate it with recon-inspect calibrate {artifact} GOOD_IMAGES, {flags}."
+
+    def judged_at_the_global_threshold(self) -> tuple[str, ...]:
+        """The categories the graph names that have no threshold of their own, so their images are judged at
+        the global one (calibrated on other products' images, it can miss their defects); () when a
+        threshold or category is forced, or the model names none."""
+        if self.no_threshold or self.threshold_override is not None or self.category is not None or not self._names:
+            return ()
+        own = {name for name, point in self.manifest.category_thresholds.items() if point.image_threshold is not None}
+        return tuple(name for name in self._names if name not in own and self.operating_point(name).image_threshold is not None)
 
     def require_calibration(self) -> None:
         """Raise ``missing_calibration``'s sentence as a ``ReconadError`` (exit code 2) when there is one."""

@@ -135,3 +135,23 @@ def test_run_judges_each_image_by_its_category_or_the_forced_one(tmp_path):
     lines = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
     dark = [line for line in lines if line.get("file") == "good/dark.png"][-1]
     assert dark["category"] == "blue" and dark["recognized_category"] == "red" and dark["threshold"] == 0.95
+
+
+def test_run_warns_when_a_product_is_judged_at_the_global_threshold(tmp_path):
+    """A global calibration only (say, on one product's goods): the other products are judged at it, which
+    the newcomer trial found silent; now one warning names them. Per-category thresholds silence it."""
+    folder, artifact, out = image_folder(tmp_path), artifact_with_threshold(tmp_path, value=0.95), tmp_path / "out"
+    result = runner.invoke(app, ["run", str(folder), "--model", str(artifact), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "warning: red, green, blue have no thresholds of their own and will be judged at the global one" in result.stderr
+    manifest = Manifest.load(manifest_path_for(artifact))
+    for name in ("red", "green"):
+        manifest = manifest.with_operating_point(name, OperatingPoint(image_threshold=Threshold.manual(0.5)))
+    manifest.save(manifest_path_for(artifact))
+    result = runner.invoke(app, ["run", str(folder), "--model", str(artifact), "--out", str(tmp_path / "out2")])
+    assert result.exit_code == 0 and "warning: blue has no threshold of its own" in result.stderr
+    for name in ("blue",):
+        manifest = manifest.with_operating_point(name, OperatingPoint(image_threshold=Threshold.manual(0.5)))
+    manifest.save(manifest_path_for(artifact))
+    result = runner.invoke(app, ["run", str(folder), "--model", str(artifact), "--out", str(tmp_path / "out3")])
+    assert result.exit_code == 0 and "of its own" not in result.stderr and "of their own" not in result.stderr

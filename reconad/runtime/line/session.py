@@ -217,6 +217,12 @@ def inspect_stream(
                 if no_threshold:
                     report("Scores only (--no-threshold): no image is judged; decision and is_anomalous are null.")
             source.open()  # before any output exists: a source that cannot open leaves no empty verdict log
+            shared = () if server is not None else inspector.judged_at_the_global_threshold()
+            if shared:
+                report(f"warning: {', '.join(shared)} "
+                       f"{'has no threshold of its own' if len(shared) == 1 else 'have no thresholds of their own'} "
+                       "and will be judged at the global one; calibrate per category "
+                       f"(recon-inspect calibrate {artifact} DATA_ROOT, or --category NAME DIR).")
             try:
                 by_file = isinstance(source, ImageFolderSource)
                 sinks = build_sinks(config, inspector.manifest, live=source.live, name_by_file=by_file,
