@@ -37,7 +37,7 @@ def import_tensorrt() -> Any:
     except ImportError:
         raise ReconadError(
             "TensorRT is not installed (import tensorrt failed); engines are built and run on the target, "
-            "where JetPack provides it (on x86: pip install tensorrt)."
+            "where JetPack provides it (on an x86 GPU server: pip install 'reconad[gpu]', which brings tensorrt-cu12)."
         ) from None
     version = parse_version(tensorrt.__version__)
     if version[:2] < OLDEST_TENSORRT:
