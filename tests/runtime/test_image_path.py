@@ -223,3 +223,17 @@ def test_a_graph_ready_batch_is_not_prepared_a_second_time():
     batch = np.zeros((2, 16, 16, 3), np.uint8)
     assert frames.prepare_batch(batch, (16, 16)) is batch
     assert frames.prepare_batch(batch, (16, 16), colour="BGR") is not batch
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+@pytest.mark.parametrize("colour", ["BGR", "RGB"])
+def test_channel_order_conversion_is_a_pure_channel_copy(colour, channels):
+    """OpenCV's cvtColor (the fast path) gives the bytes of numpy's channel reversal, also on strided views."""
+    from reconad.runtime.frames import rgb_to_bgr, to_rgb_uint8
+
+    image = np.random.default_rng(3).integers(0, 256, size=(37, 53, channels), dtype=np.uint8)
+    for view in (image, image[::2, 1::3]):
+        expected = view[:, :, 2::-1] if colour == "BGR" else view[:, :, :3]
+        converted = to_rgb_uint8(view, colour=colour)
+        assert converted.flags["C_CONTIGUOUS"] and np.array_equal(converted, expected)
+    assert np.array_equal(rgb_to_bgr(image[:, :, :3]), image[:, :, 2::-1])

@@ -80,6 +80,7 @@ class InspectConfig:
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free one)
     metrics_address: str | None = None  # the address it binds; None: 127.0.0.1 (loopback only)
     outputs: tuple[str, ...] = ()  # video outputs: display://0, rtsp://[address]:port/path, FILE.mp4 (line/outputs.py)
+    render_process: bool = True  # outputs render and encode in a child process (line/render_process.py)
 
     def __post_init__(self) -> None:
         if self.max_frames is not None and self.max_frames < 1:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.frames import import_cv2
+from reconad.runtime.frames import import_cv2, rgb_to_bgr
 
 FILE_FOURCCS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 DEFAULT_RTSP_PORT = 8554
@@ -166,7 +166,7 @@ class FileOutput(VideoOutput):
             if not writer.isOpened():
                 raise ReconadError(f"OpenCV cannot write the video {self.partial} ({width}x{height}).")
             self._writer, self._shape = writer, frame.shape
-        self._writer.write(np.ascontiguousarray(_fit(frame, self._shape)[:, :, ::-1]))  # OpenCV wants BGR
+        self._writer.write(rgb_to_bgr(_fit(frame, self._shape)))  # OpenCV wants BGR
         self.frames_written += 1
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from reconad.runtime.atomic import write_bytes_atomic
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.frames import Roi, import_cv2, to_rgb_uint8
+from reconad.runtime.frames import Roi, import_cv2, rgb_to_bgr, to_rgb_uint8
 
 # RGB. Red/green as the line's lamps; amber for "not a product we know"; gray for "not judged".
 VERDICT_COLOURS = {
@@ -358,7 +358,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write an RGB uint8 image as PNG atomically (temp file in the same folder, then rename)."""
     cv2 = import_cv2()
     path = Path(path)
-    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]))
+    ok, encoded = cv2.imencode(".png", rgb_to_bgr(image))
     if not ok:
         raise ReconadError(f"OpenCV could not encode {path} as PNG.")
     try:

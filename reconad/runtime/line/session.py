@@ -122,13 +122,18 @@ def _add_sinks(sinks: list[Sink], config: InspectConfig, manifest: Manifest | No
 
         sinks.append(MqttSink(config.mqtt, run_id=run_id, warn=warn))
     if config.outputs:
-        from reconad.runtime.line.outputs import open_outputs
-        from reconad.runtime.line.video_sink import VideoOutputSink
-
-        outputs = open_outputs(config.outputs, fps=fps or 30.0)
         # a live source renders at most at the outputs' frame rate; a file source renders every frame
-        sinks.append(VideoOutputSink(outputs, low=low, high=high, pixel_threshold=pixel.value if pixel else None,
-                                     max_fps=(fps or 30.0) if live else None))
+        options = {"low": low, "high": high, "pixel_threshold": pixel.value if pixel else None,
+                   "max_fps": (fps or 30.0) if live else None}
+        if config.render_process:
+            from reconad.runtime.line.render_process import RenderProcessSink
+
+            sinks.append(RenderProcessSink(config.outputs, fps=fps or 30.0, **options))
+        else:
+            from reconad.runtime.line.outputs import open_outputs
+            from reconad.runtime.line.video_sink import VideoOutputSink
+
+            sinks.append(VideoOutputSink(open_outputs(config.outputs, fps=fps or 30.0), **options))
     if config.metrics_port is not None:
         from reconad.runtime.line.prometheus import LineMetrics
 

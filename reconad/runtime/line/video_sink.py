@@ -1,7 +1,8 @@
 """The loop's sink for video outputs: render each inspected frame once (``render.render_result``) and hand it
 to every output of ``line/outputs.py``, on the loop's sink worker behind a small drop-oldest queue, so a
 slow encoder or display drops frames (counted) rather than delaying inference; a live source renders at
-most at the outputs' frame rate.
+most at the outputs' frame rate. ``recon-inspect run`` runs it in a child process
+(``line/render_process.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,33 @@ from reconad.runtime.line.outputs import VideoOutput
 from reconad.runtime.line.render import render_result
 
 
-class VideoOutputSink:
+class OutputRateLimit:
+    """The video sinks' ``accepts``: results with a frame and a verdict, at most ``max_fps`` of them per
+    second (None: every one), the rest counted in ``frames_over_rate``."""
+
+    def __init__(self, max_fps: float | None) -> None:
+        if max_fps is not None and max_fps <= 0:
+            raise ReconadError(f"max_fps must be positive, got {max_fps}.")
+        self.interval_s = None if max_fps is None else 1.0 / max_fps
+        self.frames_over_rate = 0
+        self._next_due = float("-inf")
+
+    def accepts(self, result: Any) -> bool:
+        verdict = getattr(result, "verdict", None)
+        if verdict is None or getattr(result, "frame", None) is None:
+            return False
+        if self.interval_s is not None:
+            # Called on the loop's thread in result order. Half an interval of slack, so a camera at
+            # exactly the output's rate is never thinned by its own jitter.
+            now = time.monotonic()
+            if now + 0.5 * self.interval_s < self._next_due:
+                self.frames_over_rate += 1
+                return False
+            self._next_due = max(self._next_due, now - self.interval_s) + self.interval_s
+        return True
+
+
+class VideoOutputSink(OutputRateLimit):
     """The loop's sink for video outputs: render each inspected frame once, write it to every output.
 
     Needs results that carry their frame and anomaly map (``needs_frames``); others are not accepted.
@@ -39,29 +66,11 @@ class VideoOutputSink:
 
     def __init__(self, outputs: Sequence[VideoOutput], *, low: float | None = None, high: float | None = None,
                  pixel_threshold: float | None = None, queue_size: int = 2, max_fps: float | None = None) -> None:
-        if max_fps is not None and max_fps <= 0:
-            raise ReconadError(f"max_fps must be positive, got {max_fps}.")
+        super().__init__(max_fps)
         self.outputs = list(outputs)
         self.low, self.high, self.pixel_threshold = low, high, pixel_threshold
         self.queue_size = queue_size
         self.render_ms = 0.0  # last render's duration
-        self.interval_s = None if max_fps is None else 1.0 / max_fps
-        self.frames_over_rate = 0
-        self._next_due = float("-inf")
-
-    def accepts(self, result: Any) -> bool:
-        verdict = getattr(result, "verdict", None)
-        if verdict is None or getattr(result, "frame", None) is None:
-            return False
-        if self.interval_s is not None:
-            # Called on the loop's thread in result order. Half an interval of slack, so a camera at
-            # exactly the output's rate is never thinned by its own jitter.
-            now = time.monotonic()
-            if now + 0.5 * self.interval_s < self._next_due:
-                self.frames_over_rate += 1
-                return False
-            self._next_due = max(self._next_due, now - self.interval_s) + self.interval_s
-        return True
 
     def write(self, result: Any) -> bool:
         if not any(getattr(output, "wants_frames", True) for output in self.outputs):

@@ -1,0 +1,198 @@
+"""Video outputs rendered and encoded in a child process, so drawing and encoding never share the
+interpreter lock, nor a CPU priority, with inference.
+
+In one process the render thread holds the interpreter lock for its Python and numpy steps; lowered in
+priority (``SinkWorker``), it is preempted while holding it and the inference thread then waits for a
+thread the scheduler keeps off the CPU (a priority inversion). A child process has its own interpreter
+and runs at the lowest priority (nice 19), so it gets what inference leaves.
+
+The parent's sink sends each accepted result over a pipe: the result without its frame (pickled; the
+anomaly map is small), then the frame's bytes straight from the array (``send_bytes``: no pickling copy,
+the write releases the lock); the child renders it with ``VideoOutputSink`` and answers with the outputs'
+state. ``write`` waits for that answer on the sink's own thread, so ``SinkWorker``'s drop-oldest queue,
+counters and error reports work as for any sink. The child ignores SIGINT (the loop stops it with the
+run), and ends when the pipe closes: a parent that is killed leaves its files named partial, as before.
+Written with the standard library's ``multiprocessing`` (spawn: the parent runs threads); no shared-memory
+segments, which a crash would leak in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from reconad.runtime.errors import ReconadError
+from reconad.runtime.line.video_sink import OutputRateLimit
+
+CHILD_NICENESS = 19  # the lowest normal priority: the child renders with what inference leaves
+START_TIMEOUT_S = 60.0  # spawning imports numpy and OpenCV and opens every output
+CLOSE_TIMEOUT_S = 30.0  # finishing a file or an RTSP server
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputState:
+    """What the parent knows of one output in the child: ``uri``, ``frames_written`` and, for an RTSP
+    output, the ``url`` clients open (the attributes ``summary.json`` reports)."""
+
+    uri: str
+    frames_written: int = 0
+    url: str | None = None
+
+
+def _state(sink: Any) -> dict[str, Any]:
+    return {
+        "wants_frames": any(getattr(output, "wants_frames", True) for output in sink.outputs),
+        "outputs": [OutputState(output.uri, output.frames_written, getattr(output, "url", None))
+                    for output in sink.outputs],
+        "render_ms": sink.render_ms,
+    }
+
+
+def _serve(connection: Any, uris: Sequence[str], fps: float, options: dict[str, Any]) -> None:
+    """The child: open the outputs, then render each frame it is sent until told to close."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
+    try:
+        os.nice(CHILD_NICENESS - os.nice(0))
+    except (AttributeError, OSError):
+        pass
+    from reconad.runtime.line.outputs import open_outputs
+    from reconad.runtime.line.video_sink import VideoOutputSink
+
+    try:
+        sink = VideoOutputSink(open_outputs(uris, fps=fps), **options)
+    except Exception as error:  # noqa: BLE001 - every failure goes back as one sentence
+        connection.send(("error", str(error) or type(error).__name__, None))
+        return
+    connection.send(("ok", None, _state(sink)))
+    buffer = bytearray()
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):  # the parent is gone: leave files partial, as a killed run does
+            os._exit(1)
+        kind = message[0]
+        if kind == "close":
+            try:
+                sink.close()
+                connection.send(("ok", None, _state(sink)))
+            except Exception as error:  # noqa: BLE001
+                connection.send(("error", str(error) or type(error).__name__, _state(sink)))
+            return
+        if kind == "poll":
+            connection.send(("ok", None, _state(sink)))
+            continue
+        _, result, shape, dtype = message
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if len(buffer) != size:
+            buffer = bytearray(size)
+        connection.recv_bytes_into(buffer)
+        frame = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+        try:
+            written = sink.write(dataclasses.replace(result, frame=frame))
+            connection.send(("ok", written, _state(sink)))
+        except Exception as error:  # noqa: BLE001 - the parent counts it; the child goes on
+            connection.send(("error", str(error) or type(error).__name__, _state(sink)))
+
+
+class RenderProcessSink(OutputRateLimit):
+    """``VideoOutputSink``'s job with the drawing and encoding in a child process (see the module).
+
+    Args:
+        uris: the ``--output`` URIs; opened in the child (``ReconadError`` here when one cannot be).
+        fps: the outputs' frame rate.
+        low, high, pixel_threshold: as for ``VideoOutputSink``.
+        max_fps: as for ``VideoOutputSink`` (a live source renders at most at the outputs' rate).
+
+    Raises:
+        ReconadError: an output cannot be opened, or the child does not start within a minute.
+    """
+
+    name = "video"
+    heavy = True
+    needs_frames = True
+
+    def __init__(self, uris: Sequence[str], *, fps: float = 30.0, low: float | None = None,
+                 high: float | None = None, pixel_threshold: float | None = None, queue_size: int = 2,
+                 max_fps: float | None = None) -> None:
+        super().__init__(max_fps)
+        self.queue_size = queue_size
+        context = multiprocessing.get_context("spawn")
+        self._connection, child_end = context.Pipe()
+        options = {"low": low, "high": high, "pixel_threshold": pixel_threshold}
+        self._process = context.Process(target=_serve, args=(child_end, list(uris), fps, options),
+                                        name="reconad-render", daemon=True)
+        self._process.start()
+        child_end.close()
+        self._state: dict[str, Any] = {"wants_frames": True, "outputs": [OutputState(uri) for uri in uris],
+                                       "render_ms": 0.0}
+        self._closed = False
+        status, message, _ = self._answer(START_TIMEOUT_S, "start")
+        if status != "ok":
+            self._process.join(5)
+            raise ReconadError(message if message.endswith(".") else f"{message}.")
+
+    @property
+    def outputs(self) -> list[OutputState]:
+        """The outputs' last known state (uri, frames written, RTSP url)."""
+        return list(self._state["outputs"])
+
+    @property
+    def render_ms(self) -> float:
+        """The child's last render's duration."""
+        return float(self._state["render_ms"])
+
+    def _answer(self, timeout_s: float, doing: str) -> tuple[str, Any, Any]:
+        if not self._connection.poll(timeout_s):
+            self._process.kill()
+            raise ReconadError(f"The video output process did not {doing} within {timeout_s:.0f} s; it was stopped.")
+        try:
+            status, value, state = self._connection.recv()
+        except (EOFError, OSError):
+            self._process.join(5)
+            raise ReconadError(
+                f"The video output process ended unexpectedly (exit code {self._process.exitcode})."
+            ) from None
+        if state is not None:
+            self._state = state
+        return status, value, state
+
+    def write(self, result: Any) -> bool:
+        if self._closed or not self._process.is_alive():
+            raise ReconadError(f"The video output process is not running (exit code {self._process.exitcode}).")
+        if not self._state["wants_frames"]:  # e.g. RTSP nobody watches: ask whether that changed
+            self._connection.send(("poll",))
+            self._answer(CLOSE_TIMEOUT_S, "answer")
+            if not self._state["wants_frames"]:
+                return False
+        frame = np.ascontiguousarray(result.frame)
+        self._connection.send(("frame", dataclasses.replace(result, frame=None), frame.shape, frame.dtype.str))
+        self._connection.send_bytes(memoryview(frame).cast("B"))
+        status, value, _ = self._answer(CLOSE_TIMEOUT_S, "render a frame")
+        if status != "ok":
+            raise ReconadError(value)
+        return bool(value)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._process.is_alive():
+                raise ReconadError(f"The video output process ended early (exit code {self._process.exitcode}).")
+            started = time.monotonic()
+            self._connection.send(("close",))
+            status, value, _ = self._answer(CLOSE_TIMEOUT_S, "close its outputs")
+            self._process.join(max(1.0, CLOSE_TIMEOUT_S - (time.monotonic() - started)))
+            if status != "ok":
+                raise ReconadError(value)
+        finally:
+            if self._process.is_alive():
+                self._process.kill()
+            self._connection.close()

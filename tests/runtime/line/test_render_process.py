@@ -1,0 +1,125 @@
+"""Video outputs rendered in a child process (line/render_process.py): files and an RTSP stream read back
+by real clients, the child's priority and signals, and what happens when either side dies."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from reconad.runtime.errors import ReconadError
+from reconad.runtime.line.render import VERDICT_COLOURS
+from reconad.runtime.line.render_process import CHILD_NICENESS, RenderProcessSink
+from tests.runtime.line.services import free_port, require_ffmpeg_rtsp_client, require_gst_outputs, wait_until
+from tests.runtime.line.test_outputs import inspection, near, read_frames
+
+
+def decoded(path):
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return frames
+        frames.append(frame[:, :, ::-1])
+
+
+def test_the_child_renders_every_frame_into_every_file(tmp_path):
+    sink = RenderProcessSink([str(tmp_path / "a.mp4"), str(tmp_path / "b.avi")], fps=10, pixel_threshold=0.6)
+    try:
+        child = sink._process.pid
+        assert child != os.getpid()
+        assert os.getpriority(os.PRIO_PROCESS, child) == CHILD_NICENESS  # renders with what inference leaves
+        for index in range(6):
+            assert sink.accepts(inspection(index, 0.9 if index % 2 else 0.1))
+            assert sink.write(inspection(index, 0.9 if index % 2 else 0.1)) is True
+        assert sink.render_ms > 0
+        assert not (tmp_path / "a.mp4").exists()  # still being written: named partial
+    finally:
+        sink.close()
+    assert [state.frames_written for state in sink.outputs] == [6, 6]
+    for name in ("a.mp4", "b.avi"):
+        frames = decoded(tmp_path / name)
+        assert len(frames) == 6
+        assert near(frames[0][5, 5], VERDICT_COLOURS["OK"]) and near(frames[1][5, 5], VERDICT_COLOURS["NG"])
+    assert not sink._process.is_alive()
+
+
+def test_an_output_the_child_cannot_open_is_one_sentence(tmp_path):
+    with pytest.raises(ReconadError, match=r"^Cannot write .*nope/a\.mp4: the folder .* does not exist\.$"):
+        RenderProcessSink([str(tmp_path / "a.avi"), str(tmp_path / "nope" / "a.mp4")])
+
+
+def test_the_child_ignores_ctrl_c_and_is_stopped_by_the_run(tmp_path):
+    sink = RenderProcessSink([str(tmp_path / "a.avi")], fps=10)
+    try:
+        os.kill(sink._process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+        time.sleep(0.3)
+        assert sink.write(inspection(0, 0.9)) is True
+    finally:
+        sink.close()
+    assert len(decoded(tmp_path / "a.avi")) == 1
+
+
+def test_a_child_that_dies_fails_the_writes_in_one_sentence(tmp_path):
+    sink = RenderProcessSink([str(tmp_path / "a.avi")], fps=10)
+    sink.write(inspection(0, 0.9))
+    sink._process.kill()
+    sink._process.join(5)
+    with pytest.raises(ReconadError, match=r"^The video output process (ended unexpectedly|is not running) \(exit code -9\)\.$"):
+        sink.write(inspection(1, 0.9))
+    with pytest.raises(ReconadError, match="ended early"):
+        sink.close()
+
+
+def test_a_killed_run_leaves_its_file_named_partial(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {os.getcwd()!r})
+        from tests.runtime.line.test_outputs import inspection
+        from reconad.runtime.line.render_process import RenderProcessSink
+        if __name__ == "__main__":
+            sink = RenderProcessSink([{str(tmp_path / "line.avi")!r}], fps=10)
+            sink.write(inspection(0, 0.9))
+            print(sink._process.pid, flush=True)
+            os._exit(9)  # killed: no close
+    """)
+    (tmp_path / "run.py").write_text(script)
+    done = subprocess.run([sys.executable, str(tmp_path / "run.py")], capture_output=True, text=True, timeout=60)
+    child = int(done.stdout.split()[0])
+    assert wait_until(lambda: not os.path.exists(f"/proc/{child}"), timeout_s=10)  # the child followed its parent
+    assert (tmp_path / "line.partial.avi").exists() and not (tmp_path / "line.avi").exists()
+
+
+def test_an_rtsp_output_in_the_child_renders_only_while_watched():
+    require_gst_outputs()
+    require_ffmpeg_rtsp_client()
+    port = free_port()
+    sink = RenderProcessSink([f"rtsp://@:{port}/inspect"], fps=15)
+    try:
+        assert sink.write(inspection(0, 0.1)) is True  # the first frame mounts the stream
+        assert sink.outputs[0].url == f"rtsp://127.0.0.1:{port}/inspect"
+        assert sink.write(inspection(1, 0.1)) is False  # nobody watches: not rendered
+        stop = threading.Event()
+
+        def feed():
+            while not stop.is_set():
+                sink.write(inspection(2, 0.9))
+                time.sleep(1 / 15)
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        try:
+            frames = read_frames(sink.outputs[0].url, 3)  # a client comes: frames are rendered again
+        finally:
+            stop.set()
+            feeder.join()
+        assert near(frames[-1][4, 4], VERDICT_COLOURS["NG"])
+    finally:
+        sink.close()
