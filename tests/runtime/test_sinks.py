@@ -22,11 +22,10 @@ from reconad.runtime.line.sinks import (
     InspectionResult,
     JsonlSink,
     OverlaySink,
-    WebhookSink,
     describe_error,
-    parse_headers,
 )
 from reconad.runtime.line.render import VERDICT_COLOURS
+from reconad.runtime.line.webhook import WebhookSink, parse_headers
 from tests.runtime.fakes import FakeInspector, ScriptedSource, gray_frame
 
 

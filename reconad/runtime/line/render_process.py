@@ -22,7 +22,6 @@ import dataclasses
 import multiprocessing
 import os
 import signal
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,10 +132,23 @@ class RenderProcessSink(OutputRateLimit):
         self._state: dict[str, Any] = {"wants_frames": True, "outputs": [OutputState(uri) for uri in uris],
                                        "render_ms": 0.0}
         self._closed = False
-        status, message, _ = self._answer(START_TIMEOUT_S, "start")
-        if status != "ok":
+        try:
+            status, message, _ = self._answer(START_TIMEOUT_S, "start")
+            if status != "ok":
+                raise ReconadError(message if message.endswith(".") else f"{message}.")
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        """End the child (it has been told to close, or it failed) and free the pipe and its handle."""
+        self._closed = True
+        self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
             self._process.join(5)
-            raise ReconadError(message if message.endswith(".") else f"{message}.")
+        self._connection.close()
+        self._process.close()
 
     @property
     def outputs(self) -> list[OutputState]:
@@ -164,7 +176,9 @@ class RenderProcessSink(OutputRateLimit):
         return status, value, state
 
     def write(self, result: Any) -> bool:
-        if self._closed or not self._process.is_alive():
+        if self._closed:
+            raise ReconadError("The video outputs are closed.")
+        if not self._process.is_alive():
             raise ReconadError(f"The video output process is not running (exit code {self._process.exitcode}).")
         if not self._state["wants_frames"]:  # e.g. RTSP nobody watches: ask whether that changed
             self._connection.send(("poll",))
@@ -186,13 +200,9 @@ class RenderProcessSink(OutputRateLimit):
         try:
             if not self._process.is_alive():
                 raise ReconadError(f"The video output process ended early (exit code {self._process.exitcode}).")
-            started = time.monotonic()
             self._connection.send(("close",))
             status, value, _ = self._answer(CLOSE_TIMEOUT_S, "close its outputs")
-            self._process.join(max(1.0, CLOSE_TIMEOUT_S - (time.monotonic() - started)))
             if status != "ok":
                 raise ReconadError(value)
         finally:
-            if self._process.is_alive():
-                self._process.kill()
-            self._connection.close()
+            self._release()

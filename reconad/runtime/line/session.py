@@ -24,14 +24,12 @@ from reconad.runtime.line.report import report_stderr
 from reconad.runtime.line.secrets import secret_from
 from reconad.runtime.line.sinks import (
     VERDICTS_FILE,
-    WEBHOOK_AUTHORIZATION_ENV,
     JsonlSink,
     OverlaySink,
     Sink,
-    WebhookSink,
     describe_error,
-    parse_headers,
 )
+from reconad.runtime.line.webhook import WEBHOOK_AUTHORIZATION_ENV, WebhookSink, parse_headers
 from reconad.runtime.line.sources import ImageFolderSource, SourceConfig, open_source
 from reconad.runtime.manifest import Manifest
 

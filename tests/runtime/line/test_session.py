@@ -75,6 +75,9 @@ def test_sinks_are_made_all_or_nothing(tmp_path):
         InspectConfig(outputs=("webrtc://nowhere",))
     config = InspectConfig(out=tmp_path / "out", mqtt=MqttConfig(uri=f"mqtt://127.0.0.1:{free_port()}/t"),
                            outputs=(str(tmp_path / "missing" / "line.mp4"),))
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # the video outputs' child is spawned; its tracker is once per process
     descriptors = len(os.listdir("/proc/self/fd"))
     with pytest.raises(ReconadError, match="does not exist"):
         build_sinks(config, None, warn=lambda line: None)
