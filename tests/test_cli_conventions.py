@@ -244,3 +244,22 @@ def test_the_int8_calibration_methods_are_the_manifests():
     from reconad.runtime.manifest import CALIBRATION_METHODS
 
     assert tuple(member.value for member in export_cli.CalibrationMethod) == tuple(CALIBRATION_METHODS)
+
+
+# Bad input each app refuses after parsing (a ReconadError): the sentence alone, as recon-export and recon-inspect
+# always printed it (recon-train used to put "error: " before it).
+BAD_INPUT = [
+    ("recon-train", ["fit", "DATA", "--out", "RUN", "--normal-classes", "a,b"],
+     "--normal-classes must be comma-separated integers, got 'a,b'."),
+    ("recon-export", ["verify", "{missing}"], "Model file {missing} does not exist."),
+    ("recon-inspect", ["calibrate", "{missing}", "{folder}"],
+     "Calibration needs at least 2 defect-free images; {folder} has fewer."),
+]
+
+
+@pytest.mark.parametrize("app_name, arguments, sentence", BAD_INPUT)
+def test_bad_input_is_the_same_bare_sentence_on_every_app(app_name, arguments, sentence, tmp_path):
+    names = {"missing": str(tmp_path / "none.onnx"), "folder": str(tmp_path)}
+    result = runner.invoke(APPS[app_name], [argument.format(**names) for argument in arguments], prog_name=app_name)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == sentence.format(**names) + "\n"

@@ -39,7 +39,7 @@ def sample_data_command(
     try:
         summary = write_sample_data(out, seed=seed, overwrite=overwrite)
     except ReconadError as error:
-        exit_with(error, prefix="error: ")
+        exit_with(error)
     typer.echo(f"wrote {summary.root}: {len(summary.categories)} categories ({', '.join(summary.categories)}), "
                f"{summary.num_train} train and {summary.num_test} test images")
 
@@ -86,7 +86,7 @@ def fit_command(
         classes = tuple(int(c) for c in _split_names(normal_classes)) if normal_classes else None
     except ValueError:
         message = f"--normal-classes must be comma-separated integers, got {normal_classes!r}."
-        exit_with(ReconadError(message), prefix="error: ")
+        exit_with(ReconadError(message))
     try:
         train_config = read_train_config(
             config, preset=value_of(preset), epochs=epochs, minutes=minutes, recipe=value_of(recipe), batch_size=batch_size,
@@ -101,7 +101,7 @@ def fit_command(
 
         result = fit(data, out, train_config, resume=resume)
     except ReconadError as error:
-        exit_with(error, prefix="error: ")
+        exit_with(error)
     finally:
         import torch.distributed
 
@@ -142,7 +142,7 @@ def evaluate_command(
                                      num_heatmaps, skip_bad_files, bit_depth=bit_depth, manifest=manifest,
                                      max_fpr=max_fpr)
     except ReconadError as error:
-        exit_with(error, prefix="error: ")
+        exit_with(error)
     typer.echo(report.table)
     typer.echo("")
     typer.echo(report.points_table)
@@ -164,5 +164,5 @@ def import_uniad_command(
         detector = import_uniad(checkpoint)
         save_checkpoint(detector, out, **detector.provenance)
     except ReconadError as error:
-        exit_with(error, prefix="error: ")
+        exit_with(error)
     typer.echo(f"wrote {out} (preset {detector.config.preset})")
