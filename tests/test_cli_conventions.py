@@ -263,3 +263,21 @@ def test_bad_input_is_the_same_bare_sentence_on_every_app(app_name, arguments, s
     result = runner.invoke(APPS[app_name], [argument.format(**names) for argument in arguments], prog_name=app_name)
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr == sentence.format(**names) + "\n"
+
+
+def own_help(param) -> str:
+    """A parameter's help without the default stated in it: what it says the option is for."""
+    return re.sub(r"\[default: [^\]]*\]\.?", "", param.help or "").strip()
+
+
+def test_every_option_and_argument_says_what_it_is_for():
+    """--seed, --schedule, --vflip and --cache-features had only "[default: ...]"; evaluate's --skip-bad-files and
+    --batch-size had nothing."""
+    silent = []
+    for app_name, app in APPS.items():
+        group = typer.main.get_command(app)
+        for name, command in [("", group), *group.commands.items()]:
+            for param in command.params:
+                if not own_help(param):
+                    silent.append((app_name, name, param.opts[0] if param.opts else param.name))
+    assert silent == []
