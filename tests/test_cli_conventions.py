@@ -3,6 +3,7 @@ written, --version, fixed choices as click choices (shell completion, one senten
 spellings the library accepts."""
 
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -179,7 +180,52 @@ def test_a_choice_completes_in_the_shell_and_a_wrong_one_is_one_sentence():
     assert completion.output.split() == ["ort-cpu", "ort-cuda"], completion.output
     result = runner.invoke(export_cli.app, ["build-engine", "m.onnx", "--precision", "int4"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.output.strip().splitlines()[-1].endswith("'int4' is not one of 'fp16', 'fp32', 'int8'.")
+    assert result.output.strip().splitlines()[-1] == \
+        "Error: Invalid value for '--precision': 'int4' is not one of 'fp16', 'fp32', 'int8'."
+
+
+# A wrong choice on each app: the same sentence (the option, the value, the choices), no pydantic "Value error, ".
+WRONG_CHOICES = [
+    ("recon-train", ["fit", "DATA", "--out", "RUN", "--preset", "lite0"], "fit",
+     "Error: Invalid value for '--preset': 'lite0' is not one of 'mvtec-512', 'uniad-224', 'cifar-32', 'lite0-256', 'tiny'."),
+    ("recon-export", ["verify", "m.onnx", "--backend", "cuda"], "verify",
+     "Error: Invalid value for '--backend': 'cuda' is not one of 'auto', 'ort', 'ort-cpu', 'ort-cuda', 'ort-trt', 'trt'."),
+    ("recon-inspect", ["doctor", "--for", "tensorrt"], "doctor",
+     "Error: Invalid value for '--for': 'tensorrt' is not one of 'ort-cpu', 'ort-cuda', 'trt'."),
+]
+
+
+@pytest.mark.parametrize("app_name, arguments, command, sentence", WRONG_CHOICES)
+def test_a_wrong_choice_reads_as_every_other_usage_error(app_name, arguments, command, sentence):
+    """Typer 0.29 printed "Value error, 'lite0' is not one of ..." (pydantic's prefix) after the usage lines."""
+    result = runner.invoke(APPS[app_name], arguments, prog_name=app_name)
+    assert result.exit_code == 2 and "Traceback" not in result.output and "Value error" not in result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1] == sentence
+    unknown = runner.invoke(APPS[app_name], [command, "--no-such-option"], prog_name=app_name)
+    assert unknown.exit_code == 2
+    # the same usage lines before it as an unknown option gets, and nothing else
+    assert lines[:-1] == unknown.output.strip().splitlines()[:-1], (result.output, unknown.output)
+
+
+def test_usage_lines_and_value_types_read_as_click_writes_them():
+    """Typer 0.29 wrote required arguments as {data} and types as <list[Path]> or <int range>."""
+    for app_name, app, name, _ in commands():
+        text = runner.invoke(app, [name, "--help"], prog_name=app_name, env={"COLUMNS": "200"}).output
+        assert not re.search(r"\{[a-z_]+\}|<list\[|<[a-z]+ range>", text), (app_name, name, text)
+    usage = {name: runner.invoke(app, [name, "--help"], prog_name=app_name).output.splitlines()[0]
+             for app_name, app, name, _ in commands()}
+    assert usage["fit"] == "Usage: recon-train fit [OPTIONS] DATA"
+    assert usage["evaluate"] == "Usage: recon-train evaluate [OPTIONS] CHECKPOINT DATA"
+    assert usage["calibrate"] == "Usage: recon-inspect calibrate [OPTIONS] ARTIFACT [FOLDERS]..."
+    assert usage["triton-repo"] == "Usage: recon-export triton-repo [OPTIONS] ARTIFACTS..."
+    assert usage["run"] == "Usage: recon-inspect run [OPTIONS] [SOURCE]"
+    calibrate = rendered_help(inspect_cli.app, "calibrate")
+    assert "ARTIFACT <path> The .onnx" in calibrate and "FOLDERS... <path> An MVTec-layout" in calibrate
+    assert "--batch-size <int> Images per inference call [default: 8]. [x>=1]" in calibrate
+    assert "--calibration-images <path> int8:" in rendered_help(export_cli.app, "to-onnx")
+    missing = runner.invoke(train_cli.app, ["fit", "--out", "RUN"], prog_name="recon-train")
+    assert missing.exit_code == 2 and missing.output.strip().splitlines()[-1] == "Error: Missing argument 'DATA'."
 
 
 def test_help_stays_torch_free_and_fast_to_load():
@@ -198,3 +244,40 @@ def test_the_int8_calibration_methods_are_the_manifests():
     from reconad.runtime.manifest import CALIBRATION_METHODS
 
     assert tuple(member.value for member in export_cli.CalibrationMethod) == tuple(CALIBRATION_METHODS)
+
+
+# Bad input each app refuses after parsing (a ReconadError): the sentence alone, as recon-export and recon-inspect
+# always printed it (recon-train used to put "error: " before it).
+BAD_INPUT = [
+    ("recon-train", ["fit", "DATA", "--out", "RUN", "--normal-classes", "a,b"],
+     "--normal-classes must be comma-separated integers, got 'a,b'."),
+    ("recon-export", ["verify", "{missing}"], "Model file {missing} does not exist."),
+    ("recon-inspect", ["calibrate", "{missing}", "{folder}"],
+     "Calibration needs at least 2 defect-free images; {folder} has fewer."),
+]
+
+
+@pytest.mark.parametrize("app_name, arguments, sentence", BAD_INPUT)
+def test_bad_input_is_the_same_bare_sentence_on_every_app(app_name, arguments, sentence, tmp_path):
+    names = {"missing": str(tmp_path / "none.onnx"), "folder": str(tmp_path)}
+    result = runner.invoke(APPS[app_name], [argument.format(**names) for argument in arguments], prog_name=app_name)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == sentence.format(**names) + "\n"
+
+
+def own_help(param) -> str:
+    """A parameter's help without the default stated in it: what it says the option is for."""
+    return re.sub(r"\[default: [^\]]*\]\.?", "", param.help or "").strip()
+
+
+def test_every_option_and_argument_says_what_it_is_for():
+    """--seed, --schedule, --vflip and --cache-features had only "[default: ...]"; evaluate's --skip-bad-files and
+    --batch-size had nothing."""
+    silent = []
+    for app_name, app in APPS.items():
+        group = typer.main.get_command(app)
+        for name, command in [("", group), *group.commands.items()]:
+            for param in command.params:
+                if not own_help(param):
+                    silent.append((app_name, name, param.opts[0] if param.opts else param.name))
+    assert silent == []

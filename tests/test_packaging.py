@@ -53,3 +53,14 @@ def test_gpu_and_cpu_onnxruntime_are_never_in_one_extra():
 
 def test_the_base_install_is_torch_free():
     assert not {name for name in names(PYPROJECT["project"]["dependencies"]) if SHADOWS_JETPACK.match(name)}
+
+
+def test_the_license_is_an_spdx_expression_with_its_text_shipped():
+    """A `license = { text = ... }` table made setuptools warn "project.license as a TOML table is deprecated" on
+    every install; the SPDX string and license-files need setuptools 77 (PEP 639), so the build asks for it."""
+    root = Path(__file__).resolve().parents[1]
+    project = PYPROJECT["project"]
+    assert project["license"] == "Apache-2.0"
+    files = [path for pattern in project["license-files"] for path in root.glob(pattern)]
+    assert files and "Apache License\n                           Version 2.0, January 2004" in files[0].read_text()
+    assert "setuptools>=77" in PYPROJECT["build-system"]["requires"]

@@ -54,6 +54,23 @@ def test_every_readme_command_parses(line):
     assert context.params
 
 
+def test_the_preset_table_holds_every_preset_fit_offers_as_configured():
+    """`tiny` was offered by --preset but missing from the table."""
+    from reconad.train.cli import Preset
+    from reconad.train.fit import resolve_model_config
+
+    table = READMES[0].read_text(encoding="utf-8").split("| preset |", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `([a-z0-9-]+)`(?: \(default\))? \| ([^|]+) \| (\d+) \| ([\d–]+) \| \d+ @ (\d+)x(\d+) \| (\d+) \|",
+                      table, re.MULTILINE)
+    assert sorted(row[0] for row in rows) == sorted(member.value for member in Preset)
+    for name, backbone, size, stages, grid_h, grid_w, tokens in rows:
+        config = resolve_model_config(name)
+        first, last = stages.split("–")
+        assert (backbone.strip().lower(), (int(size),) * 2, config.stages) == (
+            config.backbone, config.input_hw, tuple(range(int(first), int(last) + 1))), name
+        assert config.feature_hw == (int(grid_h), int(grid_w)) and int(tokens) == int(grid_h) * int(grid_w), name
+
+
 def test_the_run_config_example_is_a_valid_run_config(tmp_path):
     from reconad.runtime.line.run_settings import read_run_settings
 

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from typer.core import TyperCommand
 
-from reconad.runtime.cli_common import choices, make_app, value_of
+from reconad.runtime.cli_common import ReconadCommand, choices, make_app, value_of
 
 app = make_app("recon-inspect", __doc__.splitlines()[0])
 
@@ -26,7 +25,7 @@ Target = choices("Target", ("ort-cpu", "ort-cuda", "trt"))
 _BACKEND_HELP = "ort: the best ONNX Runtime provider; auto: trt for engines, ort for ONNX."
 
 
-class _PairOptionCommand(TyperCommand):
+class _PairOptionCommand(ReconadCommand):
     """``--category NAME DIR``: Typer has no repeatable two-value option, so the option is given two values here."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -10,6 +10,7 @@ stand in for a Jetson and an x86 GPU server in the tests. Torch-free; nothing is
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib
 import importlib.metadata
 import platform
@@ -25,6 +26,8 @@ NEWEST_TENSORRT_MAJOR = 11
 # JetPack release by L4T major.minor (the L4T version is what a Jetson itself reports).
 JETPACK_BY_L4T = {"35.": "5.1", "36.3": "6.0", "36.4": "6.1/6.2", "38.": "7.x"}
 JETSON_ORT_INDEX = "https://pypi.jetson-ai-lab.io (per JetPack and CUDA, e.g. /jp6/cu126), or the Jetson Zoo"
+# The CUDA major each JetPack major ships (JetPack 5.1: CUDA 11.4, 6.x: 12.2/12.6, 7.x: 13.0).
+CUDA_MAJOR_BY_JETPACK = {"5": 11, "6": 12, "7": 13}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,8 @@ class Environment:
         gpu_error: why the driver could not be asked (no driver, no GPU).
         l4t, jetpack: the Jetson release (L4T from ``/etc/nv_tegra_release``).
         pillow: Pillow's version.
+        v4l2_devices: the ``/dev/video*`` device nodes, e.g. ``("/dev/video0",)``; None where not read (a
+            recording made before this field existed).
     """
 
     python: str
@@ -70,6 +75,7 @@ class Environment:
     l4t: str | None = None
     jetpack: str | None = None
     pillow: str | None = None
+    v4l2_devices: tuple[str, ...] | None = None
 
     @property
     def is_jetson(self) -> bool:
@@ -163,6 +169,7 @@ def probe_environment() -> Environment:
     except ReconadError as error:
         values["gpu_error"] = str(error)
     values["jetpack"], values["l4t"] = read_jetson_release()
+    values["v4l2_devices"] = tuple(sorted(glob.glob("/dev/video*")))
     return Environment(**values)
 
 
@@ -198,9 +205,15 @@ def _cuda_binding_fixes(env: Environment) -> list[str]:
     driver_major = _numbers(env.driver_cuda_version)[:1]
     binding_major = _numbers(env.cuda_python)[:1]
     if env.cuda_python is None and env.pycuda is None:
-        pin = f"'cuda-python>={driver_major[0]},<{driver_major[0] + 1}'" if driver_major else "'cuda-python>=N,<N+1'"
-        fixes.append(f"No CUDA binding for the TensorRT backend: pip install {pin} for the CUDA major N of the driver, "
-                     "or pycuda.")
+        major = driver_major[0] if driver_major else CUDA_MAJOR_BY_JETPACK.get((jetpack_of(env) or "")[:1])
+        if major is not None:
+            source = f"the driver's CUDA {env.driver_cuda_version}" if driver_major else f"JetPack {jetpack_of(env)}'s CUDA"
+            fixes.append(f"No CUDA binding for the TensorRT backend: pip install 'cuda-python>={major},<{major + 1}' "
+                         f"(for {source}), or pycuda.")
+        else:
+            fixes.append("No CUDA binding for the TensorRT backend, and no driver told its CUDA version: once the NVIDIA "
+                         "driver runs, pip install the cuda-python of the CUDA major that nvidia-smi shows as 'CUDA "
+                         "Version' ('cuda-python>=12,<13' for 12.x, 'cuda-python>=13,<14' for 13.x), or pycuda.")
     elif env.cuda_python is not None and driver_major and binding_major and binding_major > driver_major:
         fixes.append(
             f"cuda-python {env.cuda_python} needs a CUDA {binding_major[0]} driver but this driver supports CUDA "
@@ -231,7 +244,8 @@ def diagnose_backend(env: Environment, target: str) -> Finding:
                      "pip uninstall onnxruntime && pip install onnxruntime-gpu (or 'reconad[gpu]')")
             have = f"onnxruntime {env.onnxruntime} has only {list(env.onnxruntime_providers)}" if env.onnxruntime else "no onnxruntime"
             fixes.append(f"No CUDA execution provider ({have}): {where}.")
-        detail = f"onnxruntime {env.onnxruntime}, providers {list(env.onnxruntime_providers)}"
+        detail = (f"onnxruntime {env.onnxruntime}, providers {list(env.onnxruntime_providers)}" if env.onnxruntime
+                  else "ONNX Runtime not installed")
         return Finding(target, not fixes, detail, tuple(fixes))
     if target == "trt":
         fixes = _gpu_fixes(env)
@@ -244,7 +258,7 @@ def diagnose_backend(env: Environment, target: str) -> Finding:
         elif version[:2] < OLDEST_TENSORRT or version[0] > NEWEST_TENSORRT_MAJOR:
             fixes.append(f"TensorRT {env.tensorrt} is outside 8.5 to 11.x, the releases reconad builds and runs engines on.")
         fixes += _cuda_binding_fixes(env)
-        detail = f"TensorRT {env.tensorrt}, GPU {env.gpu_name or '-'} (compute capability {env.compute_capability or '-'}), " \
+        detail = f"TensorRT {env.tensorrt or 'not installed'}, GPU {env.gpu_name or '-'} (compute capability {env.compute_capability or '-'}), " \
                  f"driver CUDA {env.driver_cuda_version or '-'}, cuda-python {env.cuda_python or '-'}, pycuda {env.pycuda or '-'}"
         return Finding(target, not fixes, detail, tuple(fixes))
     raise ValueError(f"unknown target {target!r}")
@@ -277,12 +291,16 @@ def diagnose_source(env: Environment, kind: str) -> Finding:
         fixes.append("RTSP needs OpenCV with GStreamer or FFmpeg: pip install opencv-python-headless.")
     elif kind == "v4l2" and not (gstreamer or video.get("V4L2", False)):
         fixes.append("V4L2 cameras need OpenCV with V4L2 or GStreamer.")
+    elif kind == "v4l2" and env.v4l2_devices == ():
+        fixes.append("No V4L2 devices found (no /dev/video*): connect the camera, then check that ls /dev/video* lists it.")
     elif kind == "video" and not (gstreamer or video.get("FFMPEG", False)):
         fixes.append("Video files need OpenCV with FFmpeg or GStreamer.")
     if kind == "images" and env.pillow is None:
         fixes.append("Image files need Pillow for their EXIF orientation: pip install pillow.")
     backends = ", ".join(name for name, present in video.items() if present) or "none"
     detail = f"OpenCV {env.opencv or '-'} ({env.opencv_package or 'system build'}; video I/O: {backends})"
+    if kind == "v4l2" and env.v4l2_devices is not None:
+        detail += f"; devices: {', '.join(env.v4l2_devices) or 'none'}"
     return Finding(kind, not fixes, detail, tuple(fixes))
 
 

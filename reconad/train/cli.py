@@ -39,7 +39,7 @@ def sample_data_command(
     try:
         summary = write_sample_data(out, seed=seed, overwrite=overwrite)
     except ReconadError as error:
-        exit_with(error, prefix="error: ")
+        exit_with(error)
     typer.echo(f"wrote {summary.root}: {len(summary.categories)} categories ({', '.join(summary.categories)}), "
                f"{summary.num_train} train and {summary.num_test} test images")
 
@@ -50,26 +50,26 @@ def fit_command(
     out: Annotated[Path, typer.Option("--out", help="Run folder: model.ckpt, config.json, train_log.jsonl.")],
     preset: Annotated[Optional[Preset], typer.Option("--preset", help=f"Model preset [default: {_DEFAULTS.preset}].")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with TrainConfig keys (flags win).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help=f"With --minutes: the most [default: {_DEFAULTS.epochs}].")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help=f"Epochs to train ({_DEFAULTS.epochs}: the official UniAD schedule); with --minutes, the most the budget may take [default: {_DEFAULTS.epochs}].")] = None,
     minutes: Annotated[Optional[float], typer.Option("--minutes", help="Time budget for the whole fit; the schedule is fitted to the epochs that fit [default: none].")] = None,
     recipe: Annotated[Optional[Recipe], typer.Option("--recipe", help="official (UniAD's: 1e-4, StepLR), budget (warm-up + cosine) or auto (budget for lite0-256) [default: auto].")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Per process [default: the recipe's].")] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr", help="AdamW peak rate [default: the recipe's].")] = None,
-    schedule: Annotated[Optional[Schedule], typer.Option("--schedule", help="[default: the recipe's]")] = None,
+    schedule: Annotated[Optional[Schedule], typer.Option("--schedule", help="step (StepLR, stepped per epoch) or cosine (linear warm-up, then cosine decay to 0, stepped per batch) [default: the recipe's].")] = None,
     warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Cosine: linear warm-up length [default: the recipe's].")] = None,
     ema_decay: Annotated[Optional[float], typer.Option("--ema-decay", help="Weight average per step; 0 = off [default: the recipe's].")] = None,
     lr_step_epochs: Annotated[Optional[int], typer.Option("--lr-step-epochs", help="StepLR step; 0 = 80% of the epochs [default: 0].")] = None,
     categories: Annotated[Optional[str], typer.Option("--categories", help="Comma-separated [default: all].")] = None,
     normal_classes: Annotated[Optional[str], typer.Option("--normal-classes", help="CIFAR-10: the normal classes [default: 0,1,2,3,4].")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help=f"[default: {_DEFAULTS.seed}]")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help=f"Seed of the initial weights, the batch order, feature jitter, dropout, flips and the held-out split [default: {_DEFAULTS.seed}].")] = None,
     select_on: Annotated[Optional[SelectOn], typer.Option("--select-on", help="Which epoch becomes model.ckpt: last (no selection), held-out (lowest reconstruction error on --holdout-fraction of the good training images) or test (optimistic) [default: last].")] = None,
     holdout_fraction: Annotated[Optional[float], typer.Option("--holdout-fraction", help="Good training images per category left out of training and scored every --val-every-epochs [default: 0].")] = None,
     val_every_epochs: Annotated[Optional[int], typer.Option("--val-every-epochs", help=f"Held-out (or test) evaluation every K epochs and at the end; 0 = never [default: {_DEFAULTS.val_every_epochs}].")] = None,
     val_metric: Annotated[Optional[ValMetric], typer.Option("--val-metric", help=f"--select-on test only [default: {_DEFAULTS.val_metric}].")] = None,
     keep_resume: Annotated[Optional[bool], typer.Option("--keep-resume", help="Keep resume.pt after the last epoch (to --resume with more --epochs).")] = None,
-    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Augmentation; turns the feature cache off [default: off].")] = None,
-    vflip: Annotated[Optional[bool], typer.Option("--vflip/--no-vflip", help="[default: off]")] = None,
-    cache_features: Annotated[Optional[bool], typer.Option("--cache-features/--no-cache-features", help="[default: on]")] = None,
+    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Augmentation: flip half the training images left-right each epoch; turns the feature cache off [default: off].")] = None,
+    vflip: Annotated[Optional[bool], typer.Option("--vflip/--no-vflip", help="Augmentation: flip half the training images upside down each epoch; turns the feature cache off [default: off].")] = None,
+    cache_features: Annotated[Optional[bool], typer.Option("--cache-features/--no-cache-features", help=f"Run the frozen backbone once and train on its cached features (only the transformer runs after the first epoch); augmentation, or a cache over {_DEFAULTS.feature_cache_gib:g} GiB per process, turns it off [default: on].")] = None,
     backbone_weights: Annotated[Optional[str], typer.Option("--backbone-weights", help=f"pretrained, none, or a file [default: {_DEFAULTS.backbone_weights}].")] = None,
     skip_bad_files: Annotated[Optional[bool], typer.Option("--skip-bad-files", help="Leave bad files out (listed) instead of stopping.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help=f"auto, cpu, cuda, cuda:1 ... [default: {_DEFAULTS.device}]")] = None,
@@ -86,7 +86,7 @@ def fit_command(
         classes = tuple(int(c) for c in _split_names(normal_classes)) if normal_classes else None
     except ValueError:
         message = f"--normal-classes must be comma-separated integers, got {normal_classes!r}."
-        exit_with(ReconadError(message), prefix="error: ")
+        exit_with(ReconadError(message))
     try:
         train_config = read_train_config(
             config, preset=value_of(preset), epochs=epochs, minutes=minutes, recipe=value_of(recipe), batch_size=batch_size,
@@ -101,7 +101,7 @@ def fit_command(
 
         result = fit(data, out, train_config, resume=resume)
     except ReconadError as error:
-        exit_with(error, prefix="error: ")
+        exit_with(error)
     finally:
         import torch.distributed
 
@@ -120,9 +120,9 @@ def evaluate_command(
     data: Annotated[Path, typer.Argument(help="MVTec-layout folder, or a folder holding cifar-10-batches-py.")],
     out: Annotated[Path, typer.Option("--out", help="Report folder: metrics.json, report.md, roc/, heatmaps/.")],
     categories: Annotated[Optional[str], typer.Option("--categories", help="Comma-separated [default: the checkpoint's].")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per inference call.")] = 8,
     num_heatmaps: Annotated[int, typer.Option("--num-heatmaps", help="Overlays per category.")] = 6,
-    skip_bad_files: Annotated[bool, typer.Option("--skip-bad-files")] = False,
+    skip_bad_files: Annotated[bool, typer.Option("--skip-bad-files", help="Leave unreadable images and missing or mis-sized masks out (listed) instead of stopping.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     bit_depth: Annotated[Optional[int], typer.Option("--bit-depth", min=1, max=16, help="Real bit depth of 16-bit images without an sBIT chunk [default: the training run's].")] = None,
     manifest: Annotated[Optional[Path], typer.Option("--manifest", help="A calibrated artifact manifest (.json): "
@@ -142,7 +142,7 @@ def evaluate_command(
                                      num_heatmaps, skip_bad_files, bit_depth=bit_depth, manifest=manifest,
                                      max_fpr=max_fpr)
     except ReconadError as error:
-        exit_with(error, prefix="error: ")
+        exit_with(error)
     typer.echo(report.table)
     typer.echo("")
     typer.echo(report.points_table)
@@ -164,5 +164,5 @@ def import_uniad_command(
         detector = import_uniad(checkpoint)
         save_checkpoint(detector, out, **detector.provenance)
     except ReconadError as error:
-        exit_with(error, prefix="error: ")
+        exit_with(error)
     typer.echo(f"wrote {out} (preset {detector.config.preset})")

@@ -363,11 +363,6 @@ def fit(
 
     stats, epoch = {"loss": float("nan")}, first_epoch - 1
     while epoch < planned:
-        if budget.enabled and epoch >= first_epoch:  # measured at least one epoch of this session
-            planned = _from_rank0(context, budget.planned_epochs(epoch))
-            if planned <= epoch:
-                break
-            replan(scheduler, config, planned)
         epoch += 1
         epoch_started, hook_seconds = time.perf_counter(), 0.0
         stats = train_one_epoch(detector, reconstructor, source, optimizer, context, config, epoch, on_step,
@@ -418,6 +413,10 @@ def fit(
                 budget.exclude(hook_seconds)
         budget.record(time.perf_counter() - epoch_started - hook_seconds)
         record["minutes"] = round(budget.elapsed() / 60, 4)
+        if budget.enabled:  # re-planned from the epochs measured so far, before the ETA: it is the budget's
+            planned = _from_rank0(context, budget.planned_epochs(epoch))
+            if planned > epoch:
+                replan(scheduler, config, planned)
         if epoch < planned:  # the run's ETA from the mean epoch so far (validation included)
             left = float(np.mean(budget.epoch_seconds)) * (planned - epoch)
             _echo(context, f"run: {epoch}/{planned} epochs after {format_seconds(budget.elapsed())}, "

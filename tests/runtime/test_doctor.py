@@ -96,3 +96,44 @@ def test_a_recorded_environment_is_checked_key_by_key(tmp_path):
     path.write_text("{not json")
     result = runner.invoke(app, ["doctor", "--environment", str(path)])
     assert result.exit_code == 2 and "not valid JSON" in result.output
+
+
+def test_without_a_driver_the_cuda_binding_advice_says_how_to_find_the_major():
+    """It printed pip install 'cuda-python>=N,<N+1' when no driver told its CUDA version."""
+    import dataclasses
+
+    server = recorded("x86-gpu-server")
+    no_binding = dataclasses.replace(server, cuda_python=None, pycuda=None)
+    (fix,) = [f for f in by_name(doctor.diagnose(no_binding))["trt"].fixes if "CUDA binding" in f]
+    assert f"'cuda-python>=12,<13' (for the driver's CUDA {server.driver_cuda_version})" in fix
+    no_driver = dataclasses.replace(no_binding, gpu_name=None, driver_cuda_version=None, gpu_error="No NVIDIA driver here.")
+    (fix,) = [f for f in by_name(doctor.diagnose(no_driver))["trt"].fixes if "CUDA binding" in f]
+    assert "N+1" not in fix and "nvidia-smi" in fix and "'cuda-python>=13,<14' for 13.x" in fix
+    jetson = dataclasses.replace(recorded("jetson-orin-jp6"), cuda_python=None, driver_cuda_version=None)
+    (fix,) = [f for f in by_name(doctor.diagnose(jetson))["trt"].fixes if "CUDA binding" in f]
+    assert "'cuda-python>=12,<13' (for JetPack 6.2's CUDA)" in fix
+
+
+def test_v4l2_is_missing_where_no_device_node_exists():
+    """It said "ok v4l2" on a machine without /dev/video*."""
+    import dataclasses
+
+    server = recorded("x86-gpu-server")
+    none = by_name(doctor.diagnose(dataclasses.replace(server, v4l2_devices=())))["v4l2"]
+    assert not none.works and none.fixes[0].startswith("No V4L2 devices found") and "devices: none" in none.detail
+    one = by_name(doctor.diagnose(dataclasses.replace(server, v4l2_devices=("/dev/video0",))))["v4l2"]
+    assert one.works and "devices: /dev/video0" in one.detail
+    assert by_name(doctor.diagnose(server))["v4l2"].works  # a recording without the field: not judged on it
+    this_machine = doctor.probe_environment()
+    assert this_machine.v4l2_devices == tuple(sorted(str(p) for p in Path("/dev").glob("video*")))
+
+
+def test_what_is_absent_is_named_not_installed():
+    """It printed "TensorRT None"."""
+    import dataclasses
+
+    bare = dataclasses.replace(recorded("x86-gpu-server"), tensorrt=None, onnxruntime=None, onnxruntime_providers=())
+    findings = by_name(doctor.diagnose(bare))
+    assert findings["trt"].detail.startswith("TensorRT not installed, ")
+    assert findings["ort-cuda"].detail == "ONNX Runtime not installed"
+    assert not any("None" in finding.detail for finding in findings.values())

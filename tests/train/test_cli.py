@@ -42,7 +42,7 @@ def test_fit_flags_override_the_toml_file(monkeypatch, tmp_path):
             "0.001", "--categories", "pill, wood", "--normal-classes", "1,2", "--val-every-epochs", "0", "--hflip",
             "--resume"]
     result = runner.invoke(cli.app, args)
-    assert result.exit_code == 2 and "error: stop here" in result.output
+    assert result.exit_code == 2 and result.stderr == "stop here\n"
     assert received["resume"] is True and received["data"] == Path("DATA") and received["out"] == Path("RUN")
     assert received["config"] == TrainConfig(
         preset="lite0-256", epochs=5, batch_size=2, learning_rate=0.001, categories=("pill", "wood"),
@@ -86,7 +86,7 @@ def test_fit_recipe_budget_and_selection_flags_reach_the_config(monkeypatch):
             "--schedule", "cosine", "--warmup-epochs", "2", "--ema-decay", "0.9", "--select-on", "held-out",
             "--holdout-fraction", "0.2", "--keep-resume", "--quiet"]
     result = runner.invoke(cli.app, args)
-    assert result.exit_code == 2 and "error: stop here" in result.output
+    assert result.exit_code == 2 and result.stderr == "stop here\n"
     assert received["config"] == TrainConfig(
         preset="lite0-256", recipe="official", minutes=20.0, schedule="cosine", warmup_epochs=2.0, ema_decay=0.9,
         select_on="held-out", holdout_fraction=0.2, keep_resume=True,

@@ -1,6 +1,7 @@
 """Recipes: warm-up + cosine, the weight average, the time budget; the official recipe stays the official one."""
 
 import json
+import re
 import time
 
 import pytest
@@ -93,6 +94,22 @@ def test_fit_stops_at_the_time_budget_with_a_valid_checkpoint(sample_data_root, 
     # the checkpoint holds the weight average (--ema-decay), as the returned detector does
     for saved, returned in zip(detector.reconstructor.parameters(), result.detector.reconstructor.parameters()):
         torch.testing.assert_close(saved, returned.cpu(), rtol=0, atol=0)
+
+
+def test_the_eta_under_a_time_budget_is_the_budgets(sample_data_root, tmp_path, capsys):
+    """`fit --minutes 1` printed "run: 1/1000 epochs ..., 4:0x:xx left" after epoch 1: the plan was re-fitted to
+    the budget only before the next epoch, so the first ETA was the 1000 epochs' of --epochs."""
+    from reconad.runtime.progress import configure
+
+    configure(quiet=False)
+    minutes = 0.05  # 3 s for the whole fit, feature caching included: one epoch or a few, by the load
+    result = fit(sample_data_root, tmp_path / "run", tiny_train_config(epochs=1000, minutes=minutes))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run: ")]
+    assert len(lines) == max(0, result.epochs_trained - 1), lines  # after every epoch but the last
+    for line in lines:
+        match = re.fullmatch(r"run: \d+/(\d+) epochs after [\d:]+, (\d+):(\d\d):(\d\d) left", line)
+        planned, hours, mins, secs = (int(group) for group in match.groups())
+        assert planned < 1000 and 3600 * hours + 60 * mins + secs <= minutes * 60 + 1, line
 
 
 def test_resume_restores_the_schedule_and_the_average(sample_data_root, tmp_path):
