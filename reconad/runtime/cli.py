@@ -205,7 +205,7 @@ def run(
     output: Annotated[
         Optional[list[str]],
         typer.Option(help="Annotated video out: display://0, rtsp://@:8554/inspect (loopback; "
-                          "rtsp://0.0.0.0:8554/inspect for the network), or FILE.mp4/.mkv/.avi; repeatable."),
+                          "rtsp://0.0.0.0:8554/inspect for the network), or FILE.mp4/.m4v/.mov/.mkv/.avi; repeatable."),
     ] = None,
     mqtt: Annotated[
         Optional[str], typer.Option(help="Publish verdicts to mqtt://[user@]host[:port]/topic (mqtts:// for TLS).")

@@ -27,7 +27,7 @@ from reconad.runtime.frames import Roi, check_frame, crop_roi, prepare_image
 from reconad.runtime.inspector import Verdict
 from reconad.runtime.line.blind import BLIND_CHECKS, BlindConfig, BlindDetector, Blindness
 from reconad.runtime.line.mqtt import MqttConfig
-from reconad.runtime.line.outputs import parse_output_uri
+from reconad.runtime.line.outputs import check_output_files
 from reconad.runtime.line.queues import DropOldestQueue
 from reconad.runtime.line.report import RateLimitedReporter, report_stderr
 from reconad.runtime.line.sinks import (
@@ -91,8 +91,7 @@ class InspectConfig:
             raise ReconadError(f"Overlay mode must be one of {list(OVERLAY_MODES)}, got {self.overlays!r}.")
         if self.blind_checks not in BLIND_CHECKS:
             raise ReconadError(f"Camera-blind checks must be one of {list(BLIND_CHECKS)}, got {self.blind_checks!r}.")
-        for uri in self.outputs:
-            parse_output_uri(uri)  # refused with the options, before any model is loaded
+        check_output_files(self.outputs)  # each URI parsed and no file named twice, before any model loads
         if self.jsonl_max_mb < 0 or self.jsonl_keep < 0 or self.summary_interval_s < 0:
             raise ReconadError("jsonl_max_mb, jsonl_keep and summary_interval_s must be >= 0.")
 

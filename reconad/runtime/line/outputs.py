@@ -16,6 +16,7 @@ import ctypes
 import dataclasses
 import ipaddress
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Sequence
@@ -174,10 +175,29 @@ class FileOutput(VideoOutput):
             return
         self._writer.release()
         self._writer = None
+        # OpenCV's writer reports no write errors (a full disk included): read the file back before it
+        # gets the name asked for, so an unreadable video is never passed off as finished.
+        frames = _readable_frames(self.partial)
+        if frames < min(1, self.frames_written):
+            free_mb = shutil.disk_usage(self.partial.parent).free / 1e6
+            why = " (the disk is full)" if free_mb < 16 else ""
+            raise ReconadError(f"The video {self.partial} did not come out readable{why}; it keeps its partial name.")
         try:
             os.replace(self.partial, self.path)
         except OSError as error:
             raise ReconadError(f"Cannot finish {self.path}: {error.strerror}.") from None
+
+
+def _readable_frames(path: Path) -> int:
+    """How many frames OpenCV's reader finds in a finished video (0 when it cannot open it)."""
+    cv2 = import_cv2()
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened() or not capture.read()[0]:
+            return 0
+        return max(1, int(capture.get(cv2.CAP_PROP_FRAME_COUNT)))
+    finally:
+        capture.release()
 
 
 def _keep_gcc_unwinder() -> None:
@@ -426,8 +446,33 @@ def open_output(uri: str, fps: float = 30.0) -> VideoOutput:
     return FileOutput(target, fps)
 
 
+def check_output_files(uris: Sequence[str], source: str | None = None) -> None:
+    """Refuse, in one sentence, a video file named twice or the same file as the source (it would be
+    overwritten by the run that reads it)."""
+    seen: dict[Path, str] = {}
+    source_path = _resolved(source) if source else None
+    for uri in uris:
+        target = parse_output_uri(uri)
+        if target.kind != "file":
+            continue
+        path = _resolved(str(target.path))
+        if source_path is not None and path == source_path:
+            raise ReconadError(f"The output {uri!r} is the source itself; write the video to another file.")
+        if path in seen:
+            raise ReconadError(f"The output file {uri!r} is named twice (also as {seen[path]!r}).")
+        seen[path] = uri
+
+
+def _resolved(path: str) -> Path | None:
+    try:
+        return Path(path.removeprefix("file://")).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
 def open_outputs(uris: Sequence[str], fps: float = 30.0) -> list[VideoOutput]:
     """Every output of ``uris``, or none: when one cannot be opened, those already open are closed."""
+    check_output_files(uris)
     outputs: list[VideoOutput] = []
     try:
         for uri in uris:

@@ -35,6 +35,7 @@ BANNER_BACKGROUND = (24, 24, 24)
 TEXT = (240, 240, 240)
 OUTLINE = (255, 255, 255)
 TRUTH_OUTLINE = (0, 255, 0)  # ground-truth masks in reports
+ROI_OUTLINE = (0, 200, 255)  # the region the model sees, when --roi crops the frame
 TRANSPARENT_BELOW = 0.25  # heat levels (0..1 of the scale) below this are not drawn: a good part looks like itself
 MIN_REGION_FRACTION = 2e-4  # outlined regions smaller than this fraction of the map are specks, not defects
 FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX (a literal, so importing this module does not need OpenCV)
@@ -291,7 +292,7 @@ def render_inspection(
             plain frame (no heat; the bar stays, empty).
         annotation: score, threshold, verdict and product.
         low, high: fixed heat scale (the manifest's score normalisation); see ``map_scale`` otherwise.
-        roi: (x, y, width, height) of ``image`` the map covers.
+        roi: (x, y, width, height) of ``image`` the map covers; drawn as a thin box.
         pixel_threshold: outline regions at or above it, on NG verdicts only (a good part is never
             outlined, and without a pixel threshold nothing is).
         truth_mask: ground truth over the ROI, outlined in green (the evaluation report).
@@ -324,6 +325,10 @@ def render_inspection(
         canvas[banner_height:, :width] = heat_overlay(image, anomaly_map, low=scale_low, high=scale_high, roi=roi,
                                                       outline_threshold=outline, truth_mask=truth_mask)
         _colour_bar(canvas, (width, banner_height, bar_width, height), scale_low, scale_high, pixel_threshold)
+    if roi is not None:  # what the model judged: the heat and outlines stop at its edge
+        x, y, roi_width, roi_height = roi
+        cv2.rectangle(canvas, (x, banner_height + y), (x + roi_width - 1, banner_height + y + roi_height - 1),
+                      ROI_OUTLINE, max(1, min(width, height) // 360), cv2.LINE_AA)
     _banner(canvas, annotation, banner_height)
     return canvas
 

@@ -18,17 +18,20 @@ segments, which a crash would leak in /dev/shm.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import multiprocessing
 import os
 import signal
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.line.video_sink import OutputRateLimit
+from reconad.runtime.line.video_sink import OutputRateLimit, Scale
 
 CHILD_NICENESS = 19  # the lowest normal priority: the child renders with what inference leaves
 START_TIMEOUT_S = 60.0  # spawning imports numpy and OpenCV and opens every output
@@ -37,12 +40,14 @@ CLOSE_TIMEOUT_S = 30.0  # finishing a file or an RTSP server
 
 @dataclasses.dataclass(frozen=True)
 class OutputState:
-    """What the parent knows of one output in the child: ``uri``, ``frames_written`` and, for an RTSP
-    output, the ``url`` clients open (the attributes ``summary.json`` reports)."""
+    """What the parent knows of one output in the child: ``uri``, ``frames_written``, for an RTSP output
+    the ``url`` clients open, and ``failed`` once the render process is gone (what ``summary.json``
+    reports)."""
 
     uri: str
     frames_written: int = 0
     url: str | None = None
+    failed: str | None = None  # why the output stopped (the render process ended), else None
 
 
 def _state(sink: Any) -> dict[str, Any]:
@@ -54,6 +59,29 @@ def _state(sink: Any) -> dict[str, Any]:
     }
 
 
+def _name_process(name: bytes) -> None:
+    """Give the child the name ``ps -o comm``, ``top`` and ``pgrep`` show (Linux prctl PR_SET_NAME)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except (AttributeError, OSError):
+        pass  # not Linux: the child keeps the interpreter's name
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """Ignore SIGINT while the child is spawned: an ignored signal stays ignored across exec and Python
+    then installs no handler of its own, so a Ctrl-C during the child's imports cannot print its
+    traceback (the parent handles Ctrl-C and stops the child). Only the main thread may change it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _serve(connection: Any, uris: Sequence[str], fps: float, options: dict[str, Any]) -> None:
     """The child: open the outputs, then render each frame it is sent until told to close."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
@@ -61,6 +89,7 @@ def _serve(connection: Any, uris: Sequence[str], fps: float, options: dict[str, 
         os.nice(CHILD_NICENESS - os.nice(0))
     except (AttributeError, OSError):
         pass
+    _name_process(b"reconad-render")
     from reconad.runtime.line.outputs import open_outputs
     from reconad.runtime.line.video_sink import VideoOutputSink
 
@@ -106,7 +135,7 @@ class RenderProcessSink(OutputRateLimit):
     Args:
         uris: the ``--output`` URIs; opened in the child (``ReconadError`` here when one cannot be).
         fps: the outputs' frame rate.
-        low, high, pixel_threshold: as for ``VideoOutputSink``.
+        low, high, pixel_threshold, scales: as for ``VideoOutputSink``.
         max_fps: as for ``VideoOutputSink`` (a live source renders at most at the outputs' rate).
 
     Raises:
@@ -118,16 +147,18 @@ class RenderProcessSink(OutputRateLimit):
     needs_frames = True
 
     def __init__(self, uris: Sequence[str], *, fps: float = 30.0, low: float | None = None,
-                 high: float | None = None, pixel_threshold: float | None = None, queue_size: int = 2,
+                 high: float | None = None, pixel_threshold: float | None = None,
+                 scales: Mapping[str, Scale] | None = None, queue_size: int = 2,
                  max_fps: float | None = None) -> None:
         super().__init__(max_fps)
         self.queue_size = queue_size
         context = multiprocessing.get_context("spawn")
         self._connection, child_end = context.Pipe()
-        options = {"low": low, "high": high, "pixel_threshold": pixel_threshold}
+        options = {"low": low, "high": high, "pixel_threshold": pixel_threshold, "scales": dict(scales or {})}
         self._process = context.Process(target=_serve, args=(child_end, list(uris), fps, options),
                                         name="reconad-render", daemon=True)
-        self._process.start()
+        with _ctrl_c_ignored():
+            self._process.start()
         child_end.close()
         self._state: dict[str, Any] = {"wants_frames": True, "outputs": [OutputState(uri) for uri in uris],
                                        "render_ms": 0.0}
@@ -168,26 +199,35 @@ class RenderProcessSink(OutputRateLimit):
             status, value, state = self._connection.recv()
         except (EOFError, OSError):
             self._process.join(5)
-            raise ReconadError(
-                f"The video output process ended unexpectedly (exit code {self._process.exitcode})."
-            ) from None
+            raise self._ended() from None
         if state is not None:
             self._state = state
         return status, value, state
+
+    def _ended(self) -> ReconadError:
+        """The child is gone: every output is marked failed (``summary.json`` says so) and the error
+        that says it, once per write, so the run's warnings and sink error count show it."""
+        why = f"the video output process ended unexpectedly (exit code {self._process.exitcode})"
+        self._state["outputs"] = [dataclasses.replace(state, failed=why) for state in self._state["outputs"]]
+        return ReconadError(f"{why[0].upper()}{why[1:]}; the video outputs stopped.")
 
     def write(self, result: Any) -> bool:
         if self._closed:
             raise ReconadError("The video outputs are closed.")
         if not self._process.is_alive():
-            raise ReconadError(f"The video output process is not running (exit code {self._process.exitcode}).")
+            raise self._ended()
         if not self._state["wants_frames"]:  # e.g. RTSP nobody watches: ask whether that changed
             self._connection.send(("poll",))
             self._answer(CLOSE_TIMEOUT_S, "answer")
             if not self._state["wants_frames"]:
                 return False
         frame = np.ascontiguousarray(result.frame)
-        self._connection.send(("frame", dataclasses.replace(result, frame=None), frame.shape, frame.dtype.str))
-        self._connection.send_bytes(memoryview(frame).cast("B"))
+        try:
+            self._connection.send(("frame", dataclasses.replace(result, frame=None), frame.shape, frame.dtype.str))
+            self._connection.send_bytes(memoryview(frame).cast("B"))
+        except OSError:  # a broken pipe: the child is gone
+            self._process.join(5)
+            raise self._ended() from None
         status, value, _ = self._answer(CLOSE_TIMEOUT_S, "render a frame")
         if status != "ok":
             raise ReconadError(value)

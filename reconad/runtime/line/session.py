@@ -69,7 +69,8 @@ def build_sinks(
     Args:
         live: the source is a camera or stream, so overlays are rate-limited by default.
         name_by_file: the source is an image folder: overlays are named after its files, not frame numbers.
-        fps: the source's frame rate, for video file outputs (None: 30).
+        fps: the source's frame rate (``--fps``, else what the source reports), for the video outputs'
+            frame rate and a live source's rendering cap (None: 30).
     """
     sinks: list[Sink] = []
     try:
@@ -122,7 +123,10 @@ def _add_sinks(sinks: list[Sink], config: InspectConfig, manifest: Manifest | No
     if config.outputs:
         # a live source renders at most at the outputs' frame rate; a file source renders every frame
         options = {"low": low, "high": high, "pixel_threshold": pixel.value if pixel else None,
-                   "max_fps": (fps or 30.0) if live else None}
+                   "max_fps": (fps or 30.0) if live else None,
+                   # each product drawn at its own scale and pixel threshold, as its overlays are
+                   "scales": {category: overlay_scales(manifest.operating_point(category))
+                              for category in manifest.category_thresholds} if manifest else None}
         if config.render_process:
             from reconad.runtime.line.render_process import RenderProcessSink
 
@@ -151,7 +155,9 @@ def _progress(summary: dict, sinks: list[Sink], snapshot: StatsSnapshot, running
             progress["mqtt"] = dataclasses.asdict(sink.counters())
         elif sink.name == "video":
             progress["outputs"] = [
-                {"uri": output.uri, "frames_written": output.frames_written, **({"url": output.url} if hasattr(output, "url") else {})}
+                {"uri": output.uri, "frames_written": output.frames_written,
+                 **({"url": output.url} if getattr(output, "url", None) else {}),
+                 **({"failed": output.failed} if getattr(output, "failed", None) else {})}
                 for output in sink.outputs
             ]
     return progress
@@ -194,6 +200,10 @@ def inspect_stream(
     """
     if (artifact is None) == (server is None):
         raise ReconadError("Give either --model ARTIFACT or --server URL.")
+    if config.outputs:
+        from reconad.runtime.line.outputs import check_output_files
+
+        check_output_files(config.outputs, source=uri)  # the run would overwrite what it reads
     if server is not None and (category is not None or no_threshold):
         raise ReconadError("--category and --no-threshold work with --model; a Triton server judges with its own manifest.")
     if server is not None:
@@ -229,7 +239,7 @@ def inspect_stream(
             try:
                 by_file = isinstance(source, ImageFolderSource)
                 sinks = build_sinks(config, inspector.manifest, live=source.live, name_by_file=by_file,
-                                    run_id=run_id, fps=source_config.fps, warn=report)
+                                    run_id=run_id, fps=source_config.fps or source.frame_rate, warn=report)
             except BaseException:
                 source.close()
                 raise
@@ -248,7 +258,7 @@ def inspect_stream(
                 raise
             for sink in sinks:
                 for output in getattr(sink, "outputs", ()):
-                    if hasattr(output, "url"):
+                    if getattr(output, "url", None):
                         report(f"streaming to {output.url}")
 
             def progress(snapshot: StatsSnapshot) -> None:

@@ -105,6 +105,9 @@ class RawFrame:
     name: str
 
 
+MAX_REPORTED_FPS = 240.0  # a larger frame rate reported by OpenCV is not the stream's
+
+
 class FrameSource(abc.ABC):
     """A camera, stream, video file or image folder.
 
@@ -118,6 +121,11 @@ class FrameSource(abc.ABC):
     uri: str
     live: bool
     colour: str
+
+    @property
+    def frame_rate(self) -> float | None:
+        """Frames per second the open source reports (a video file's or stream's), or None if unknown."""
+        return None
 
     @abc.abstractmethod
     def open(self) -> None:
@@ -414,6 +422,13 @@ class CaptureSource(FrameSource):
     @property
     def is_open(self) -> bool:
         return self._capture is not None
+
+    @property
+    def frame_rate(self) -> float | None:
+        if self._capture is None:
+            return None
+        fps = float(self._capture.get(import_cv2().CAP_PROP_FPS) or 0.0)
+        return fps if 0.0 < fps <= MAX_REPORTED_FPS else None  # some streams report 0 or a 90 kHz clock
 
 
 def parse_source_uri(uri: str) -> tuple[str, str]:

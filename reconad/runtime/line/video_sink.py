@@ -8,17 +8,20 @@ most at the outputs' frame rate. ``recon-inspect run`` runs it in a child proces
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.line.outputs import VideoOutput
 from reconad.runtime.line.render import render_result
 
+Scale = tuple[float | None, float | None, float | None]  # (low, high, pixel threshold) of the heat
+
 
 class OutputRateLimit:
-    """The video sinks' ``accepts``: results with a frame and a verdict, at most ``max_fps`` of them per
-    second (None: every one), the rest counted in ``frames_over_rate``."""
+    """The video sinks' ``accepts``: results with a frame and a verdict, and camera-blind events with their
+    frame (drawn with the CAMERA BLIND banner, so a live view shows why there are no verdicts), at most
+    ``max_fps`` of them per second (None: every one), the rest counted in ``frames_over_rate``."""
 
     def __init__(self, max_fps: float | None) -> None:
         if max_fps is not None and max_fps <= 0:
@@ -28,9 +31,10 @@ class OutputRateLimit:
         self._next_due = float("-inf")
 
     def accepts(self, result: Any) -> bool:
-        verdict = getattr(result, "verdict", None)
-        if verdict is None or getattr(result, "frame", None) is None:
-            return False
+        if getattr(result, "frame", None) is None:
+            return False  # no frame kept (a fault, or a result made for sinks without frames)
+        if getattr(result, "verdict", None) is None and getattr(result, "reason", None) is None:
+            return False  # neither a verdict nor a camera-blind event
         if self.interval_s is not None:
             # Called on the loop's thread in result order. Half an interval of slack, so a camera at
             # exactly the output's rate is never thinned by its own jitter.
@@ -54,6 +58,9 @@ class VideoOutputSink(OutputRateLimit):
         outputs: from ``open_outputs``; closed by ``close``.
         low, high: the heat scale (the manifest's score normalisation), or None.
         pixel_threshold: outline level for NG frames (the manifest's pixel threshold), or None.
+        scales: per category, its own (low, high, pixel threshold) (``session.overlay_scales`` of its
+            operating point), used for verdicts of that category; the others use the three above. The
+            same scales as the overlays, so a saved overlay and the live view of a frame look alike.
         queue_size: frames waiting for rendering; more are dropped oldest first (live view, not a log).
         max_fps: render at most this many frames per second (a live source: the outputs' own frame rate,
             so a camera or inference faster than the stream does not pay for frames nobody sees; the rest
@@ -65,10 +72,12 @@ class VideoOutputSink(OutputRateLimit):
     needs_frames = True  # the loop keeps frame and map in results for sinks that say so
 
     def __init__(self, outputs: Sequence[VideoOutput], *, low: float | None = None, high: float | None = None,
-                 pixel_threshold: float | None = None, queue_size: int = 2, max_fps: float | None = None) -> None:
+                 pixel_threshold: float | None = None, scales: Mapping[str, Scale] | None = None,
+                 queue_size: int = 2, max_fps: float | None = None) -> None:
         super().__init__(max_fps)
         self.outputs = list(outputs)
         self.low, self.high, self.pixel_threshold = low, high, pixel_threshold
+        self.scales = dict(scales or {})
         self.queue_size = queue_size
         self.render_ms = 0.0  # last render's duration
 
@@ -76,7 +85,9 @@ class VideoOutputSink(OutputRateLimit):
         if not any(getattr(output, "wants_frames", True) for output in self.outputs):
             return False  # only RTSP outputs, and nobody watches: counted as skipped, nothing rendered
         started = time.perf_counter()
-        image = render_result(result, low=self.low, high=self.high, pixel_threshold=self.pixel_threshold)
+        category = getattr(getattr(result, "verdict", None), "category", None)
+        low, high, pixel_threshold = self.scales.get(category, (self.low, self.high, self.pixel_threshold))
+        image = render_result(result, low=low, high=high, pixel_threshold=pixel_threshold)
         self.render_ms = (time.perf_counter() - started) * 1e3
         failures = []
         for output in self.outputs:

@@ -2,6 +2,7 @@
 a window on a virtual X screen (Xvfb) by ffmpeg's x11grab."""
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -338,3 +339,54 @@ def test_a_live_source_renders_at_most_at_the_outputs_frame_rate(monkeypatch):
     assert accepted(VideoOutputSink([]), fast) == 120
     with pytest.raises(ReconadError, match="max_fps"):
         VideoOutputSink([], max_fps=0)
+
+
+def test_a_video_that_did_not_come_out_readable_keeps_its_partial_name(tmp_path):
+    """OpenCV's writer reports no write error, a full disk included (a newcomer got an unplayable mp4 under
+    the final name and 0 errors): the file is read back before it is renamed."""
+    output = FileOutput(parse_output_uri(str(tmp_path / "line.mp4")), fps=10)
+    for _ in range(3):
+        output.write(halves())
+    os.truncate(output.partial, 0)  # what a full disk leaves: the writer's bytes never reached the file
+    with pytest.raises(ReconadError, match=r"line\.partial\.mp4 did not come out readable; it keeps its partial name\.$"):
+        output.close()
+    assert output.partial.exists() and not (tmp_path / "line.mp4").exists()
+
+
+def test_an_output_that_is_the_source_or_named_twice_is_refused(tmp_path):
+    from reconad.runtime.line.outputs import check_output_files
+
+    source = tmp_path / "line.avi"
+    with pytest.raises(ReconadError, match="is the source itself"):
+        check_output_files([str(tmp_path / "." / "line.avi")], source=str(source))
+    with pytest.raises(ReconadError, match="is named twice"):
+        check_output_files([str(tmp_path / "a.mp4"), "rtsp://@:8554/x", f"file://{tmp_path}/a.mp4"])
+    check_output_files([str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")], source=str(source))
+
+
+def test_a_video_file_source_reports_its_frame_rate(tmp_path):
+    from reconad.runtime.line.sources import open_source
+
+    writer = cv2.VideoWriter(str(tmp_path / "five.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (64, 48))
+    for _ in range(3):
+        writer.write(np.zeros((48, 64, 3), np.uint8))
+    writer.release()
+    source = open_source(str(tmp_path / "five.avi"))
+    assert source.frame_rate is None  # not open yet
+    source.open()
+    try:
+        assert source.frame_rate == pytest.approx(5.0)
+    finally:
+        source.close()
+
+
+def test_the_roi_the_model_sees_is_boxed_on_the_frame():
+    from reconad.runtime.line.render import ROI_OUTLINE, Annotation, render_inspection
+
+    image = np.full((360, 480, 3), 90, np.uint8)
+    annotation = Annotation(0.2, 0.5, False, category="pill")
+    plain = render_inspection(image, np.zeros((16, 16), np.float32), annotation)
+    boxed = render_inspection(image, np.zeros((16, 16), np.float32), annotation, roi=(100, 50, 200, 150))
+    banner = plain.shape[0] - 360
+    assert near(boxed[banner + 50, 200], ROI_OUTLINE) and near(plain[banner + 50, 200], (90, 90, 90))
+    assert np.array_equal(boxed[banner + 250 :], plain[banner + 250 :])  # nothing else changes below the box
