@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,12 +184,18 @@ def fit_text(text: str, max_width: int, max_height: int, thickness: int = 1) -> 
     return "", scale
 
 
-def _put(canvas: np.ndarray, text: str, box: tuple[int, int, int, int], colour, *, thickness: int = 1,
-         align: str = "left") -> None:
-    """Draw ``text`` fitted into ``box`` (x, y, width, height), vertically centred."""
+def _put(canvas: np.ndarray, text: str | Sequence[str], box: tuple[int, int, int, int], colour, *,
+         thickness: int = 1, align: str = "left") -> None:
+    """Draw ``text`` fitted into ``box`` (x, y, width, height), vertically centred. ``text`` may be a list
+    of wordings, preferred first: the first that fits whole at a legible size is drawn (a narrow frame
+    reads "147 / 122 (120%)" rather than "score 147 / thre..."), the last one is cut if it must be."""
     cv2 = import_cv2()
     x, y, width, height = box
-    text, scale = fit_text(text, width, height, thickness)
+    wordings = [text] if isinstance(text, str) else list(text)
+    for wording in wordings:
+        text, scale = fit_text(wording, width, height, thickness)
+        if text == wording:
+            break
     if not text:
         return
     (text_width, text_height), baseline = cv2.getTextSize(text, FONT, scale, thickness)
@@ -196,8 +204,21 @@ def _put(canvas: np.ndarray, text: str, box: tuple[int, int, int, int], colour, 
     cv2.putText(canvas, text, (origin_x, origin_y), FONT, scale, colour, thickness, cv2.LINE_AA)
 
 
-def _format(value: float) -> str:
-    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
+def _format(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.{digits - 1}e}"
+
+
+def score_wordings(score: float, threshold: float) -> list[str]:
+    """The banner's score line, preferred wording first. Enough digits that a score and a threshold that differ
+    never print alike, and the percentage rounded down, so an OK part (score below the threshold) never
+    reads "100%" and an NG one never reads "99%"."""
+    digits = 3
+    while digits < 7 and score != threshold and _format(score, digits) == _format(threshold, digits):
+        digits += 1
+    value, limit = _format(score, digits), _format(threshold, digits)
+    percent = f"{math.floor(score / threshold * 100)}%" if threshold > 0 and math.isfinite(score) else "n/a"
+    return [f"score {value} / threshold {limit} ({percent})", f"score {value} / thr {limit} ({percent})",
+            f"{value} / {limit} ({percent})", f"{value}/{limit} ({percent})", f"{percent} of threshold", percent]
 
 
 def _banner(canvas: np.ndarray, annotation: Annotation, height: int) -> None:
@@ -228,14 +249,14 @@ def _banner(canvas: np.ndarray, annotation: Annotation, height: int) -> None:
     if annotation.blind is not None:
         score = annotation.blind
     elif annotation.threshold is not None:
-        ratio = annotation.image_score / annotation.threshold if annotation.threshold > 0 else float("inf")
-        score = f"score {_format(annotation.image_score)} / threshold {_format(annotation.threshold)} ({ratio:.0%})"
+        score = score_wordings(annotation.image_score, annotation.threshold)
     else:
         score = f"score {_format(annotation.image_score)} (no threshold)"
     _put(canvas, score, (left, pad + line, middle, line), TEXT)
     if annotation.caption:
-        _put(canvas, annotation.caption, (width - caption_width - pad, pad, caption_width, line), (170, 170, 170),
-             align="right")
+        time_first = annotation.caption.split("  ")[0]  # the time is kept whole; the name goes first
+        _put(canvas, [annotation.caption, time_first, time_first[:8]],
+             (width - caption_width - pad, pad, caption_width, line), (170, 170, 170), align="right")
     # The gauge: the bar fills with the score, the white tick is the threshold (half-way).
     top = text_height
     canvas[top:height] = (60, 60, 60)

@@ -162,3 +162,29 @@ def test_write_png_round_trip(tmp_path):
     assert np.array_equal(cv2.imread(str(tmp_path / "x.png"))[:, :, ::-1], image)
     with pytest.raises(ReconadError, match="Cannot write"):
         write_png(tmp_path / "missing" / "x.png", image)
+
+
+def test_score_wordings_tell_apart_what_differs_and_never_round_over_the_threshold():
+    from reconad.runtime.line.render import score_wordings
+
+    assert score_wordings(147.0, 122.0)[0] == "score 147 / threshold 122 (120%)"
+    # an OK part just under its threshold: not "122 / 122 (100%)" (a newcomer read that as a contradiction)
+    assert score_wordings(121.8, 122.0)[0] == "score 121.8 / threshold 122 (99%)"
+    assert score_wordings(122.0, 122.0)[0] == "score 122 / threshold 122 (100%)"
+    assert score_wordings(0.5, 0.0)[0].endswith("(n/a)")
+
+
+def test_a_narrow_box_draws_the_first_wording_that_fits_whole():
+    from reconad.runtime.line.render import TEXT, _put, fit_text, score_wordings
+
+    wordings = score_wordings(147.0, 122.0)
+    box = (0, 0, 110, 14)
+    whole = [w for w in wordings if fit_text(w, box[2], box[3])[0] == w]
+    assert whole and whole[0] != wordings[0]  # too narrow for the long form, wide enough for a short one
+    drawn, expected = np.zeros((14, 110, 3), np.uint8), np.zeros((14, 110, 3), np.uint8)
+    _put(drawn, wordings, box, TEXT)
+    _put(expected, whole[0], box, TEXT)
+    assert np.array_equal(drawn, expected) and drawn.any()
+    cut = np.zeros((14, 110, 3), np.uint8)
+    _put(cut, wordings[0], box, TEXT)  # the old single wording: cut with '...'
+    assert not np.array_equal(cut, drawn)
