@@ -109,7 +109,8 @@ def parse_output_uri(uri: str) -> OutputTarget:
 
 
 class VideoOutput(abc.ABC):
-    """Where rendered frames go. The first frame fixes the size; later ones of another size are resized.
+    """Where rendered frames go. The first frame fixes the size; later ones of another size are scaled to
+    fit and letterboxed.
 
     Attributes:
         uri: the URI it was opened from.
@@ -134,9 +135,20 @@ class VideoOutput(abc.ABC):
 
 
 def _fit(frame: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``frame`` in a stream of ``shape`` (fixed by the first frame): scaled to fit whole and centred on
+    black (letterboxed), so a folder of mixed sizes is never stretched and its text never squashed."""
     if frame.shape == shape:
         return frame
-    return import_cv2().resize(frame, (shape[1], shape[0]), interpolation=import_cv2().INTER_AREA)
+    cv2 = import_cv2()
+    height, width = shape[:2]
+    factor = min(height / frame.shape[0], width / frame.shape[1])
+    fitted_width, fitted_height = max(1, round(frame.shape[1] * factor)), max(1, round(frame.shape[0] * factor))
+    scaled = cv2.resize(frame, (fitted_width, fitted_height),
+                        interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    canvas = np.zeros(shape, dtype=frame.dtype)
+    top, left = (height - fitted_height) // 2, (width - fitted_width) // 2
+    canvas[top : top + fitted_height, left : left + fitted_width] = scaled
+    return canvas
 
 
 class FileOutput(VideoOutput):

@@ -390,3 +390,13 @@ def test_the_roi_the_model_sees_is_boxed_on_the_frame():
     banner = plain.shape[0] - 360
     assert near(boxed[banner + 50, 200], ROI_OUTLINE) and near(plain[banner + 50, 200], (90, 90, 90))
     assert np.array_equal(boxed[banner + 250 :], plain[banner + 250 :])  # nothing else changes below the box
+
+
+def test_a_frame_of_another_size_is_letterboxed_not_stretched():
+    from reconad.runtime.line.outputs import _fit
+
+    tall = halves((400, 100))  # red left, blue right, 1:4
+    fitted = _fit(tall, (200, 400, 3))
+    assert fitted.shape == (200, 400, 3)
+    assert not fitted[:, :175].any() and not fitted[:, 225:].any()  # black bars either side
+    assert near(fitted[100, 185], RED) and near(fitted[100, 215], BLUE)  # the frame, 50 x 200, centred
