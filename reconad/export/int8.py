@@ -19,6 +19,8 @@ each output sums 9 or 25 inputs of one channel, so rounding noise is not average
 known weak spot of separable networks, Sheng et al. 2018, "A Quantization-Friendly Separable Convolution
 for MobileNets"; on the trained lite0-256 demo model they take the category distance error from 1.9e-2 to
 2.8e-3 and the map p99 error from 2.8% to 1.2% of the map range; they are 1.6% of its multiply-adds).
+Every node outside the quantized matrix ops reads the float tensor, not a shared pair's rounded copy
+(``float_consumers_read_floats``: the residual Adds and the feature taps).
 Torch-free: ``export.onnx`` calls it with the traced graph.
 """
 
@@ -41,6 +43,8 @@ from reconad.runtime.manifest import CALIBRATION_METHODS, INPUT_NAME, Int8Calibr
 
 INT8_OP_TYPES = ("MatMul", "Gemm", "Conv")
 # Chosen by measurement (benchmarks/bench_int8.py, "calibration methods"): see DEFAULT_CALIBRATION_METHOD's note there.
+# On the trained lite0-256 demo model (benchmarks/int8_sensitivity.py) entropy chose minmax's ranges and
+# percentile clipped more and came out worse (category distance error 2.2e-2 against 1.9e-2).
 DEFAULT_CALIBRATION_METHOD = "minmax"
 MIN_CALIBRATION_IMAGES = 8
 MAX_CALIBRATION_IMAGES = 64  # evenly spaced over the sorted files of all folders (fewer at large sizes, see below)
@@ -53,7 +57,8 @@ INT8_RECIPE = (
     "QDQ static quantization (onnxruntime.quantization): MatMul/Gemm/Conv inputs INT8 (weights symmetric per "
     "channel, activations symmetric, zero point 0; Q/DQ on inputs only); FP32 islands (input normalisation, "
     "LayerNormalization, softmax logits with Q.K^T, anomaly head, category head), the matrix ops feeding the "
-    "reconstruction error and the depthwise convolutions in floating point; uint8 in, float32 and int64 out"
+    "reconstruction error and the depthwise convolutions in floating point, and every float node reads unrounded "
+    "tensors; uint8 in, float32 and int64 out"
 )
 
 
@@ -250,9 +255,50 @@ def quantize_to_int8(
         model = onnx.load(str(target))
     model.producer_name, model.producer_version = fp32_model.producer_name, fp32_model.producer_version
     model.doc_string = fp32_model.doc_string
+    float_consumers_read_floats(model, set(excluded))
     name_nodes(model, tag="q")
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def float_consumers_read_floats(model: onnx.ModelProto, float_nodes: set[str]) -> int:
+    """Rewire, in place, every node that computes in floating point to read the float tensor a shared
+    QuantizeLinear/DequantizeLinear pair rounds, not the pair's output; returns how many inputs moved.
+
+    onnxruntime's quantizer, quantizing a tensor for one matrix op, hands the dequantized copy to every
+    consumer (``replace_input_of_all_nodes``, also with ``DedicatedQDQPair`` when one consumer is quantized):
+    the residual Add after a LayerNormalization, the Resize that taps a backbone stage for the anomaly map.
+    Those then carry INT8 rounding into the residual stream and into ``f`` of ``||f - f_hat||``, which the
+    FP32 islands and ``residual_producers`` are there to avoid. Only the MatMul/Gemm/Conv nodes outside
+    ``float_nodes`` keep reading dequantized tensors; a pair left with no reader is removed.
+    """
+    producer = {name: node for node in model.graph.node for name in node.output}
+    initializers = {init.name for init in model.graph.initializer}
+    rounded = {}  # DequantizeLinear output -> the float activation its QuantizeLinear reads
+    for node in model.graph.node:
+        quantize = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if quantize is not None and quantize.op_type == "QuantizeLinear" and quantize.input[0] not in initializers:
+            rounded[node.output[0]] = quantize.input[0]
+    moved = 0
+    for node in model.graph.node:
+        if node.op_type in INT8_OP_TYPES and node.name not in float_nodes:
+            continue
+        for position, name in enumerate(node.input):
+            if name in rounded:
+                node.input[position] = rounded[name]
+                moved += 1
+    while True:  # drop the Q/DQ nodes nothing reads any more
+        read = {name for node in model.graph.node for name in node.input} | {output.name for output in model.graph.output}
+        unread = [node for node in model.graph.node
+                  if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(name in read for name in node.output)]  # fmt: skip
+        if not unread:
+            break
+        for node in unread:
+            model.graph.node.remove(node)
+    read = {name for node in model.graph.node for name in node.input}
+    for init in [init for init in model.graph.initializer if init.name not in read]:
+        model.graph.initializer.remove(init)
+    return moved
 
 
 def int8_node_counts(model: onnx.ModelProto) -> dict[str, int]:
