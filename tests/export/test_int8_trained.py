@@ -12,8 +12,8 @@ The recipe before the fix fails ``check_int8_parity`` here (measured: map p99 9.
 
 import pytest
 
-from reconad.export.int8 import INT8_OP_TYPES, depthwise_convolutions, load_calibration_images, quantize_to_int8
-from reconad.export.int8_checks import check_int8_parity
+from reconad.export.int8 import INT8_OP_TYPES, RECIPE_STEPS, depthwise_convolutions, load_calibration_images, quantize_to_int8
+from reconad.export.int8_checks import Int8CheckError, check_int8_parity
 from reconad.export.onnx import category_margins, run_torch, synthetic_reference_images, trace_to_onnx
 from reconad.runtime.verify import CATEGORY_MARGIN_KEY
 from reconad.train.sample_data import SampleDataConfig, write_sample_data
@@ -49,20 +49,33 @@ def quantized(trained_lite0):
     detector, data = trained_lite0
     fp32 = trace_to_onnx(detector, 4, 17)
     calibration = load_calibration_images([data / category / "train" / "good" for category in CATEGORIES], (64, 64))
-    return fp32, quantize_to_int8(fp32, calibration, "minmax")
+    return fp32, quantize_to_int8(fp32, calibration, "minmax"), calibration
 
 
-def test_the_int8_graph_of_a_trained_model_passes_the_parity_checks(trained_lite0, quantized):
+@pytest.fixture(scope="module")
+def reference(trained_lite0):
+    """``to-onnx``'s default reference images and PyTorch's outputs for them."""
     detector, _ = trained_lite0
-    _, model = quantized
     images = synthetic_reference_images(detector.config.input_hw)
-    reference = {**run_torch(detector, images, 4), CATEGORY_MARGIN_KEY: category_margins(detector, images, 4)}
-    report = check_int8_parity(model, images, reference, 4)  # raises Int8CheckError (the refusal) when over a bound
+    return images, {**run_torch(detector, images, 4), CATEGORY_MARGIN_KEY: category_margins(detector, images, 4)}
+
+
+def test_the_int8_graph_of_a_trained_model_passes_the_parity_checks(quantized, reference):
+    images, outputs = reference
+    report = check_int8_parity(quantized[1], images, outputs, 4)  # raises Int8CheckError (the refusal) when over a bound
     assert report.decision_flips == 0 and report.anomaly_map.p99_abs < 0.05 * report.map_scale
 
 
+def test_the_recipe_before_the_fix_is_refused_on_the_same_model(quantized, reference):
+    # Keeps the fixture honest: were it too easy (random weights), this would pass and prove nothing.
+    fp32, _, calibration = quantized
+    images, outputs = reference
+    with pytest.raises(Int8CheckError, match="does not match PyTorch"):
+        check_int8_parity(quantize_to_int8(fp32, calibration, "minmax", without=RECIPE_STEPS), images, outputs, 4)
+
+
 def test_qdq_pairs_sit_on_matrix_op_inputs_only_and_depthwise_convolutions_read_floats(quantized):
-    fp32, model = quantized
+    fp32, model, _ = quantized
     producer = {name: node for node in model.graph.node for name in node.output}
     consumers = {}
     for node in model.graph.node:
