@@ -5,11 +5,25 @@ a ``CalibrationDataReader``); this module chooses what it quantizes and feeds it
 runtime's one image path (``reconad.runtime.frames``). MatMul, Gemm and Conv get INT8 inputs: weights
 symmetric per output channel, activations symmetric with zero point 0, as TensorRT's explicit
 quantization requires (TensorRT developer guide, "Explicit Quantization"; a uint8 or asymmetric QDQ graph
-does not build). The nodes of ``export.islands`` (input normalisation, LayerNormalization, the softmax
+does not build). Only their inputs: no Q/DQ pair on a matrix op's output, TensorRT's own placement
+recommendation (same guide, "Q/DQ Layer-Placement Recommendations"). A pair on a convolution's output
+quantizes the pre-activation range (on the pretrained Lite0 backbone 10 to 75, where the ReLU6 after it
+keeps 0..6): 2-12x coarser steps than the activation's own; on the trained lite0-256 demo model the
+backbone features the anomaly map reads came out at 3.6 dB signal-to-noise against the fp32 graph
+(onnxruntime's ``qdq_loss_debug``; 19 dB with this recipe; benchmarks/bench_int8_trained.py). The
+random-weight tiny model's features stayed at 30 dB with that placement, which is why it passed.
+The nodes of ``export.islands`` (input normalisation, LayerNormalization, the softmax
 logits with their Q.K^T MatMul, the anomaly head and the category head) are excluded, so they read and
 write floats exactly as in the fp32 graph, and so are the matrix ops that feed the reconstruction error
 directly (``residual_producers``: on the tiny model they take the image AUROC gap to fp32 from -4.2 to
--1.0 points and the score error from 2.2e-2 to 1.4e-2). Torch-free: ``export.onnx`` calls it with the traced graph.
+-1.0 points and the score error from 2.2e-2 to 1.4e-2) and the depthwise convolutions (``depthwise_convolutions``:
+each output sums 9 or 25 inputs of one channel, so rounding noise is not averaged over channels, the
+known weak spot of separable networks, Sheng et al. 2018, "A Quantization-Friendly Separable Convolution
+for MobileNets"; on the trained lite0-256 demo model they take the category distance error from 2.1e-2 to
+4.1e-3 and the map p99 error from 2.6% to 1.4% of the map range; they are 1.6% of its multiply-adds).
+Every node outside the quantized matrix ops reads the float tensor, not a shared pair's rounded copy
+(``float_consumers_read_floats``: the residual Adds and the feature taps).
+Torch-free: ``export.onnx`` calls it with the traced graph.
 """
 
 from __future__ import annotations
@@ -19,7 +33,7 @@ import io
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +44,11 @@ from reconad.runtime.errors import ReconadError
 from reconad.runtime.manifest import CALIBRATION_METHODS, INPUT_NAME, Int8Calibration
 
 INT8_OP_TYPES = ("MatMul", "Gemm", "Conv")
+# The steps that make the recipe hold on trained models (module docstring); ``quantize_to_int8(without=...)``.
+RECIPE_STEPS = ("inputs-only", "depthwise-float", "float-reads")
 # Chosen by measurement (benchmarks/bench_int8.py, "calibration methods"): see DEFAULT_CALIBRATION_METHOD's note there.
+# On the trained lite0-256 demo model (benchmarks/bench_int8_trained.py) entropy chose minmax's ranges and
+# percentile clipped more and came out worse (category distance error 2.2e-2 against 1.9e-2).
 DEFAULT_CALIBRATION_METHOD = "minmax"
 MIN_CALIBRATION_IMAGES = 8
 MAX_CALIBRATION_IMAGES = 64  # evenly spaced over the sorted files of all folders (fewer at large sizes, see below)
@@ -41,9 +59,10 @@ CALIBRATION_BATCH = 1
 CALIBRATION_PIXEL_BUDGET = MAX_CALIBRATION_IMAGES * 128 * 128
 INT8_RECIPE = (
     "QDQ static quantization (onnxruntime.quantization): MatMul/Gemm/Conv inputs INT8 (weights symmetric per "
-    "channel, activations symmetric, zero point 0); FP32 islands (input normalisation, LayerNormalization, "
-    "softmax logits with Q.K^T, anomaly head, category head) and the matrix ops feeding the reconstruction error "
-    "in floating point; uint8 in, float32 and int64 out"
+    "channel, activations symmetric, zero point 0; Q/DQ on inputs only); FP32 islands (input normalisation, "
+    "LayerNormalization, softmax logits with Q.K^T, anomaly head, category head), the matrix ops feeding the "
+    "reconstruction error and the depthwise convolutions in floating point, and every float node reads unrounded "
+    "tensors; uint8 in, float32 and int64 out"
 )
 
 
@@ -118,12 +137,20 @@ def residual_producers(model: onnx.ModelProto, head_nodes: Sequence[str]) -> lis
     return sorted(found, key=order.__getitem__)
 
 
+def depthwise_convolutions(model: onnx.ModelProto) -> list[str]:
+    """The grouped (depthwise) Conv nodes, ``group`` > 1, in graph order: they stay in floating point
+    (see the module docstring for why)."""
+    return [node.name for node in model.graph.node if node.op_type == "Conv"
+            and any(attribute.name == "group" and attribute.i > 1 for attribute in node.attribute)]  # fmt: skip
+
+
 def int8_excluded_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes that stay in floating point: every FP32 island of ``export.islands`` and the
-    ``residual_producers`` of the anomaly head."""
+    """Names of the nodes that stay in floating point: every FP32 island of ``export.islands``, the
+    ``residual_producers`` of the anomaly head and the ``depthwise_convolutions``."""
     groups = find_fp32_island_groups(model)
     wanted = {name for names in groups.values() for name in names}
     wanted |= set(residual_producers(model, groups["anomaly head"]))
+    wanted |= set(depthwise_convolutions(model))
     return [node.name for node in model.graph.node if node.name in wanted]
 
 
@@ -166,6 +193,7 @@ def quantize_to_int8(
     method: str = DEFAULT_CALIBRATION_METHOD,
     *,
     activation_type: str = "int8",
+    without: Collection[str] = (),
 ) -> onnx.ModelProto:
     """The QDQ int8 copy of the fused fp32 graph, its activation ranges calibrated on ``images``.
 
@@ -177,10 +205,12 @@ def quantize_to_int8(
             calibrators: about 1 GB per image at 512 px), so give them few images at large sizes.
         activation_type: ``"int8"`` (symmetric, the only form TensorRT builds) or ``"uint8"``
             (asymmetric, ONNX Runtime CPU's U8S8 path; for measurement only, never written by the CLI).
+        without: recipe steps to leave out, for measurement only (benchmarks/bench_int8_trained.py), never
+            by the CLI: any of ``RECIPE_STEPS``; all three give the recipe before the trained-model fix.
 
     Returns:
-        The checked int8 graph: QuantizeLinear/DequantizeLinear pairs on the inputs of every MatMul,
-        Gemm and Conv outside the islands, weights stored as INT8 initializers.
+        The checked int8 graph: QuantizeLinear/DequantizeLinear pairs on the inputs (never the outputs) of
+        every MatMul, Gemm and Conv that ``int8_excluded_nodes`` leaves, weights stored as INT8 initializers.
 
     Raises:
         ReconadError: an unknown method, or onnxruntime's quantizer failed.
@@ -191,7 +221,13 @@ def quantize_to_int8(
     if activation_type not in ("int8", "uint8"):
         raise ReconadError(f"activation_type must be int8 or uint8, got {activation_type!r}.")
     symmetric = activation_type == "int8"
+    unknown = set(without) - set(RECIPE_STEPS)
+    if unknown:
+        raise ReconadError(f"Unknown int8 recipe steps {sorted(unknown)}; expected some of {list(RECIPE_STEPS)}.")
     excluded = int8_excluded_nodes(fp32_model)
+    if "depthwise-float" in without:
+        depthwise = set(depthwise_convolutions(fp32_model))
+        excluded = [name for name in excluded if name not in depthwise]
     with tempfile.TemporaryDirectory(prefix="reconad-int8-") as work:
         source, target = Path(work) / "fp32.onnx", Path(work) / "int8.onnx"
         onnx.save(fp32_model, source)
@@ -215,6 +251,9 @@ def quantize_to_int8(
                         # One Q/DQ pair per tensor, shared by its consumers (onnxruntime's default; TensorRT
                         # propagates and fuses the pair into each consumer itself).
                         "DedicatedQDQPair": False,
+                        # Inputs only (TensorRT's placement recommendation): a pair on a Conv's output would
+                        # quantize the range before its activation (see the module docstring).
+                        "OpTypesToExcludeOutputQuantization": [] if "inputs-only" in without else list(INT8_OP_TYPES),
                         "CalibTensorRangeSymmetric": symmetric,
                         "CalibMovingAverage": False,
                         # Entropy searches thresholds over histogram bins beyond the 128 quantized ones;
@@ -229,9 +268,51 @@ def quantize_to_int8(
         model = onnx.load(str(target))
     model.producer_name, model.producer_version = fp32_model.producer_name, fp32_model.producer_version
     model.doc_string = fp32_model.doc_string
+    if "float-reads" not in without:
+        float_consumers_read_floats(model, set(excluded))
     name_nodes(model, tag="q")
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def float_consumers_read_floats(model: onnx.ModelProto, float_nodes: set[str]) -> int:
+    """Rewire, in place, every node that computes in floating point to read the float tensor a shared
+    QuantizeLinear/DequantizeLinear pair rounds, not the pair's output; returns how many inputs moved.
+
+    onnxruntime's quantizer, quantizing a tensor for one matrix op, hands the dequantized copy to every
+    consumer (``replace_input_of_all_nodes``, also with ``DedicatedQDQPair`` when one consumer is quantized):
+    the residual Add after a LayerNormalization, the Resize that taps a backbone stage for the anomaly map.
+    Those then carry INT8 rounding into the residual stream and into ``f`` of ``||f - f_hat||``, which the
+    FP32 islands and ``residual_producers`` are there to avoid. Only the MatMul/Gemm/Conv nodes outside
+    ``float_nodes`` keep reading dequantized tensors; a pair left with no reader is removed.
+    """
+    producer = {name: node for node in model.graph.node for name in node.output}
+    initializers = {init.name for init in model.graph.initializer}
+    rounded = {}  # DequantizeLinear output -> the float activation its QuantizeLinear reads
+    for node in model.graph.node:
+        quantize = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if quantize is not None and quantize.op_type == "QuantizeLinear" and quantize.input[0] not in initializers:
+            rounded[node.output[0]] = quantize.input[0]
+    moved = 0
+    for node in model.graph.node:
+        if node.op_type in INT8_OP_TYPES and node.name not in float_nodes:
+            continue
+        for position, name in enumerate(node.input):
+            if name in rounded:
+                node.input[position] = rounded[name]
+                moved += 1
+    while True:  # drop the Q/DQ nodes nothing reads any more
+        read = {name for node in model.graph.node for name in node.input} | {output.name for output in model.graph.output}
+        unread = [node for node in model.graph.node
+                  if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(name in read for name in node.output)]  # fmt: skip
+        if not unread:
+            break
+        for node in unread:
+            model.graph.node.remove(node)
+    read = {name for node in model.graph.node for name in node.input}
+    for init in [init for init in model.graph.initializer if init.name not in read]:
+        model.graph.initializer.remove(init)
+    return moved
 
 
 def int8_node_counts(model: onnx.ModelProto) -> dict[str, int]:

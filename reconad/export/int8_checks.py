@@ -125,7 +125,7 @@ def build_checked_int8_graph(
     logger.info("calibrating int8 ranges on %d good images (%s)", len(calibration_images), options.method)
     model = quantize_to_int8(fp32_model, calibration_images, options.method)
     counts = int8_node_counts(model)
-    logger.info("int8 graph: %d MatMul/Gemm/Conv in INT8, %d in floating point (islands)", counts["int8"], counts["float"])
+    logger.info("int8 graph: %d MatMul/Gemm/Conv in INT8, %d in floating point (islands, residual producers, depthwise)", counts["int8"], counts["float"])
     check_int8_parity(model, images, reference, max_batch)
     check_auroc(fp32_model, model, options, config.input_hw, max_batch)
     return model, calibration_record(calibration_images, options.calibration_images, options.method)

@@ -149,6 +149,13 @@ def test_excluded_nodes_cover_the_islands_and_the_residual_producers(tiny_export
     assert any(node.name not in softmax_inputs for node in extra)  # the output projection / tapped convs
 
 
+def test_unknown_recipe_steps_are_refused(tiny_export):
+    from reconad.export.int8 import quantize_to_int8
+
+    with pytest.raises(ReconadError, match="Unknown int8 recipe steps"):
+        quantize_to_int8(tiny_export.load("fp32"), np.zeros((8, 64, 64, 3), np.uint8), without=("outputs",))
+
+
 def test_calibration_image_count_scales_with_the_input_size():
     from reconad.export.int8 import max_calibration_images
 
