@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo pipeline, one stage after another: synthetic sample data -> fit (lite0-256, offline-pretrained
-# backbone) -> evaluate (prints the metrics and operating points) -> export fp32/fp16 -> verify -> calibrate per
+# backbone) -> evaluate (prints the metrics and operating points) -> export fp32/fp16/int8 -> verify -> calibrate per
 # category -> inspect the test folders -> the camera loop over a video -> the per-category operating points.
 # Run by `make demo`; DEMO_DIR and PY come from the Makefile.
 set -euo pipefail
@@ -34,9 +34,17 @@ REFERENCE_IMAGES=$(ls -d "$DEMO_DIR"/data/*/test | head -n 1)
 ONNX_FP32=$(ls "$DEMO_DIR"/onnx/*-fp32.onnx)
 ONNX_FP16=$(ls "$DEMO_DIR"/onnx/*-fp16.onnx)
 
-stage "verify: both graphs on ONNX Runtime against the PyTorch reference (torch-free)"
+stage "to-onnx int8: a QDQ graph calibrated on the good training images, checked against PyTorch and on the test AUROC"
+CALIBRATION=()
+for good in "$DEMO_DIR"/data/*/train/good; do CALIBRATION+=(--calibration-images "$good"); done
+"$BIN/recon-export" to-onnx "$DEMO_DIR/run/model.ckpt" --out "$DEMO_DIR/onnx" --precision int8 \
+    "${CALIBRATION[@]}" --evaluation-data "$DEMO_DIR/data" --reference-images "$REFERENCE_IMAGES"
+ONNX_INT8=$(ls "$DEMO_DIR"/onnx/*-int8.onnx)
+
+stage "verify: the three graphs on ONNX Runtime against the PyTorch reference (torch-free)"
 "$BIN/recon-export" verify "$ONNX_FP32" --backend ort-cpu
 "$BIN/recon-export" verify "$ONNX_FP16" --backend ort-cpu
+"$BIN/recon-export" verify "$ONNX_INT8" --backend ort-cpu
 
 # Held-out good images: scores of the training images themselves are biased low. Given the data root,
 # calibrate sets each category's thresholds on its test/good (and a global one on all of them), and

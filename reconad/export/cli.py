@@ -72,6 +72,7 @@ def to_onnx(
     export_logger = logging.getLogger("reconad.export")
     export_logger.addHandler(progress)
     export_logger.setLevel(logging.INFO)
+    export_logger.propagate = False  # onnxruntime's quantizer gives the root logger a handler: no second copy
     try:
         from reconad.export.onnx import export_onnx
 
