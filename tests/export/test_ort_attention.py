@@ -17,7 +17,8 @@ from reconad.export.ort_attention import CONTRIB_DOMAIN, FUSED_OP, fuse_attentio
 from reconad.model import ModelConfig, build_detector, save_checkpoint
 from reconad.runtime.backends.ort import OrtBackend
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.manifest import INPUT_NAME, Manifest, manifest_path_for, reference_path_for
+from reconad.runtime.inspector import Inspector
+from reconad.runtime.manifest import IMAGE_SCORE_NAME, INPUT_NAME, Manifest, manifest_path_for, reference_path_for
 from reconad.runtime.verify import compare_outputs, verify_artifact
 
 runner = CliRunner()
@@ -76,6 +77,10 @@ def test_the_runtime_runs_it_unchanged_within_the_fp32_tolerances(ort_cpu_export
     with OrtBackend(str(onnx_path), "ort-cpu", max_batch=4) as backend:
         single = backend.infer(reference["images"][:1])
     assert compare_outputs(single, {k: v[:1] for k, v in reference.items()}, precision="fp32", threshold=None).passed
+    with Inspector.open(onnx_path, "ort-cpu", no_threshold=True) as inspector:  # recon-inspect run's opening path
+        verdicts = inspector.inspect(reference["images"])
+    scores = np.array([verdict.image_score for verdict in verdicts])
+    np.testing.assert_allclose(scores, reference[IMAGE_SCORE_NAME], rtol=0, atol=1e-4)
 
 
 def test_the_rewrite_matches_the_explicit_graph_and_leaves_it_untouched(tiny_export):
