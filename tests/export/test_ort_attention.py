@@ -83,6 +83,18 @@ def test_the_runtime_runs_it_unchanged_within_the_fp32_tolerances(ort_cpu_export
     np.testing.assert_allclose(scores, reference[IMAGE_SCORE_NAME], rtol=0, atol=1e-4)
 
 
+def test_the_runtime_opens_it_with_the_memory_arena_and_the_tensorrt_graph_without(ort_cpu_export, tiny_export):
+    out_dir, _ = ort_cpu_export
+    onnx_path = out_dir / "biased-run-64x64-fp32-ort-cpu.onnx"
+
+    def arena(path, **kwargs):
+        with OrtBackend(str(path), "ort-cpu", **kwargs) as backend:
+            return backend._session.get_session_options().enable_cpu_mem_arena
+
+    assert arena(onnx_path) is True and arena(tiny_export.fp32) is False  # None: decided by the graph's target
+    assert arena(onnx_path, memory_arena=False) is False and arena(tiny_export.fp32, memory_arena=True) is True
+
+
 def test_the_rewrite_matches_the_explicit_graph_and_leaves_it_untouched(tiny_export):
     explicit = tiny_export.load("fp32")
     before = explicit.SerializeToString()
