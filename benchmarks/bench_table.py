@@ -17,9 +17,10 @@ p99 error as a fraction of the map's range, image-score max error).
 Writes benchmarks/results/bench_table.json and bench_table.md.
 
     .venv/bin/python benchmarks/bench_table.py [--rounds 3] [--presets lite0-256 mvtec-512] [--batches 1 8]
-        [--variants eager ort-fp32 ort-fp32-fused ort-fp16 ort-int8]
+        [--variants eager ort-fp32 ort-fp32-arena ort-fp32-fused ort-fp16 ort-int8]
     # the fused-attention ratio alone:
-    .venv/bin/python benchmarks/bench_table.py --presets mvtec-512 --batches 1 8 --variants ort-fp32 ort-fp32-fused --rounds 5
+    .venv/bin/python benchmarks/bench_table.py --presets mvtec-512 --batches 1 8 --rounds 5 \
+        --variants ort-fp32 ort-fp32-arena ort-fp32-fused
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("eager", "ort-fp32", "ort-fp32-fused", "ort-fp16", "ort-int8")
-LABELS = {"eager": "PyTorch eager", "ort-fp32": "ORT fp32", "ort-fp32-fused": "ORT fp32 fused attention (ort-cpu)",
+VARIANTS = ("eager", "ort-fp32", "ort-fp32-arena", "ort-fp32-fused", "ort-fp16", "ort-int8")
+# Every ORT variant runs as the runtime opens it (OrtBackend's defaults: the CPU memory arena off, on for the
+# ort-cpu graph) except ort-fp32-arena, the fp32 graph with the arena on: what the fused graph gains by the arena alone.
+LABELS = {"eager": "PyTorch eager", "ort-fp32": "ORT fp32", "ort-fp32-arena": "ORT fp32, memory arena on",
+          "ort-fp32-fused": "ORT fp32 fused attention (ort-cpu)",
           "ort-fp16": "fp16 graph (ORT)", "ort-int8": "int8 QDQ (ORT)"}
 GEMM_N = 1024
 GEMM_SECONDS = 3.0
@@ -74,6 +78,7 @@ def build(preset: str, work: Path, variants: tuple[str, ...] = VARIANTS) -> None
     save_checkpoint(build_detector(config).eval(), checkpoint)
     export_onnx(checkpoint, folder, precision="both" if "ort-fp16" in variants else "fp32", max_batch=8, overwrite=True)
     paths = {"eager": str(checkpoint), "ort-fp32": str(folder / artifact_name(preset, config.input_hw, "fp32"))}
+    paths["ort-fp32-arena"] = paths["ort-fp32"]
     if "ort-fp16" in variants:
         paths["ort-fp16"] = str(folder / artifact_name(preset, config.input_hw, "fp16"))
     if "ort-fp32-fused" in variants:
@@ -134,7 +139,7 @@ def worker(variant: str, path: str, reference: Path, batch: int) -> dict:
     else:
         from reconad.runtime.backends.ort import OrtBackend
 
-        backend = OrtBackend(path, "ort-cpu", max_batch=8)
+        backend = OrtBackend(path, "ort-cpu", max_batch=8, memory_arena=True if variant == "ort-fp32-arena" else None)
 
         def run() -> tuple[np.ndarray, np.ndarray]:
             outputs = backend.infer(images)

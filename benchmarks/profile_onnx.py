@@ -2,7 +2,8 @@
 
 Exports a random-weight checkpoint of the preset (mvtec-512 by default) with ``export_onnx`` in a child
 process (an in-process export grows the heap, see bench_onnx.py), then runs it on ONNX Runtime as the runtime
-does (CPU provider, all graph optimisations, spinning off) with ``enable_profiling``, and sums the kernel time
+does (CPU provider, all graph optimisations, spinning off; the CPU memory arena on, ONNX Runtime's default, which
+the runtime keeps only for the ort-cpu graph) with ``enable_profiling``, and sums the kernel time
 of every node by op type, as run: after ONNX Runtime's fusions (``FusedConv`` is Conv + activation,
 ``FusedMatMul`` a MatMul with a folded transpose or scale, e.g. Q.K^T). MatMul, Gemm and Conv also get GFLOP/s from the
 shapes the profiler records. The first run is a warm-up and left out. Measurement only: the graph is not
