@@ -4,15 +4,16 @@ at 256 and 512, batch 1 and 8.
 Presets lite0-256 and mvtec-512 (random weights, seed 0: no download). Per preset, one child process builds
 the artifacts the asked variants need, once: a checkpoint, the fp32 and fp16 graphs through ``export_onnx`` (its
 parity checks included), the ``--target ort-cpu`` fp32 graph (attention as ONNX Runtime's MultiHeadAttention,
-also through ``export_onnx``), the int8 graph through ``reconad.export.int8.quantize_to_int8`` calibrated on synthetic reference
-images (the export's int8 checks need a trained model's AUROC, so they are not run on random weights here),
-and the eager model's GFLOP per image (torch's FLOP counter: 2 x multiply-accumulates of conv, linear and
-matmul). Then every measurement is a fresh process (its own peak RSS), interleaved round by round over
-variants and batch sizes, with this CPU's ONNX Runtime GEMM peak (1024^3 MatMuls back to back for 3 s,
-sustained: the number the graph can be held to) measured in every round too. Reported per row: ms per image (median over rounds),
-GFLOP/s, fraction of the GEMM peak and speed against ORT fp32 (medians of per-round ratios: each cell against
-the ORT fp32 cell of its own round), peak RSS, and parity against the eager model on the reference images (map
-p99 error as a fraction of the map's range, image-score max error).
+also through ``export_onnx``), the int8 graph through ``reconad.export.int8.quantize_to_int8`` calibrated on
+synthetic reference images (the export's int8 checks need a trained model's AUROC, so they are not run on random
+weights here), and the eager model's GFLOP per image (torch's FLOP counter: 2 x multiply-accumulates of conv,
+linear and matmul). Then every measurement is a fresh process (its own peak RSS), interleaved round by round
+over variants and batch sizes (every other round in reverse order), with this CPU's ONNX Runtime GEMM peak
+(1024^3 MatMuls back to back for 3 s, sustained: the number the graph can be held to) measured in every round
+too. Reported per row: ms per image (median over rounds, and each round's), GFLOP/s, fraction of the GEMM peak
+and speed against ORT fp32 (medians of per-round ratios: each cell against the ORT fp32 cell of its own round),
+peak RSS, and parity against the eager model on the reference images (map p99 error as a fraction of the map's
+range, image-score max error).
 
 Writes benchmarks/results/bench_table.json and bench_table.md.
 
@@ -207,7 +208,9 @@ def main() -> None:
     peaks = []
     for round_index in range(args.rounds):
         peaks.append(run_worker("gemm", "-", str(args.work / args.presets[0] / "reference.npz"), "1"))
-        for preset, variant, batch in cells:  # interleaved: a busy machine affects every cell alike
+        # interleaved: a busy machine affects every cell alike; every other round in reverse order, so that no
+        # cell always follows the same neighbour (a large process just ended, a cold cache)
+        for preset, variant, batch in cells if round_index % 2 == 0 else reversed(cells):
             reference = args.work / preset / "reference.npz"
             result = run_worker(variant, builds[preset]["paths"][variant], str(reference), str(batch))
             result["round_peak"] = peaks[-1].get("gflop_per_s")
@@ -224,6 +227,7 @@ def main() -> None:
             gflop = builds[preset]["gflop_per_image"]
             row.update({
                 "ms_per_image": statistics.median(r["ms_per_image"] for r in runs),
+                "ms_per_image_rounds": [r["ms_per_image"] for r in runs],
                 "gflop_per_s": statistics.median(gflop / (r["ms_per_image"] / 1e3) for r in runs),
                 "fraction_of_gemm_peak": statistics.median(
                     gflop / (r["ms_per_image"] / 1e3) / r["round_peak"] for r in runs if r["round_peak"]),
