@@ -182,7 +182,7 @@ def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     if not softmaxes:
         raise ReconadError("The graph has no Softmax, so it has no attention for the ort-cpu target to fuse.")
     masks: dict[str, str] = {}
-    for position, name in enumerate(softmaxes):
+    for name in softmaxes:
         index = _Index(graph)
         softmax = next(node for node in graph.node if (node.name or node.output[0]) == name)
         match = _match(index, softmax)
@@ -191,15 +191,15 @@ def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
                 f"The attention at {name} is not in the exported explicit form (Q.K^T MatMul, mask Add, Softmax, "
                 "MatMul), so the ort-cpu graph cannot be made from this graph."
             )
-        _replace(graph, index, match, position, masks)
+        _replace(graph, index, match, masks)
     _drop_dead(graph)
     if not any(entry.domain == CONTRIB_DOMAIN for entry in fused.opset_import):
         fused.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
-    onnx.checker.check_model(fused, full_check=True)  # the contrib node is checked for structure only (no schema in onnx)
+    onnx.checker.check_model(fused, full_check=True)  # the contrib nodes: structure only (onnx has no schema)
     return fused
 
 
-def _replace(graph: onnx.GraphProto, index: _Index, match: _Match, position: int, masks: dict[str, str]) -> None:
+def _replace(graph: onnx.GraphProto, index: _Index, match: _Match, masks: dict[str, str]) -> None:
     """Insert the MultiHeadAttention (and the query's Expand) before the node that produced ``match.output``."""
     prefix = f"{match.softmax.name or match.softmax.output[0]}/mha"
     new_nodes: list[onnx.NodeProto] = []

@@ -93,8 +93,9 @@ class OrtBackend:
             measured, benchmarks/bench_onnx.py) for ~7% CPU latency; on a Jetson the CPU and GPU share that
             memory. On for the ort-cpu graph: its MultiHeadAttention kernels allocate their scratch ([N, heads,
             L, L] logits, 32 MiB per image at 512 px) on every call, outside the session's memory plan, and
-            without the arena glibc maps and faults those pages in afresh each time (measured at mvtec-512,
-            batch 1: 0.73x the TensorRT graph's speed without the arena, 1.1x with it).
+            without the arena glibc maps and faults those pages in afresh each time (mvtec-512, batch 1, the
+            2-core machine under load, one process: 0.73x the tensorrt graph's speed without the arena, 1.1x
+            with it; benchmarks/bench_table.py --variants ort-fp32 ort-fp32-arena ort-fp32-fused measures it).
 
     Raises:
         ReconadError: no onnxruntime, an unavailable provider, a missing or unloadable model.
