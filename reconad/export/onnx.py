@@ -499,7 +499,8 @@ def export_onnx(
     if target not in GRAPH_TARGETS:
         raise ReconadError(f"Target must be one of {list(GRAPH_TARGETS)}, got {target!r}.")
     if target == "ort-cpu" and precision != "fp32":
-        raise ReconadError(f"The ort-cpu target is an fp32 graph (ONNX Runtime's fused attention on CPU), not {precision}.")
+        raise ReconadError(f"The ort-cpu target is an fp32 graph only (ONNX Runtime's fused attention on CPU), not {precision}: "
+                           "export it with --precision fp32.")
     from reconad.model import load_detector
 
     detector = load_detector(checkpoint)

@@ -142,7 +142,7 @@ def test_a_graph_not_in_the_explicit_form_is_refused_in_one_sentence(tiny_export
 
 
 def test_bad_target_arguments_fail_before_any_work(tiny_checkpoint, tmp_path):
-    with pytest.raises(ReconadError, match=r"^The ort-cpu target is an fp32 graph .* not fp16\.$"):
+    with pytest.raises(ReconadError, match=r"^The ort-cpu target is an fp32 graph only .* not fp16: export it with --precision fp32\.$"):
         export_onnx(tiny_checkpoint, tmp_path, precision="fp16", target="ort-cpu")
     with pytest.raises(ReconadError, match="Target must be one of"):
         export_onnx(tiny_checkpoint, tmp_path, target="tensorrt-8")
