@@ -1,4 +1,4 @@
-"""profile_onnx.py on the tiny exported graph and its ort-cpu rewrite: interleaved profiles, the before/after table."""
+"""profile_onnx.py on the tiny exported graph and its ort-cpu rewrite (interleaved profiles, the before/after table); bench_ort_cpu.py's ratios."""
 
 import numpy as np
 import onnx
@@ -27,3 +27,16 @@ def test_both_graphs_are_profiled_interleaved_and_compared_by_op_type(tiny_check
     assert "| op type (as run) | tensorrt ms | share | ort-cpu ms | share |" in table
     assert "median of the per-run ratios: 1.10x" in table and "### ort-cpu" in table
     assert not list(tmp_path.glob("ort_profile*"))  # the profiler's traces are removed once read
+
+
+def test_bench_ort_cpu_ratios_are_per_round_against_fp32():
+    bench = load_script("bench_ort_cpu")
+    times = {"fp32": [200.0, 400.0, 210.0], "fp32-arena": [180.0, 380.0, 190.0], "ort-cpu": [160.0, 320.0, 175.0]}
+    rows = bench.summarize(times)
+    assert rows["fp32"]["vs_fp32_median"] == 1.0
+    assert rows["ort-cpu"]["vs_fp32_median"] == 1.25  # 200/160, 400/320, 210/175 = 1.25, 1.25, 1.2
+    assert rows["ort-cpu"]["ms_per_image_median"] == 175.0
+    meta = {"preset": "tiny", "rounds": 3, "onnxruntime": "x", "cpu_count": 2}
+    table = bench.render({"meta": meta, "batches": {"1": {"load_average_before": (0.5,), "load_average_after": (0.7,),
+                                                          "variants": rows}}})
+    assert "| 1 | ort-cpu | 175 | 1.25x | 1.23-1.25 | 0.5 / 0.7 |" in table
