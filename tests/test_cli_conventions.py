@@ -156,6 +156,7 @@ def test_the_choices_are_the_spellings_the_library_accepts():
     from reconad.runtime.line.mqtt import EVENTS
     from reconad.runtime.line.sinks import OVERLAY_MODES
     from reconad.runtime.line.sources import FLIP_METHODS, V4L2_CODECS
+    from reconad.runtime.manifest import GRAPH_TARGETS
     from reconad.train.config import VAL_METRICS
 
     assert values(inspect_cli.Backend) == BACKEND_CHOICES == values(export_cli.Backend)
@@ -167,6 +168,7 @@ def test_the_choices_are_the_spellings_the_library_accepts():
     assert values(inspect_cli.Codec) == V4L2_CODECS
     assert values(inspect_cli.Target) == TARGETS
     assert values(export_cli.Precision) == PRECISION_CHOICES
+    assert values(export_cli.Target) == GRAPH_TARGETS
     assert values(export_cli.EnginePrecision) == PRECISIONS
     assert values(export_cli.NetworkTyping) == NETWORK_TYPINGS
     assert set(values(export_cli.InstanceKind)) == set(INSTANCE_KINDS)

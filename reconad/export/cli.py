@@ -14,6 +14,7 @@ app = make_app("recon-export", __doc__.splitlines()[0])
 
 # The spellings the library accepts (held equal to its constants by tests/test_cli_conventions.py).
 Precision = choices("Precision", ("fp32", "fp16", "both", "int8"))
+Target = choices("Target", ("tensorrt", "ort-cpu"))
 EnginePrecision = choices("EnginePrecision", ("fp16", "fp32", "int8"))
 CalibrationMethod = choices("CalibrationMethod", ("minmax", "percentile", "entropy"))
 NetworkTyping = choices("NetworkTyping", ("auto", "strong", "weak"))
@@ -29,6 +30,10 @@ def to_onnx(
         Precision,
         typer.Option(help="fp32, the mixed-precision fp16 graph (FP32 islands), both, or int8 (QDQ, calibrated)."),
     ] = Precision("fp32"),
+    target: Annotated[
+        Target,
+        typer.Option(help="tensorrt: the graph every backend runs and build-engine takes; ort-cpu: fp32 with attention as ONNX Runtime's fused MultiHeadAttention, faster on CPU, ONNX Runtime only (<stem>-<H>x<W>-fp32-ort-cpu.onnx)."),
+    ] = Target("tensorrt"),
     max_batch: Annotated[int, typer.Option(min=1, help="The batch axis accepts 1..N (1: a static batch of 1).")] = 8,
     opset: Annotated[int, typer.Option(min=17, help="ONNX opset (17 or later: LayerNormalization is one op).")] = 17,
     reference_images: Annotated[
@@ -87,6 +92,7 @@ def to_onnx(
             reference_images=reference_images,
             overwrite=overwrite,
             int8=int8,
+            target=target.value,
         )
     except ReconadError as error:
         exit_with(error)

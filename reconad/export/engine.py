@@ -53,6 +53,17 @@ def _load_onnx_manifest(onnx_path: Path) -> Manifest:
     return manifest
 
 
+def check_tensorrt_target(onnx_path: Path) -> None:
+    """Refuse a graph exported for another target than TensorRT (``--target ort-cpu``), before TensorRT is loaded."""
+    if onnx_path.is_file() and manifest_path_for(onnx_path).is_file():
+        manifest = _load_onnx_manifest(onnx_path)
+        if manifest.target != "tensorrt":
+            raise ReconadError(
+                f"{onnx_path.name} is the {manifest.target} graph (attention as ONNX Runtime's own MultiHeadAttention, "
+                "which TensorRT does not parse): build the engine from the graph exported without --target."
+            )
+
+
 def resolve_onnx(onnx_path: Path, plan: PrecisionPlan) -> tuple[Path, Manifest]:
     """The graph ``plan`` parses: ``onnx_path`` itself, or its sibling of the other precision."""
     if not onnx_path.is_file():
@@ -234,11 +245,13 @@ def build_engine(
         log: receives one line per build phase.
 
     Raises:
-        ReconadError: missing TensorRT (exit 2), bad input, a parse or build failure; or
+        ReconadError: a graph for another target than TensorRT (``to-onnx --target ort-cpu``), missing
+            TensorRT (exit 2), bad input, a parse or build failure; or
             ``EnginePrecisionError`` (exit 1) when the engine is not the precision asked for.
     """
     config = config or BuildConfig()
     onnx_path = Path(onnx_path)
+    check_tensorrt_target(onnx_path)
     trt = import_tensorrt()
     version = parse_version(trt.__version__)
     plan = plan_precision(version, config.precision, config.network_typing)

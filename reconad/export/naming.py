@@ -1,7 +1,8 @@
 """Self-describing artifact names, for ONNX graphs and engines side by side (docs/architecture.md, "Artifacts and the manifest").
 
-``<run>-<H>x<W>-<precision>.onnx`` from ``to-onnx``; ``<run>-<H>x<W>-<precision>-trt<version>-<device>.engine``
-from ``build-engine``; each with a ``.json`` manifest of the same stem.
+``<run>-<H>x<W>-<precision>.onnx`` from ``to-onnx`` (``<run>-<H>x<W>-fp32-ort-cpu.onnx`` with ``--target ort-cpu``);
+``<run>-<H>x<W>-<precision>-trt<version>-<device>.engine`` from ``build-engine``; each with a ``.json`` manifest of
+the same stem.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ def artifact_stem(checkpoint: str | Path, provenance: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "model"
 
 
-def artifact_name(stem: str, input_hw: tuple[int, int], precision: str) -> str:
-    """``<stem>-<H>x<W>-<precision>.onnx``, e.g. ``weave-512x512-fp16.onnx``."""
-    return f"{stem}-{input_hw[0]}x{input_hw[1]}-{precision}.onnx"
+def artifact_name(stem: str, input_hw: tuple[int, int], precision: str, target: str = "tensorrt") -> str:
+    """``<stem>-<H>x<W>-<precision>.onnx``, e.g. ``weave-512x512-fp16.onnx``; a graph for another target than
+    ``"tensorrt"`` carries it: ``weave-512x512-fp32-ort-cpu.onnx``."""
+    suffix = "" if target == "tensorrt" else f"-{target}"
+    return f"{stem}-{input_hw[0]}x{input_hw[1]}-{precision}{suffix}.onnx"
 
 
 def device_slug(gpu_name: str) -> str:
@@ -53,7 +56,7 @@ _PRECISION_TAG = re.compile(r"(?P<sep>[.-])(?P<precision>fp16|fp32|int8)$")
 
 def run_name(onnx_path: Path) -> str:
     """``weave-512x512-fp16.onnx`` (``export_onnx``'s naming) -> ``weave``; ``model.fp16.onnx`` -> ``model``."""
-    stem = onnx_path.name.removesuffix(".onnx")
+    stem = onnx_path.name.removesuffix(".onnx").removesuffix("-ort-cpu")
     stem = _PRECISION_TAG.sub("", stem)
     return re.sub(r"-\d+x\d+$", "", stem)
 

@@ -25,11 +25,12 @@ import reconad
 from reconad.export.fp16 import convert_to_fp16, emulate_fp16_storage
 from reconad.export.islands import ISLAND_NAMES, find_fp32_island_groups, name_nodes
 from reconad.export.naming import artifact_name, artifact_stem
+from reconad.export.ort_attention import ORT_CPU_RECIPE, fuse_attention
 from reconad.runtime.atomic import temp_file_beside
 from reconad.runtime.backends.ort import OrtBackend
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.progress import Progress
-from reconad.runtime.manifest import ANOMALY_MAP_NAME, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, UNNAMED_CATEGORY, CategoryHead, ExporterInfo, Manifest, Precision, ScoreReducer, manifest_path_for, reference_path_for, sha256_file
+from reconad.runtime.manifest import ANOMALY_MAP_NAME, GRAPH_TARGETS, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, UNNAMED_CATEGORY, CategoryHead, ExporterInfo, Manifest, Precision, ScoreReducer, manifest_path_for, reference_path_for, sha256_file
 from reconad.runtime.verify import CATEGORY_MARGIN_KEY, VerifyReport, compare_outputs
 
 logger = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ def check_parity(
 
 def build_manifest(
     detector: Any, onnx_file: str, precision: str, max_batch: int, opset: int, checkpoint_sha256: str,
-    islands: tuple[str, ...], calibration: Any = None,
+    islands: tuple[str, ...], calibration: Any = None, target: str = "tensorrt",
 ) -> Manifest:
     import torch
 
@@ -362,7 +363,8 @@ def build_manifest(
     elif precision == "fp16":
         recipe = Precision(mode="fp16", fp32_islands=islands, description=FP16_RECIPE)
     else:
-        recipe = Precision(mode="fp32", description="float32 throughout; uint8 in, float32 out")
+        description = ORT_CPU_RECIPE if target == "ort-cpu" else "float32 throughout; uint8 in, float32 out"
+        recipe = Precision(mode="fp32", description=description)
     categories = detector.provenance.get("categories", ())
     return Manifest.for_onnx(
         onnx_file=onnx_file,
@@ -378,6 +380,7 @@ def build_manifest(
             onnx_version=onnx.__version__,
             opset=opset,
         ),
+        target=target,
         preset=config.preset if PRESETS.get(config.preset) == config else None,
         categories=tuple(str(c) for c in categories) if isinstance(categories, (list, tuple)) else (),
         category_head=category_head_for(detector),
@@ -450,6 +453,7 @@ def export_onnx(
     reference_images: str | os.PathLike | None = None,
     overwrite: bool = False,
     int8: Any = None,
+    target: str = "tensorrt",
 ) -> list[Path]:
     """Export a checkpoint to the fused ONNX graph(s) with manifests and reference outputs.
 
@@ -474,6 +478,9 @@ def export_onnx(
             for the old graph; the new graph's scores need a new calibration).
         int8: for ``precision="int8"``, an ``export.int8_checks.Int8Options`` (calibration images,
             method, evaluation data); the int8 graph must also pass ``int8_checks.check_int8_graph``.
+        target: ``"tensorrt"`` (the portable graph every backend runs and every engine is built from) or
+            ``"ort-cpu"`` (fp32 only: that graph with attention as ONNX Runtime's MultiHeadAttention,
+            ``export.ort_attention``, held to the same fp32 parity; written as ``...-fp32-ort-cpu.onnx``).
 
     Returns:
         The paths written.
@@ -489,6 +496,11 @@ def export_onnx(
         raise ReconadError("An int8 export needs --calibration-images and --evaluation-data, and only an int8 export takes them.")
     if opset < MIN_OPSET:
         raise ReconadError(f"Opset {opset} is too old: the graph needs opset {MIN_OPSET} or later (LayerNormalization).")
+    if target not in GRAPH_TARGETS:
+        raise ReconadError(f"Target must be one of {list(GRAPH_TARGETS)}, got {target!r}.")
+    if target == "ort-cpu" and precision != "fp32":
+        raise ReconadError(f"The ort-cpu target is an fp32 graph only (ONNX Runtime's fused attention on CPU), not {precision}: "
+                           "export it with --precision fp32.")
     from reconad.model import load_detector
 
     detector = load_detector(checkpoint)
@@ -505,10 +517,10 @@ def export_onnx(
     wanted = ("fp32", "fp16") if precision == "both" else (precision,)
     if not overwrite:
         for mode in wanted:
-            check_no_calibration(manifest_path_for(out_dir / artifact_name(stem, config.input_hw, mode)))
+            check_no_calibration(manifest_path_for(out_dir / artifact_name(stem, config.input_hw, mode, target)))
 
     logger.info("exporting %s (%s, %dx%d) with opset %d", checkpoint, config.preset, *config.input_hw, opset)
-    steps = 3 + (3 if precision in ("fp16", "both") else 0) + (1 if precision == "int8" else 0)
+    steps = 3 + (3 if precision in ("fp16", "both") else 0) + (1 if precision == "int8" or target == "ort-cpu" else 0)
     with Progress("exporting", steps, unit="steps") as progress, progress.heartbeat():
         progress.advance(0, step="trace")
         fp32_model = trace_to_onnx(detector, max_batch, opset)
@@ -519,6 +531,11 @@ def export_onnx(
         progress.advance(1, step="fp32 parity")
         check_parity(fp32_model, images, reference, "fp32", max_batch)
         progress.advance(1)
+        if target == "ort-cpu":  # the same parity, on the graph that is written
+            progress.advance(0, step="fused attention parity")
+            graphs["fp32"] = fuse_attention(fp32_model)
+            check_parity(graphs["fp32"], images, reference, "fp32", max_batch, "fp32 ort-cpu graph (fused attention)")
+            progress.advance(1)
         islands: tuple[str, ...] = ()
         if precision in ("fp16", "both"):
             progress.advance(0, step="fp16 conversion")
@@ -548,8 +565,9 @@ def export_onnx(
     reference_npz = npz_bytes(images=images, **reference)
     contents: dict[Path, bytes] = {}
     for mode in wanted:
-        onnx_path = out_dir / artifact_name(stem, config.input_hw, mode)
-        manifest = build_manifest(detector, onnx_path.name, mode, max_batch, opset, checkpoint_sha256, islands, calibration)
+        onnx_path = out_dir / artifact_name(stem, config.input_hw, mode, target)
+        manifest = build_manifest(detector, onnx_path.name, mode, max_batch, opset, checkpoint_sha256, islands,
+                                  calibration, target)
         model_bytes = embed_manifest(graphs[mode], manifest)
         manifest = dataclasses.replace(manifest, onnx_sha256=hashlib.sha256(model_bytes).hexdigest())
         contents[onnx_path] = model_bytes

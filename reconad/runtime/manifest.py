@@ -42,6 +42,9 @@ UNNAMED_CATEGORY = "all"  # the one category of a graph whose checkpoint had no 
 METADATA_KEY = "reconad_manifest"  # ONNX metadata_props key holding the manifest JSON
 ARTIFACT_KINDS = ("onnx", "engine")
 PRECISION_MODES = ("fp32", "fp16", "int8")
+# What an ONNX graph is for: "tensorrt", the portable graph (every backend, the only build-engine input);
+# "ort-cpu", attention as ONNX Runtime's contrib MultiHeadAttention (export/ort_attention.py), ONNX Runtime only.
+GRAPH_TARGETS = ("tensorrt", "ort-cpu")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")  # onnxruntime.quantization CalibrationMethod, lower case
 SCORE_REDUCERS = ("max_avgpool", "mean")
 
@@ -344,6 +347,8 @@ class Manifest:
         score_reducer: how the graph computes ``image_score`` from ``anomaly_map``.
         precision: fp32 / fp16 recipe.
         exporter: versions of the exporting software.
+        target: ``GRAPH_TARGETS``: ``"tensorrt"`` (the portable graph, every engine's) or ``"ort-cpu"``
+            (fused attention, ONNX Runtime only).
         created_at: ISO 8601 UTC time the artifact was written.
         image_threshold: the global threshold on ``image_score``; None until calibrated.
         pixel_threshold: the global threshold on ``anomaly_map`` values for defect masks; None until calibrated.
@@ -370,6 +375,7 @@ class Manifest:
     score_reducer: ScoreReducer
     precision: Precision
     exporter: ExporterInfo
+    target: str = "tensorrt"
     created_at: str
     image_threshold: Threshold | None = None
     pixel_threshold: Threshold | None = None
@@ -418,6 +424,7 @@ class Manifest:
             f"manifest category_thresholds name {unknown}, which are not categories of this model ({list(known)})",
         )
         check_iso_date(self.created_at, "created_at")
+        check_choice(self.target, GRAPH_TARGETS, "target")
         for key in ("checkpoint_sha256", "onnx_sha256", "engine_sha256"):
             check_sha256(getattr(self, key), key)
         is_engine = self.artifact_kind == "engine"
@@ -426,6 +433,7 @@ class Manifest:
             "manifest field engine must be present for an engine artifact and absent for an ONNX artifact",
         )
         require(is_engine or self.engine_sha256 is None, "manifest of an ONNX artifact must not carry engine_sha256")
+        require(not is_engine or self.target == "tensorrt", "manifest of an engine must have target tensorrt")
 
     @classmethod
     def for_onnx(
@@ -438,6 +446,7 @@ class Manifest:
         score_reducer: ScoreReducer,
         precision: Precision,
         exporter: ExporterInfo,
+        target: str = "tensorrt",
         dynamic_batch: bool = True,
         preset: str | None = None,
         categories: tuple[str, ...] = (),
@@ -454,6 +463,7 @@ class Manifest:
             model_config: ``dataclasses.asdict(config)`` of the exported ``ModelConfig``.
             input_hw: the graph's static (H, W).
             max_batch: largest batch; with ``dynamic_batch=False`` the fixed batch size.
+            target: ``GRAPH_TARGETS``: what the graph is for (``"ort-cpu"``: ONNX Runtime only).
             dynamic_batch: whether the batch axis is dynamic (1..max_batch).
             category_head: the graph's category head; None for a graph without ``category`` outputs.
         """
@@ -473,6 +483,7 @@ class Manifest:
             score_reducer=score_reducer,
             precision=precision,
             exporter=exporter,
+            target=target,
             created_at=utc_now_iso(),
             image_threshold=image_threshold,
             pixel_threshold=pixel_threshold,

@@ -12,6 +12,7 @@ import torch
 
 from reconad.export import onnx as export_module
 from reconad.export.naming import artifact_stem
+from reconad.export.ort_attention import fuse_attention
 from reconad.export.onnx import (
     ParityError,
     export_onnx,
@@ -302,7 +303,8 @@ def test_bad_arguments_fail_before_any_work(tiny_checkpoint, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_exports_with_parity(preset, tmp_path):
-    """Random weights; export_onnx itself fails unless fp32 matches PyTorch and fp16 passes verify's tolerances."""
+    """Random weights; export_onnx itself fails unless fp32 matches PyTorch and fp16 passes verify's tolerances;
+    the fp32 graph's ort-cpu rewrite matches too."""
     torch.manual_seed(0)
     detector = build_detector(PRESETS[preset]).eval()
     pooled = torch.nn.functional.normalize(torch.rand(6, PRESETS[preset].channels), dim=1)
@@ -315,6 +317,10 @@ def test_every_preset_exports_with_parity(preset, tmp_path):
     assert fp32 in paths and (tmp_path / "out" / f"{preset}-{height}x{width}-fp16.onnx") in paths
     reference = np.load(reference_path_for(fp32))
     anomaly_map, *_ = session(fp32).run(list(OUTPUT_NAMES), {INPUT_NAME: reference["images"][:2]})
+    assert np.abs(anomaly_map - reference[ANOMALY_MAP_NAME][:2]).max() <= 1e-4
+    fused = tmp_path / "fused.onnx"  # the ort-cpu target's rewrite finds every attention of every preset
+    onnx.save(fuse_attention(onnx.load(fp32)), fused)
+    anomaly_map, *_ = session(fused).run(list(OUTPUT_NAMES), {INPUT_NAME: reference["images"][:2]})
     assert np.abs(anomaly_map - reference[ANOMALY_MAP_NAME][:2]).max() <= 1e-4
 
 

@@ -26,6 +26,7 @@ def test_to_onnx_defaults(tmp_path):
         reference_images=None,
         overwrite=False,
         int8=None,
+        target="tensorrt",
     )
     assert f"wrote {tmp_path / 'a-64x64-fp32.onnx'}" in result.stdout
 
@@ -34,6 +35,7 @@ def test_to_onnx_all_options(tmp_path):
     arguments = [
         "to-onnx", "model.ckpt", "--out", "artifacts", "--precision", "both",
         "--max-batch", "4", "--opset", "18", "--reference-images", "data/weave/test", "--overwrite",
+        "--target", "ort-cpu",
     ]  # fmt: skip
     with patch.object(export_module, "export_onnx", return_value=[]) as mock:
         result = runner.invoke(app, arguments)
@@ -47,13 +49,15 @@ def test_to_onnx_all_options(tmp_path):
         reference_images=Path("data/weave/test"),
         overwrite=True,
         int8=None,
+        target="ort-cpu",
     )
 
 
 def test_cli_defaults_are_the_export_defaults():
     parameters = inspect.signature(export_module.export_onnx).parameters
-    names = ("precision", "max_batch", "opset", "reference_images", "overwrite")
+    names = ("precision", "max_batch", "opset", "reference_images", "overwrite", "target")
     assert {name: parameters[name].default for name in names} == {
+        "target": "tensorrt",
         "precision": "fp32",
         "max_batch": 8,
         "opset": 17,

@@ -6,6 +6,7 @@ serialized bytes), so what is checked is what the runtime runs. onnxruntime is i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 
 from reconad.runtime.backends.base import TensorInfo, infer_in_chunks
 from reconad.runtime.errors import ReconadError
+from reconad.runtime.manifest import METADATA_KEY
 
 # Execution providers per explicit ONNX Runtime backend, best first; CPU stays as the fallback for
 # the few ops a GPU provider cannot take.
@@ -64,6 +66,15 @@ def _tensor_infos(arguments: list[Any]) -> tuple[TensorInfo, ...]:
     return tuple(TensorInfo(arg.name, _ort_shape(arg.shape), _ORT_DTYPES.get(arg.type, arg.type)) for arg in arguments)
 
 
+def _is_ort_cpu_graph(session: Any) -> bool:
+    """Whether the session's graph carries a manifest with ``"target": "ort-cpu"`` (export/ort_attention.py)."""
+    text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    try:
+        return text is not None and json.loads(text).get("target") == "ort-cpu"
+    except (ValueError, AttributeError):
+        return False  # not a manifest this reconad wrote: the inspector reports it when it reads it
+
+
 class OrtBackend:
     """An ONNX Runtime session on one model, with thread spinning off.
 
@@ -76,10 +87,15 @@ class OrtBackend:
             ``DEFAULT_MAX_BATCH``.
         min_batch: smallest batch per session run (a fixed-batch model needs its batch size).
         num_threads: intra-op threads; None lets ONNX Runtime use every core.
-        memory_arena: ONNX Runtime's CPU memory arena. Off by default: the arena keeps its peak
-            allocations reserved, and without it the runtime's peak RSS at 512 px drops by about a
-            fifth (393 vs 488 MiB measured, benchmarks/bench_onnx.py) for ~7% CPU latency; on a
-            Jetson the CPU and GPU share that memory.
+        memory_arena: ONNX Runtime's CPU memory arena. None (default): on for a graph whose embedded manifest
+            says ``"target": "ort-cpu"``, off for every other. Off: the arena keeps its peak allocations
+            reserved, and without it the runtime's peak RSS at 512 px drops by about a fifth (393 vs 488 MiB
+            measured, benchmarks/bench_onnx.py) for ~7% CPU latency; on a Jetson the CPU and GPU share that
+            memory. On for the ort-cpu graph: its MultiHeadAttention kernels allocate their scratch ([N, heads,
+            L, L] logits, 32 MiB per image at 512 px) on every call, outside the session's memory plan, and
+            without the arena glibc maps and faults those pages in afresh each time (mvtec-512, batch 1, the
+            2-core machine under load, one process: 0.73x the tensorrt graph's speed without the arena, 1.1x
+            with it; benchmarks/bench_table.py --variants ort-fp32 ort-fp32-arena ort-fp32-fused measures it).
 
     Raises:
         ReconadError: no onnxruntime, an unavailable provider, a missing or unloadable model.
@@ -93,29 +109,19 @@ class OrtBackend:
         max_batch: int | None = None,
         min_batch: int = 1,
         num_threads: int | None = None,
-        memory_arena: bool = False,
+        memory_arena: bool | None = None,
     ) -> None:
         ort = import_onnxruntime()
         in_memory = isinstance(model, bytes)
         self.model_path = Path("<in-memory ONNX graph>") if in_memory else Path(model)
         self.name = self._resolve_name(backend, ort.get_available_providers())
-        options = ort.SessionOptions()
-        # Spinning threads busy-wait between ops and starve every other process on small CPUs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        options.enable_cpu_mem_arena = memory_arena
-        if num_threads is not None:
-            options.intra_op_num_threads = num_threads
-        options.log_severity_level = 3  # errors only: provider fallback warnings are reported by name
         providers = list(ORT_PROVIDERS[self.name])
         if not in_memory and not self.model_path.is_file():
             raise ReconadError(f"Model file {self.model_path} does not exist.")
-        try:
-            self._session = ort.InferenceSession(
-                model if in_memory else str(self.model_path), sess_options=options, providers=providers
-            )
-        except Exception as error:  # ORT raises its own pybind exception types for corrupt files
-            raise ReconadError(f"ONNX Runtime cannot load {self.model_path}: {_ort_reason(error)}.") from None
+        self._session = self._open(ort, model, providers, bool(memory_arena), num_threads)
+        if memory_arena is None and _is_ort_cpu_graph(self._session):  # see memory_arena above
+            self._session = None  # one session in memory at a time
+            self._session = self._open(ort, model, providers, True, num_threads)
         if providers[0] not in self._session.get_providers():
             raise ReconadError(
                 f"ONNX Runtime could not start {providers[0]} for backend {self.name} "
@@ -127,6 +133,21 @@ class OrtBackend:
         self._fixed_batch = self.inputs[0].shape[0] if self.inputs and self.inputs[0].shape else -1
         self.min_batch, self.max_batch = 1, DEFAULT_MAX_BATCH
         self.use_batch_range(min_batch, max_batch or DEFAULT_MAX_BATCH)
+
+    def _open(self, ort: Any, model: Any, providers: list[str], memory_arena: bool, num_threads: int | None) -> Any:
+        options = ort.SessionOptions()
+        # Spinning threads busy-wait between ops and starve every other process on small CPUs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        options.enable_cpu_mem_arena = memory_arena
+        if num_threads is not None:
+            options.intra_op_num_threads = num_threads
+        options.log_severity_level = 3  # errors only: provider fallback warnings are reported by name
+        source = model if isinstance(model, bytes) else str(self.model_path)
+        try:
+            return ort.InferenceSession(source, sess_options=options, providers=providers)
+        except Exception as error:  # ORT raises its own pybind exception types for corrupt files
+            raise ReconadError(f"ONNX Runtime cannot load {self.model_path}: {_ort_reason(error)}.") from None
 
     def use_batch_range(self, min_batch: int, max_batch: int) -> None:
         """Set the per-call batch range (e.g. from a manifest read after opening); a fixed batch stays fixed."""
