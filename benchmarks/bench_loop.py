@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from reconad.runtime.inspector import Inspector
-from reconad.runtime.line.loop import InspectConfig, run_inspection
+from reconad.runtime.line.loop import RENDER_MODES, InspectConfig, run_inspection
 from reconad.runtime.line.session import build_sinks
 from reconad.runtime.frames import prepare_image
 from reconad.runtime.line.sources import FrameSource, RawFrame
@@ -94,11 +94,11 @@ def bare_fps(inspector: Inspector, batch: np.ndarray, frames: int) -> float:
 
 
 def loop_run(inspector: Inspector, frames: list[np.ndarray], count: int, batch_size: int, out: Path, interval_s=0.0,
-             outputs: tuple[str, ...] = (), live: bool | None = None, render_process: bool = True):
+             outputs: tuple[str, ...] = (), live: bool | None = None, render: str = "idle-process"):
     """One loop run; ``live`` (default: paced) makes the camera a live source, which drops what it must."""
     live = interval_s > 0 if live is None else live
     config = InspectConfig(out=out, batch_size=batch_size, overlays="none", stats_interval_s=0, outputs=outputs,
-                           blind_checks="never", render_process=render_process)
+                           blind_checks="never", render=render)
     sinks = build_sinks(config, inspector.manifest, live=live)
     result = run_inspection(MemoryCamera(frames, count, interval_s, live), inspector, config, sinks, handle_signals=False)
     counters = result.stats.counters
@@ -127,9 +127,9 @@ def main() -> None:
     parser.add_argument("--num-threads", type=int, default=None, help="ONNX Runtime threads")
     parser.add_argument("--live-rate", type=float, default=1.5,
                         help="the live camera's frame rate as a multiple of the round's bare rate (> 1: inference is the bottleneck)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="with --output, also run the live camera with the outputs rendered on a thread of the "
-                             "loop's process (the pre-2026-12 design) instead of a child process")
+    parser.add_argument("--render-modes", nargs="+", default=["idle-process"], choices=RENDER_MODES,
+                        help="where the outputs render (InspectConfig.render): the first is the headline's, each "
+                             "further one adds a live-camera-with-outputs cell per round, side by side")
     parser.add_argument("--scene", choices=("noise", "part"), default="noise", help="what the camera frames show")
     parser.add_argument("--output", action="append", default=[],
                         help="also run each round with this video output attached (e.g. OUT.mp4, rtsp://@:8554/x); "
@@ -147,44 +147,47 @@ def main() -> None:
             batch = np.ascontiguousarray(prepared[np.arange(args.batch_size) % len(prepared)])  # [B, H, W, 3]
             inspector.backend.infer(batch)  # warm-up
             bare, loop, live, with_output, with_output_live, rendered = [], [], [], [], [], []
-            in_process, rendered_in_process = [], []
+            other_modes = {mode: [] for mode in args.render_modes[1:]}
             for round_index in range(args.rounds):
-                bare.append(bare_fps(inspector, batch, args.frames))
-                stats = loop_run(inspector, frames, args.frames, args.batch_size, scratch / f"loop{round_index}")
-                loop.append(stats.mean_fps)
+                first_bare = bare_fps(inspector, batch, args.frames)
                 # A live camera faster than inference (the line's case): paced at --live-rate x this round's
                 # bare rate for as long as the loop needs for --frames verdicts, so inference never waits for
                 # a frame and the camera never ends before the measurement does.
-                camera_fps = args.live_rate * bare[-1]
+                camera_fps = args.live_rate * first_bare
                 live_count = int(args.frames * args.live_rate)
-                stats = loop_run(inspector, frames, live_count, args.batch_size, scratch / f"live{round_index}",
-                                 1.0 / camera_fps)
-                live.append(stats.mean_fps)
-                line = (f"round {round_index + 1}: bare {bare[-1]:.1f} fps, loop {loop[-1]:.1f} fps, "
-                        f"live camera at {camera_fps:.0f} fps {live[-1]:.1f} fps")
+                live_outputs = tuple(uri.replace("{round}", f"{round_index}-live") for uri in args.output)
+                # the live cells in turn, reversed every other round (no cell always follows the same one)
+                cells = [None] + (list(args.render_modes) if args.output else [])
+                results = {}
+                for cell in cells if round_index % 2 == 0 else cells[::-1]:
+                    stats = loop_run(inspector, frames, live_count, args.batch_size,
+                                     scratch / f"live-{cell}{round_index}", 1.0 / camera_fps,
+                                     outputs=live_outputs if cell else (), render=cell or "idle-process")
+                    video = stats.sinks.get("video")
+                    results[cell] = (stats.mean_fps, (video.written if video else 0) / max(1, stats.counters["inspected"]),
+                                     stats.counters["inspected"])
+                live.append(results[None][0])
+                stats = loop_run(inspector, frames, args.frames, args.batch_size, scratch / f"loop{round_index}")
+                loop.append(stats.mean_fps)
                 if args.output:
                     outputs = tuple(uri.replace("{round}", str(round_index)) for uri in args.output)
                     stats = loop_run(inspector, frames, args.frames, args.batch_size, scratch / f"out{round_index}",
                                      outputs=outputs)
                     with_output.append(stats.mean_fps)
+                # the round's bare rate: the mean of one measured before and one after its cells
+                bare.append(0.5 * (first_bare + bare_fps(inspector, batch, args.frames)))
+                line = (f"round {round_index + 1}: bare {bare[-1]:.1f} fps, loop {loop[-1]:.1f} fps, "
+                        f"live camera at {camera_fps:.0f} fps {live[-1]:.1f} fps")
+                if args.output:
                     line += f", file source with {len(outputs)} output(s) {with_output[-1]:.1f} fps"
-                    outputs = tuple(uri.replace("{round}", f"{round_index}-live") for uri in args.output)
-                    stats = loop_run(inspector, frames, live_count, args.batch_size,
-                                     scratch / f"liveout{round_index}", 1.0 / camera_fps, outputs=outputs)
-                    with_output_live.append(stats.mean_fps)
-                    video = stats.sinks.get("video")
-                    rendered.append((video.written if video else 0) / max(1, stats.counters["inspected"]))
-                    line += (f", live camera with output(s) {with_output_live[-1]:.1f} fps "
-                             f"({stats.counters['inspected']} inspected, {rendered[-1]:.0%} rendered)")
-                    if args.in_process:
-                        stats = loop_run(inspector, frames, live_count, args.batch_size,
-                                         scratch / f"liveinproc{round_index}", 1.0 / camera_fps, outputs=outputs,
-                                         render_process=False)
-                        in_process.append(stats.mean_fps)
-                        video = stats.sinks.get("video")
-                        rendered_in_process.append((video.written if video else 0) / max(1, stats.counters["inspected"]))
-                        line += (f", the same rendered in the loop's process {in_process[-1]:.1f} fps "
-                                 f"({rendered_in_process[-1]:.0%} rendered)")
+                    fps, fraction, inspected = results[args.render_modes[0]]
+                    with_output_live.append(fps)
+                    rendered.append(fraction)
+                    line += f", live camera with output(s) {fps:.1f} fps ({inspected} inspected, {fraction:.0%} rendered)"
+                    for mode in args.render_modes[1:]:
+                        fps, fraction, _ = results[mode]
+                        other_modes[mode].append((fps, fraction))
+                        line += f", rendered as {mode} {fps:.1f} fps ({fraction:.0%} rendered)"
                 print(line, flush=True)
             paced_fps = min(args.camera_fps, 0.5 * statistics.median(bare))
             paced_frames = max(50, min(args.frames, int(paced_fps * 20)))  # at most ~20 s
@@ -226,10 +229,13 @@ def main() -> None:
         "live_outputs_rendered_fraction": [round(value, 3) for value in rendered],
         "live_with_outputs_to_live": round(statistics.median([w / b for b, w in zip(live, with_output_live)]), 3)
         if with_output_live else None,
-        "live_in_process_fps": [round(value, 2) for value in in_process],
-        "live_in_process_to_bare": round(statistics.median([w / b for b, w in zip(bare, in_process)]), 3)
-        if in_process else None,
-        "live_in_process_rendered_fraction": [round(value, 3) for value in rendered_in_process],
+        "render_mode": args.render_modes[0],
+        "other_render_modes": {
+            mode: {"live_fps": [round(fps, 2) for fps, _ in cells],
+                   "live_to_bare": round(statistics.median([fps / b for b, (fps, _) in zip(bare, cells)]), 3),
+                   "rendered_fraction": [round(fraction, 3) for _, fraction in cells]}
+            for mode, cells in other_modes.items()
+        },
         "paced_fps": round(paced_fps, 2),
         "paced_frames": paced_frames,
         "capture_to_decision_ms": {"p50": latency_p50, "p99": latency_p99},
@@ -252,16 +258,16 @@ def main() -> None:
         f"{args.live_rate}x the bare rate (per round: live/bare {record['live_to_bare_per_round']})",
     ]
     if with_output:
-        table += ["", f"with outputs {', '.join(args.output)}: loop/bare {record['loop_with_outputs_to_bare']:.3f} as a file "
+        table += ["", f"with outputs {', '.join(args.output)} (rendered as {args.render_modes[0]}): loop/bare {record['loop_with_outputs_to_bare']:.3f} as a file "
                       f"source (every frame rendered and written; median of {record['loop_with_outputs_to_bare_per_round']}), "
                       f"**{record['live_with_outputs_to_bare']:.3f} as a live camera** (median of "
                       f"{record['live_with_outputs_to_bare_per_round']}; {record['live_with_outputs_to_live']:.3f} of the "
                       f"live loop without outputs; outputs rendered {[f'{value:.0%}' for value in rendered]} of the "
                       "inspected frames)"]
-    if in_process:
-        table += ["", f"rendered on a thread of the loop's process instead: live loop/bare {record['live_in_process_to_bare']:.3f} "
-                      f"(per round {[round(w / b, 3) for b, w in zip(bare, in_process)]}; rendered "
-                      f"{[f'{value:.0%}' for value in rendered_in_process]})"]
+    for mode, cells in record["other_render_modes"].items():
+        table += ["", f"rendered as {mode} instead: live loop/bare {cells['live_to_bare']:.3f} (per round "
+                      f"{[round(fps / b, 3) for b, fps in zip(bare, cells['live_fps'])]}; rendered "
+                      f"{[f'{value:.0%}' for value in cells['rendered_fraction']]})"]
     (RESULTS / "bench_loop.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 

@@ -43,7 +43,11 @@ from reconad.runtime.line.sinks import (
 from reconad.runtime.line.sources import FrameReadError, FrameSource, SourceLostError
 from reconad.runtime.line.stats import LoopStats, StatsSnapshot
 
-EXIT_INFERENCE_FAILED = 3  # the model raised or hung: not the operator's input (that is exit code 2)
+EXIT_INFERENCE_FAILED = 3
+# idle-process: a child process under SCHED_IDLE (it runs only on a core nothing else wants, and any waking
+# inference thread preempts it at once); low-priority-process: a child at nice 19; thread: a sink thread
+# of the loop's own process at nice +10 (shares the interpreter lock with inference)
+RENDER_MODES = ("idle-process", "low-priority-process", "thread")  # the model raised or hung: not the operator's input (that is exit code 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +84,7 @@ class InspectConfig:
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free one)
     metrics_address: str | None = None  # the address it binds; None: 127.0.0.1 (loopback only)
     outputs: tuple[str, ...] = ()  # video outputs: display://0, rtsp://[address]:port/path, FILE.mp4 (line/outputs.py)
-    render_process: bool = True  # outputs render and encode in a child process (line/render_process.py)
+    render: str = "idle-process"  # where video outputs render and encode: RENDER_MODES (line/render_process.py)
 
     def __post_init__(self) -> None:
         if self.max_frames is not None and self.max_frames < 1:
@@ -91,6 +95,8 @@ class InspectConfig:
             raise ReconadError(f"Overlay mode must be one of {list(OVERLAY_MODES)}, got {self.overlays!r}.")
         if self.blind_checks not in BLIND_CHECKS:
             raise ReconadError(f"Camera-blind checks must be one of {list(BLIND_CHECKS)}, got {self.blind_checks!r}.")
+        if self.render not in RENDER_MODES:
+            raise ReconadError(f"render must be one of {list(RENDER_MODES)}, got {self.render!r}.")
         check_output_files(self.outputs)  # each URI parsed and no file named twice, before any model loads
         if self.jsonl_max_mb < 0 or self.jsonl_keep < 0 or self.summary_interval_s < 0:
             raise ReconadError("jsonl_max_mb, jsonl_keep and summary_interval_s must be >= 0.")

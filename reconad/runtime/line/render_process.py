@@ -4,7 +4,10 @@ interpreter lock, nor a CPU priority, with inference.
 In one process the render thread holds the interpreter lock for its Python and numpy steps; lowered in
 priority (``SinkWorker``), it is preempted while holding it and the inference thread then waits for a
 thread the scheduler keeps off the CPU (a priority inversion). A child process has its own interpreter
-and runs at the lowest priority (nice 19), so it gets what inference leaves.
+and runs under Linux's SCHED_IDLE policy (``sched(7)``): it gets a core only when no normal thread wants
+it, and a waking inference thread preempts it at once. Nice 19 alone is not enough: ONNX Runtime's
+thread pool wakes its workers for every parallel operator, and each wake-up then waits behind the
+low-priority child for up to a scheduler slice (measured with benchmarks/bench_loop.py --render-modes).
 
 The parent's sink sends each accepted result over a pipe: the result without its frame (pickled; the
 anomaly map is small), then the frame's bytes straight from the array (``send_bytes``: no pickling copy,
@@ -33,7 +36,7 @@ import numpy as np
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.line.video_sink import OutputRateLimit, Scale
 
-CHILD_NICENESS = 19  # the lowest normal priority: the child renders with what inference leaves
+CHILD_NICENESS = 19  # the lowest normal priority, under SCHED_IDLE or where that policy is refused
 START_TIMEOUT_S = 60.0  # spawning imports numpy and OpenCV and opens every output
 CLOSE_TIMEOUT_S = 30.0  # finishing a file or an RTSP server
 
@@ -82,13 +85,18 @@ def _ctrl_c_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _serve(connection: Any, uris: Sequence[str], fps: float, options: dict[str, Any]) -> None:
+def _serve(connection: Any, uris: Sequence[str], fps: float, idle: bool, options: dict[str, Any]) -> None:
     """The child: open the outputs, then render each frame it is sent until told to close."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
     try:
         os.nice(CHILD_NICENESS - os.nice(0))
     except (AttributeError, OSError):
         pass
+    if idle:
+        try:  # Linux: runs only where no normal thread wants the core; a waking one preempts it at once
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass  # nice 19 stays
     _name_process(b"reconad-render")
     from reconad.runtime.line.outputs import open_outputs
     from reconad.runtime.line.video_sink import VideoOutputSink
@@ -137,25 +145,26 @@ class RenderProcessSink(OutputRateLimit):
         fps: the outputs' frame rate.
         low, high, pixel_threshold, scales: as for ``VideoOutputSink``.
         max_fps: as for ``VideoOutputSink`` (a live source renders at most at the outputs' rate).
+        idle: run the child under Linux's SCHED_IDLE policy (the default); False: nice 19 only.
 
     Raises:
         ReconadError: an output cannot be opened, or the child does not start within a minute.
     """
 
     name = "video"
-    heavy = True
+    heavy = False  # its thread only hands frames over (GIL-bound, short); niced, it would hold the GIL while descheduled
     needs_frames = True
 
     def __init__(self, uris: Sequence[str], *, fps: float = 30.0, low: float | None = None,
                  high: float | None = None, pixel_threshold: float | None = None,
                  scales: Mapping[str, Scale] | None = None, queue_size: int = 2,
-                 max_fps: float | None = None) -> None:
+                 max_fps: float | None = None, idle: bool = True) -> None:
         super().__init__(max_fps)
         self.queue_size = queue_size
         context = multiprocessing.get_context("spawn")
         self._connection, child_end = context.Pipe()
         options = {"low": low, "high": high, "pixel_threshold": pixel_threshold, "scales": dict(scales or {})}
-        self._process = context.Process(target=_serve, args=(child_end, list(uris), fps, options),
+        self._process = context.Process(target=_serve, args=(child_end, list(uris), fps, idle, options),
                                         name="reconad-render", daemon=True)
         with _ctrl_c_ignored():
             self._process.start()

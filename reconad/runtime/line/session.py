@@ -127,10 +127,11 @@ def _add_sinks(sinks: list[Sink], config: InspectConfig, manifest: Manifest | No
                    # each product drawn at its own scale and pixel threshold, as its overlays are
                    "scales": {category: overlay_scales(manifest.operating_point(category))
                               for category in manifest.category_thresholds} if manifest else None}
-        if config.render_process:
+        if config.render != "thread":
             from reconad.runtime.line.render_process import RenderProcessSink
 
-            sinks.append(RenderProcessSink(config.outputs, fps=fps or 30.0, **options))
+            sinks.append(RenderProcessSink(config.outputs, fps=fps or 30.0, idle=config.render == "idle-process",
+                                           **options))
         else:
             from reconad.runtime.line.outputs import open_outputs
             from reconad.runtime.line.video_sink import VideoOutputSink

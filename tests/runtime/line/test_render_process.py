@@ -37,6 +37,8 @@ def test_the_child_renders_every_frame_into_every_file(tmp_path):
         child = sink._process.pid
         assert child != os.getpid()
         assert os.getpriority(os.PRIO_PROCESS, child) == CHILD_NICENESS  # renders with what inference leaves
+        assert wait_until(lambda: os.sched_getscheduler(child) == os.SCHED_IDLE, timeout_s=5)
+        assert not RenderProcessSink.heavy  # the parent's hand-over thread keeps inference's priority
         for index in range(6):
             assert sink.accepts(inspection(index, 0.9 if index % 2 else 0.1))
             assert sink.write(inspection(index, 0.9 if index % 2 else 0.1)) is True
@@ -55,6 +57,16 @@ def test_the_child_renders_every_frame_into_every_file(tmp_path):
 def test_an_output_the_child_cannot_open_is_one_sentence(tmp_path):
     with pytest.raises(ReconadError, match=r"^Cannot write .*nope/a\.mp4: the folder .* does not exist\.$"):
         RenderProcessSink([str(tmp_path / "a.avi"), str(tmp_path / "nope" / "a.mp4")])
+
+
+def test_without_idle_the_child_runs_at_nice_19_under_the_normal_policy(tmp_path):
+    sink = RenderProcessSink([str(tmp_path / "a.avi")], fps=10, idle=False)
+    try:
+        child = sink._process.pid
+        assert os.sched_getscheduler(child) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, child) == CHILD_NICENESS
+    finally:
+        sink.close()
 
 
 def test_the_child_ignores_ctrl_c_and_is_stopped_by_the_run(tmp_path):

@@ -73,6 +73,8 @@ def test_sinks_are_made_all_or_nothing(tmp_path):
 
     with pytest.raises(ReconadError, match="Unknown output"):
         InspectConfig(outputs=("webrtc://nowhere",))
+    with pytest.raises(ReconadError, match=r"render must be one of \['idle-process', 'low-priority-process', 'thread'\]"):
+        InspectConfig(render="gpu")
     config = InspectConfig(out=tmp_path / "out", mqtt=MqttConfig(uri=f"mqtt://127.0.0.1:{free_port()}/t"),
                            outputs=(str(tmp_path / "missing" / "line.mp4"),))
     from multiprocessing import resource_tracker
