@@ -189,8 +189,7 @@ class FileOutput(VideoOutput):
         self._writer = None
         # OpenCV's writer reports no write errors (a full disk included): read the file back before it
         # gets the name asked for, so an unreadable video is never passed off as finished.
-        frames = _readable_frames(self.partial)
-        if frames < min(1, self.frames_written):
+        if self.frames_written and not _reads_back(self.partial):
             free_mb = shutil.disk_usage(self.partial.parent).free / 1e6
             why = " (the disk is full)" if free_mb < 16 else ""
             raise ReconadError(f"The video {self.partial} did not come out readable{why}; it keeps its partial name.")
@@ -200,14 +199,11 @@ class FileOutput(VideoOutput):
             raise ReconadError(f"Cannot finish {self.path}: {error.strerror}.") from None
 
 
-def _readable_frames(path: Path) -> int:
-    """How many frames OpenCV's reader finds in a finished video (0 when it cannot open it)."""
-    cv2 = import_cv2()
-    capture = cv2.VideoCapture(str(path))
+def _reads_back(path: Path) -> bool:
+    """Whether OpenCV's reader opens a finished video and decodes its first frame."""
+    capture = import_cv2().VideoCapture(str(path))
     try:
-        if not capture.isOpened() or not capture.read()[0]:
-            return 0
-        return max(1, int(capture.get(cv2.CAP_PROP_FRAME_COUNT)))
+        return bool(capture.isOpened() and capture.read()[0])
     finally:
         capture.release()
 
