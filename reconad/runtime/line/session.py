@@ -88,6 +88,9 @@ def _add_sinks(sinks: list[Sink], config: InspectConfig, manifest: Manifest | No
     pixel = manifest.pixel_threshold if manifest else None
     low = normalization.low if normalization else None
     high = normalization.high if normalization else None
+    global_scale = (low, high, pixel.value if pixel else None)
+    product_scales = {category: overlay_scales(manifest.operating_point(category))
+                      for category in manifest.category_thresholds} if manifest else {}
     if config.out is not None:
         out = Path(config.out)
         try:
@@ -108,7 +111,7 @@ def _add_sinks(sinks: list[Sink], config: InspectConfig, manifest: Manifest | No
                     low=low,
                     high=high,
                     pixel_threshold=pixel.value if pixel else None,
-                    scales=(lambda category: overlay_scales(manifest.operating_point(category))) if manifest else None,
+                    scales=(lambda category: product_scales.get(category, global_scale)) if manifest else None,
                     warn=warn,
                 )
             )
@@ -124,9 +127,7 @@ def _add_sinks(sinks: list[Sink], config: InspectConfig, manifest: Manifest | No
         # a live source renders at most at the outputs' frame rate; a file source renders every frame
         options = {"low": low, "high": high, "pixel_threshold": pixel.value if pixel else None,
                    "max_fps": (fps or 30.0) if live else None,
-                   # each product drawn at its own scale and pixel threshold, as its overlays are
-                   "scales": {category: overlay_scales(manifest.operating_point(category))
-                              for category in manifest.category_thresholds} if manifest else None}
+                   "scales": product_scales}  # each product at its own scale and pixel threshold, as its overlays
         if config.render != "thread":
             from reconad.runtime.line.render_process import RenderProcessSink
 
