@@ -99,12 +99,13 @@ def _serve(connection: Any, uris: Sequence[str], fps: float, idle: bool, options
             pass  # nice 19 stays
     _name_process(b"reconad-render")
     from reconad.runtime.line.outputs import open_outputs
+    from reconad.runtime.line.sinks import describe_error
     from reconad.runtime.line.video_sink import VideoOutputSink
 
     try:
         sink = VideoOutputSink(open_outputs(uris, fps=fps), **options)
     except Exception as error:  # noqa: BLE001 - every failure goes back as one sentence
-        connection.send(("error", str(error) or type(error).__name__, None))
+        connection.send(("error", describe_error(error), None))
         return
     connection.send(("ok", None, _state(sink)))
     buffer = bytearray()
@@ -119,7 +120,7 @@ def _serve(connection: Any, uris: Sequence[str], fps: float, idle: bool, options
                 sink.close()
                 connection.send(("ok", None, _state(sink)))
             except Exception as error:  # noqa: BLE001
-                connection.send(("error", str(error) or type(error).__name__, _state(sink)))
+                connection.send(("error", describe_error(error), _state(sink)))
             return
         if kind == "poll":
             connection.send(("ok", None, _state(sink)))
@@ -134,7 +135,7 @@ def _serve(connection: Any, uris: Sequence[str], fps: float, idle: bool, options
             written = sink.write(dataclasses.replace(result, frame=frame))
             connection.send(("ok", written, _state(sink)))
         except Exception as error:  # noqa: BLE001 - the parent counts it; the child goes on
-            connection.send(("error", str(error) or type(error).__name__, _state(sink)))
+            connection.send(("error", describe_error(error), _state(sink)))
 
 
 class RenderProcessSink(OutputRateLimit):
