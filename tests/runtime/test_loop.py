@@ -178,7 +178,7 @@ def test_a_lost_camera_is_reopened_with_backoff_while_the_loop_goes_on():
 
 
 def test_a_live_source_faster_than_inference_drops_the_oldest_frames(monkeypatch):
-    import reconad.runtime.line.loop as loop_module
+    import reconad.runtime.line.preprocess as loop_module
 
     prepared = []
     original = loop_module.prepare_image

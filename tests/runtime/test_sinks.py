@@ -305,7 +305,8 @@ def test_heavy_sink_threads_run_below_the_inference_threads_and_light_ones_do_no
     from reconad.runtime.line.video_sink import VideoOutputSink
     from reconad.runtime.line.prometheus import LineMetrics
     from reconad.runtime.line.report import RateLimitedReporter
-    from reconad.runtime.line.sinks import SINK_NICENESS, JsonlSink, OverlaySink, SinkWorker
+    from reconad.runtime.line.priority import SINK_NICENESS
+    from reconad.runtime.line.sinks import JsonlSink, OverlaySink, SinkWorker
     from reconad.runtime.line.stats import LoopStats
 
     assert OverlaySink.heavy and VideoOutputSink.heavy

@@ -23,11 +23,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from reconad.runtime.errors import BackendUnavailableError, ReconadError
-from reconad.runtime.frames import Roi, check_frame, crop_roi, prepare_image
+from reconad.runtime.frames import Roi, check_frame, crop_roi
 from reconad.runtime.inspector import Verdict
 from reconad.runtime.line.blind import BLIND_CHECKS, BlindConfig, BlindDetector, Blindness
 from reconad.runtime.line.mqtt import MqttConfig
 from reconad.runtime.line.outputs import check_output_files
+from reconad.runtime.line.preprocess import FramePreparer
 from reconad.runtime.line.queues import DropOldestQueue
 from reconad.runtime.line.report import RateLimitedReporter, report_stderr
 from reconad.runtime.line.sinks import (
@@ -192,7 +193,7 @@ class InspectionLoop:
         self.stop = threading.Event()  # stop capturing; what is queued is still inspected
         self.abort = threading.Event()  # a second signal: stop without draining
         self.frames = DropOldestQueue(config.queue_size, on_drop=lambda item: item.image.cancel())  # no work for drops
-        self.preprocess = concurrent.futures.ThreadPoolExecutor(config.preprocess_threads, "preprocess")
+        self.preparer: FramePreparer | None = None  # the preprocess workers, while ``run`` runs
         self.sinks = tuple(sinks)
         self.workers: list[SinkWorker] = []
         self.overlay_sink = next((sink for sink in sinks if isinstance(sink, OverlaySink)), None)
@@ -279,7 +280,7 @@ class InspectionLoop:
             if blindness is not None:
                 self._camera_blind(raw.name, raw.image, captured_at, blindness)
                 continue
-            image = self.preprocess.submit(self._prepare, raw.image, source.colour)
+            image = self.preparer.submit(raw.image, source.colour)
             item = _Captured(index, raw.name, captured_at, read_s, image, raw.image)
             index += 1
             self.stats.count("captured")
@@ -287,13 +288,6 @@ class InspectionLoop:
                 self.stats.count("dropped", self.frames.put(item))
             elif not self.frames.put_wait(item, self.stop):
                 return
-
-    def _prepare(self, image: np.ndarray, colour: str) -> np.ndarray:
-        """On a preprocess worker: crop, resize and convert one frame (OpenCV releases the GIL meanwhile)."""
-        started = time.perf_counter()
-        prepared = prepare_image(image, self.inspector.input_hw, colour=colour, roi=self.config.roi)
-        self.stats.add_latency("preprocess", (time.perf_counter() - started) * 1e3)
-        return prepared
 
     def _checked_region(self, image: np.ndarray) -> np.ndarray:
         """What the blind checks judge: the ROI (what the model sees), or the whole frame."""
@@ -425,7 +419,7 @@ class InspectionLoop:
         kept, images = [], []
         for item in batch:
             try:
-                images.append(item.image.result())
+                images.append(self.preparer.result(item.image, item.frame, self.source.colour))
             except Exception as error:  # OpenCV raises its own error type on malformed frames
                 message = str(error) if isinstance(error, ReconadError) else f"{item.name}: {describe_error(error)}"
                 if item.index == 0:
@@ -487,6 +481,9 @@ class InspectionLoop:
             metrics.bind(self.stats)
         self.workers = [SinkWorker(sink, self.stats, self.warn, self.abort) for sink in self.sinks]
         previous = self._install_signal_handlers() if handle_signals else {}
+        # background workers (line/preprocess.py): preparing the next frames never slows the inference now
+        self.preparer = FramePreparer(self.inspector.input_hw, config.roi, config.preprocess_threads,
+                                      on_latency=lambda ms: self.stats.add_latency("preprocess", ms))
         capture = threading.Thread(target=self._capture_main, name="capture", daemon=True)
         inference = threading.Thread(target=self._inference_main, name="inference", daemon=True)
         for worker in self.workers:
@@ -512,7 +509,7 @@ class InspectionLoop:
             self.frames.close()  # the inference thread drains what is queued, then ends
             while inference.is_alive() and not self._watch_inference():
                 inference.join(timeout=0.1)
-            self.preprocess.shutdown(wait=False, cancel_futures=True)
+            self.preparer.close()
             for worker in self.workers:
                 worker.queue.close()
             deadline = time.monotonic() + config.drain_timeout_s

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from reconad.runtime.errors import ReconadError
+from reconad.runtime.line.priority import background_thread
 from reconad.runtime.line.video_sink import OutputRateLimit, Scale
 
-CHILD_NICENESS = 19  # the lowest normal priority, under SCHED_IDLE or where that policy is refused
 START_TIMEOUT_S = 60.0  # spawning imports numpy and OpenCV and opens every output
 CLOSE_TIMEOUT_S = 30.0  # finishing a file or an RTSP server
 
@@ -88,15 +88,7 @@ def _ctrl_c_ignored() -> Iterator[None]:
 def _serve(connection: Any, uris: Sequence[str], fps: float, idle: bool, options: dict[str, Any]) -> None:
     """The child: open the outputs, then render each frame it is sent until told to close."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
-    try:
-        os.nice(CHILD_NICENESS - os.nice(0))
-    except (AttributeError, OSError):
-        pass
-    if idle:
-        try:  # Linux: runs only where no normal thread wants the core; a waking one preempts it at once
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError):
-            pass  # nice 19 stays
+    background_thread(idle)  # the child's main thread; the threads OpenCV and FFmpeg start inherit it
     _name_process(b"reconad-render")
     from reconad.runtime.line.outputs import open_outputs
     from reconad.runtime.line.sinks import describe_error

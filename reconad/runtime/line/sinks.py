@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from reconad.runtime.errors import ReconadError
+from reconad.runtime.line.priority import lower_thread_priority
 from reconad.runtime.line.queues import DropOldestQueue
 from reconad.runtime.line.report import RateLimitedReporter
 from reconad.runtime.line.stats import LoopStats
@@ -136,7 +137,7 @@ class Sink(Protocol):
         name: short name for stats and warnings (``"jsonl"``, ``"overlays"``, ``"webhook"``).
         queue_size: how many results may wait for it before the oldest is dropped.
         heavy: optional, default False. True for sinks that render or encode images (overlays, video
-            outputs): their thread runs below inference's priority (``SINK_NICENESS``). Light sinks
+            outputs): their thread runs below inference's priority (``priority.SINK_NICENESS``). Light sinks
             (JSON lines, webhook, MQTT, metrics) keep the default priority, so a verdict reaches the
             PLC or the dashboard without waiting behind an encoder.
     """
@@ -348,28 +349,10 @@ def describe_error(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
-SINK_NICENESS = 10  # how far below the inference threads the sink threads run (Linux nice increments)
-
-
-def lower_thread_priority(increment: int = SINK_NICENESS) -> bool:
-    """Raise the calling thread's nice value by ``increment``; False where that is not possible.
-
-    Linux schedules threads, not processes, so this lowers one thread (and the threads it starts later,
-    such as a video encoder's) and leaves inference and preprocessing where they are.
-    """
-    try:
-        thread_id = threading.get_native_id()
-        current = os.getpriority(os.PRIO_PROCESS, thread_id)
-        os.setpriority(os.PRIO_PROCESS, thread_id, min(19, current + increment))
-    except (AttributeError, OSError):  # not Linux, or not allowed: the sink keeps the default priority
-        return False
-    return True
-
-
 class SinkWorker:
     """One sink on its own thread behind a drop-oldest queue; failures are counted and reported.
 
-    A ``heavy`` sink's thread runs at a lower CPU priority than inference (``SINK_NICENESS``): on a
+    A ``heavy`` sink's thread runs at a lower CPU priority than inference (``priority.SINK_NICENESS``): on a
     device whose CPU also infers, rendering and encoding take what inference leaves, and a live
     source's results queue for them (dropping the oldest) instead of slowing the next verdict. Light
     sinks (verdict messages, counters) keep the default priority: their work is small and their timing

@@ -16,7 +16,8 @@ import pytest
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.line.render import VERDICT_COLOURS
-from reconad.runtime.line.render_process import CHILD_NICENESS, RenderProcessSink
+from reconad.runtime.line.priority import BACKGROUND_NICENESS as CHILD_NICENESS
+from reconad.runtime.line.render_process import RenderProcessSink
 from tests.runtime.line.services import free_port, require_ffmpeg_rtsp_client, require_gst_outputs, wait_until
 from tests.runtime.line.test_outputs import inspection, near, read_frames
 
