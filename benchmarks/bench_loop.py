@@ -33,8 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+import reconad.runtime.line.loop as loop_module
 from reconad.runtime.inspector import Inspector
 from reconad.runtime.line.loop import RENDER_MODES, InspectConfig, run_inspection
+from reconad.runtime.line.preprocess import FramePreparer
 from reconad.runtime.line.session import build_sinks
 from reconad.runtime.frames import prepare_image
 from reconad.runtime.line.sources import FrameSource, RawFrame
@@ -93,10 +95,20 @@ def bare_fps(inspector: Inspector, batch: np.ndarray, frames: int) -> float:
     return calls * len(batch) / (time.perf_counter() - started)
 
 
+class NormalPriorityPreparer(FramePreparer):
+    """The preprocessing design before 2026-12-01: workers at normal priority, OpenCV's own threads."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "background": False})
+
+
 def loop_run(inspector: Inspector, frames: list[np.ndarray], count: int, batch_size: int, out: Path, interval_s=0.0,
-             outputs: tuple[str, ...] = (), live: bool | None = None, render: str = "idle-process"):
-    """One loop run; ``live`` (default: paced) makes the camera a live source, which drops what it must."""
+             outputs: tuple[str, ...] = (), live: bool | None = None, render: str = "idle-process",
+             preprocess: str = "background"):
+    """One loop run; ``live`` (default: paced) makes the camera a live source, which drops what it must;
+    ``preprocess="normal"`` runs it with the earlier preprocessing design (``NormalPriorityPreparer``)."""
     live = interval_s > 0 if live is None else live
+    loop_module.FramePreparer = NormalPriorityPreparer if preprocess == "normal" else FramePreparer
     config = InspectConfig(out=out, batch_size=batch_size, overlays="none", stats_interval_s=0, outputs=outputs,
                            blind_checks="never", render=render)
     sinks = build_sinks(config, inspector.manifest, live=live)
@@ -131,6 +143,9 @@ def main() -> None:
                         help="where the outputs render (InspectConfig.render): the first is the headline's, each "
                              "further one adds a live-camera-with-outputs cell per round, side by side")
     parser.add_argument("--scene", choices=("noise", "part"), default="noise", help="what the camera frames show")
+    parser.add_argument("--compare-preprocess", action="store_true",
+                        help="add a live-camera cell per round (no outputs) with the earlier preprocessing design: "
+                             "workers at normal priority with OpenCV's own threads (line/preprocess.py)")
     parser.add_argument("--output", action="append", default=[],
                         help="also run each round with this video output attached (e.g. OUT.mp4, rtsp://@:8554/x); "
                              "'{round}' in it is replaced by the round number; repeatable")
@@ -148,6 +163,7 @@ def main() -> None:
             inspector.backend.infer(batch)  # warm-up
             bare, loop, live, with_output, with_output_live, rendered = [], [], [], [], [], []
             other_modes = {mode: [] for mode in args.render_modes[1:]}
+            normal_preprocess = []
             for round_index in range(args.rounds):
                 first_bare = bare_fps(inspector, batch, args.frames)
                 # A live camera faster than inference (the line's case): paced at --live-rate x this round's
@@ -158,15 +174,21 @@ def main() -> None:
                 live_outputs = tuple(uri.replace("{round}", f"{round_index}-live") for uri in args.output)
                 # the live cells in turn, reversed every other round (no cell always follows the same one)
                 cells = [None] + (list(args.render_modes) if args.output else [])
+                cells += ["normal-preprocess"] if args.compare_preprocess else []
                 results = {}
                 for cell in cells if round_index % 2 == 0 else cells[::-1]:
+                    with_outputs = cell in RENDER_MODES
                     stats = loop_run(inspector, frames, live_count, args.batch_size,
                                      scratch / f"live-{cell}{round_index}", 1.0 / camera_fps,
-                                     outputs=live_outputs if cell else (), render=cell or "idle-process")
+                                     outputs=live_outputs if with_outputs else (),
+                                     render=cell if with_outputs else "idle-process",
+                                     preprocess="normal" if cell == "normal-preprocess" else "background")
                     video = stats.sinks.get("video")
                     results[cell] = (stats.mean_fps, (video.written if video else 0) / max(1, stats.counters["inspected"]),
                                      stats.counters["inspected"])
                 live.append(results[None][0])
+                if args.compare_preprocess:
+                    normal_preprocess.append(results["normal-preprocess"][0])
                 stats = loop_run(inspector, frames, args.frames, args.batch_size, scratch / f"loop{round_index}")
                 loop.append(stats.mean_fps)
                 if args.output:
@@ -188,6 +210,8 @@ def main() -> None:
                         fps, fraction, _ = results[mode]
                         other_modes[mode].append((fps, fraction))
                         line += f", rendered as {mode} {fps:.1f} fps ({fraction:.0%} rendered)"
+                if args.compare_preprocess:
+                    line += f", live camera with the earlier preprocessing {normal_preprocess[-1]:.1f} fps"
                 print(line, flush=True)
             paced_fps = min(args.camera_fps, 0.5 * statistics.median(bare))
             paced_frames = max(50, min(args.frames, int(paced_fps * 20)))  # at most ~20 s
@@ -236,6 +260,10 @@ def main() -> None:
                    "rendered_fraction": [round(fraction, 3) for _, fraction in cells]}
             for mode, cells in other_modes.items()
         },
+        "live_normal_preprocess_fps": [round(value, 2) for value in normal_preprocess],
+        "live_normal_preprocess_to_bare": round(statistics.median([w / b for b, w in zip(bare, normal_preprocess)]), 3)
+        if normal_preprocess else None,
+        "num_threads": args.num_threads,
         "paced_fps": round(paced_fps, 2),
         "paced_frames": paced_frames,
         "capture_to_decision_ms": {"p50": latency_p50, "p99": latency_p99},
@@ -254,6 +282,7 @@ def main() -> None:
         f"| {height}x{width} | {args.batch_size} | {bare_median:.1f} | {loop_median:.1f} | {record['loop_to_bare']:.3f} "
         f"| {record['live_to_bare']:.3f} | {paced_fps:.1f} | {latency_p50:.1f} / {latency_p99:.1f} |",
         "",
+        f"ONNX Runtime threads: {args.num_threads or 'all cores'}; "
         f"load average {record['load_average_before']} before, {record['load_average_after']} after; live camera at "
         f"{args.live_rate}x the bare rate (per round: live/bare {record['live_to_bare_per_round']})",
     ]
@@ -268,6 +297,10 @@ def main() -> None:
         table += ["", f"rendered as {mode} instead: live loop/bare {cells['live_to_bare']:.3f} (per round "
                       f"{[round(fps / b, 3) for b, fps in zip(bare, cells['live_fps'])]}; rendered "
                       f"{[f'{value:.0%}' for value in cells['rendered_fraction']]})"]
+    if normal_preprocess:
+        table += ["", f"with the earlier preprocessing (workers at normal priority, OpenCV's own threads): live/bare "
+                      f"{record['live_normal_preprocess_to_bare']:.3f} (per round "
+                      f"{[round(w / b, 3) for b, w in zip(bare, normal_preprocess)]})"]
     (RESULTS / "bench_loop.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 

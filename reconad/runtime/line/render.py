@@ -84,6 +84,13 @@ def _jet_rgb() -> np.ndarray:
     return np.ascontiguousarray(cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, :, ::-1])
 
 
+@functools.lru_cache(maxsize=8)
+def _alpha_table(alpha_max: float) -> np.ndarray:
+    """uint8 [256]: the heat's opacity (x 255) per level: 0 up to ``TRANSPARENT_BELOW``, then linear to ``alpha_max``."""
+    ramp = np.clip((np.arange(256) / 255.0 - TRANSPARENT_BELOW) / (1.0 - TRANSPARENT_BELOW), 0.0, 1.0)
+    return np.round(ramp * alpha_max * 255.0).astype(np.uint8)
+
+
 def map_scale(anomaly_map: np.ndarray, low: float | None, high: float | None, threshold: float | None) -> tuple[float, float]:
     """The heat scale (value drawn transparent blue, value drawn red).
 
@@ -140,11 +147,17 @@ def heat_overlay(
         top, bottom = max(0, int((rows[0] - 1) * scale_y)), min(height, int(np.ceil((rows[-1] + 2) * scale_y)))
         left, right = max(0, int((columns[0] - 1) * scale_x)), min(width, int(np.ceil((columns[-1] + 2) * scale_x)))
         window = region[top:bottom, left:right]
-        level = np.clip((resized[top:bottom, left:right] - low) * np.float32(1.0 / (high - low)), 0.0, 1.0)
-        heat = cv2.applyColorMap((level * 255.0 + 0.5).astype(np.uint8), _jet_rgb())
-        ramp = np.clip((level - TRANSPARENT_BELOW) * np.float32(1.0 / (1.0 - TRANSPARENT_BELOW)), 0.0, 1.0)
-        alpha = ramp * np.float32(alpha_max)
-        window[:] = cv2.blendLinear(heat, window, alpha, 1.0 - alpha)
+        # In 8-bit steps, each a single saturating OpenCV pass (3x faster than float weights for
+        # blendLinear: the live outputs render with what inference leaves): the level 0..255...
+        span = 255.0 / (high - low)
+        level = resized[top:bottom, left:right]
+        level = cv2.addWeighted(level, span, level, 0.0, 0.5 - low * span, dtype=cv2.CV_8U)
+        heat = cv2.applyColorMap(level, _jet_rgb())
+        # ...its opacity from a table (0 up to TRANSPARENT_BELOW, then rising to alpha_max)...
+        alpha = cv2.cvtColor(cv2.LUT(level, _alpha_table(alpha_max)), cv2.COLOR_GRAY2RGB)
+        # ...and window * (1 - alpha) + heat * alpha, alpha in 1/255 steps
+        window[:] = cv2.add(cv2.multiply(heat, alpha, scale=1 / 255),
+                            cv2.multiply(window, cv2.bitwise_not(alpha), scale=1 / 255))
     thickness = max(2, min(width, height) // 240)
     if outline_threshold is not None:
         mask = (resized >= outline_threshold).astype(np.uint8)

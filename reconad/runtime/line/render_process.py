@@ -90,9 +90,14 @@ def _serve(connection: Any, uris: Sequence[str], fps: float, idle: bool, options
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
     background_thread(idle)  # the child's main thread; the threads OpenCV and FFmpeg start inherit it
     _name_process(b"reconad-render")
+    from reconad.runtime.frames import import_cv2
     from reconad.runtime.line.outputs import open_outputs
     from reconad.runtime.line.sinks import describe_error
     from reconad.runtime.line.video_sink import VideoOutputSink
+
+    # One frame at a time on one thread: OpenCV's pool would wake a thread per core for every resize and
+    # blend, each wake-up preempting inference somewhere (the render only has idle cycles to use anyway).
+    import_cv2().setNumThreads(1)
 
     try:
         sink = VideoOutputSink(open_outputs(uris, fps=fps), **options)

@@ -90,6 +90,24 @@ def test_heat_is_drawn_over_the_defect_only():
     assert not changed[400:, :].any() and not changed[:, 500:].any()
 
 
+def test_the_8_bit_blend_matches_the_float_formula():
+    """heat_overlay blends in 8-bit steps (fast): within a few levels of frame * (1 - a) + jet(level) * a in floats."""
+    from reconad.runtime.line.render import TRANSPARENT_BELOW, _jet_rgb
+
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    rows, columns = np.mgrid[0:64, 0:64]
+    anomaly_map = (np.exp(-((rows - 30) ** 2 + (columns - 20) ** 2) / 80.0) + rng.normal(0, 0.05, (64, 64))).astype(np.float32)
+    out = heat_overlay(frame, anomaly_map, low=0.0, high=1.0)
+    level = np.clip(cv2.resize(anomaly_map, (320, 240), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    heat = _jet_rgb()[np.round(level * 255).astype(np.uint8)][:, :, 0].astype(np.float64)  # [H, W, 3]
+    alpha = (np.clip((level - TRANSPARENT_BELOW) / (1 - TRANSPARENT_BELOW), 0, 1) * 0.65)[:, :, None]
+    expected = frame * (1 - alpha) + heat * alpha
+    difference = np.abs(out.astype(np.float64) - expected)
+    assert difference.max() <= 4 and difference.mean() < 0.1
+    assert (out != frame).any(axis=2).mean() > 0.01  # the heat was drawn at all
+
+
 def test_the_map_covers_the_roi_only_and_the_truth_mask_is_green():
     frame = part()
     truth = np.zeros((64, 64), np.uint8)
