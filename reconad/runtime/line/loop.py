@@ -483,7 +483,8 @@ class InspectionLoop:
         previous = self._install_signal_handlers() if handle_signals else {}
         # background workers (line/preprocess.py): preparing the next frames never slows the inference now
         self.preparer = FramePreparer(self.inspector.input_hw, config.roi, config.preprocess_threads,
-                                      on_latency=lambda ms: self.stats.add_latency("preprocess", ms))
+                                      on_latency=lambda ms: self.stats.add_latency("preprocess", ms),
+                                      on_inline=lambda: self.stats.count("prepared_inline"))
         capture = threading.Thread(target=self._capture_main, name="capture", daemon=True)
         inference = threading.Thread(target=self._inference_main, name="inference", daemon=True)
         for worker in self.workers:

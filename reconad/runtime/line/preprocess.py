@@ -64,15 +64,18 @@ class FramePreparer:
         background: run them under SCHED_IDLE with OpenCV single-threaded (the default); False keeps
             normal priority and OpenCV's own threads (the design before 2026-12-01, for comparison).
         on_latency: receives each preparation's duration, ms (the ``preprocess`` latency).
+        on_inline: called for each frame ``result`` prepares on the calling thread (not started, or late).
 
     Use as a context manager, or call ``close``.
     """
 
     def __init__(self, input_hw: tuple[int, int], roi: Roi | None, workers: int, *, background: bool = True,
-                 on_latency: Callable[[float], None] | None = None) -> None:
+                 on_latency: Callable[[float], None] | None = None,
+                 on_inline: Callable[[], None] | None = None) -> None:
         self.input_hw, self.roi = input_hw, roi
         self.background = background
         self.on_latency = on_latency
+        self.on_inline = on_inline
         self.priority: str | None = None  # what the workers got: "idle", "nice 19" or None (set by the first one)
         self.inline = 0  # frames the inference thread prepared itself (their worker had not started them)
         self.late = 0  # frames prepared again because their worker was late
@@ -108,12 +111,14 @@ class FramePreparer:
         """
         if future.cancel():  # not started: this thread prepares it now, at inference's priority
             self.inline += 1
-            return self.prepare(image, colour)
-        try:
-            return future.result(timeout=LATE_S)
-        except concurrent.futures.TimeoutError:
-            self.late += 1
-            return self.prepare(image, colour)
+        else:
+            try:
+                return future.result(timeout=LATE_S)
+            except concurrent.futures.TimeoutError:
+                self.late += 1
+        if self.on_inline is not None:
+            self.on_inline()
+        return self.prepare(image, colour)
 
     def close(self) -> None:
         """Stop the workers (queued frames are cancelled) and restore OpenCV's thread count."""

@@ -29,6 +29,8 @@ FRAME_COUNTERS = {  # LoopStats counter -> (metric name, help)
     "dropped": ("reconad_frames_dropped", "Frames dropped unseen because inference fell behind a live source."),
     "source_lost": ("reconad_source_lost", "Times the live source stopped delivering."),
     "reconnects": ("reconad_camera_reconnects", "Times the live source was reopened."),
+    "prepared_inline": ("reconad_frames_prepared_inline",
+                        "Frames the inference thread prepared itself (the idle-priority preprocessing workers were behind)."),
 }
 SKIP_REASONS = ("corrupt",)
 SOURCE_STATES = ("ok", "stalled", "reconnecting", "ended")

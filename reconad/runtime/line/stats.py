@@ -31,6 +31,7 @@ COUNTER_NAMES = (
     "source_lost",  # times a live source stopped delivering
     "reconnects",  # times it was reopened
     "server_lost",  # times a remote inference server became unreachable (the batch was retried)
+    "prepared_inline",  # frames the inference thread prepared itself: the background workers were behind
 )
 
 BLIND_COUNTERS = tuple(name for name in COUNTER_NAMES if name.startswith("blind_"))
@@ -137,6 +138,9 @@ class StatsSnapshot:
             lines.append("camera-blind: " + ", ".join(f"{name[6:]} {counters[name]}" for name in BLIND_COUNTERS))
         if counters["server_lost"]:
             lines.append(f"inference server lost {counters['server_lost']} times (every frame retried)")
+        if counters["prepared_inline"]:
+            lines.append(f"prepared {counters['prepared_inline']} frames on the inference thread (the preprocessing "
+                         "workers, which get only idle CPU, were behind)")
         for stage, latency in self.latency_ms.items():
             if latency:
                 lines.append(f"latency {stage}: p50 {latency['p50']:.2f} ms, p99 {latency['p99']:.2f} ms, max {latency['max']:.2f} ms")

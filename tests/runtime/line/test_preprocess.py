@@ -99,5 +99,6 @@ def test_the_loop_inspects_every_frame_when_its_workers_never_run(monkeypatch):
         release.set()
     assert time.perf_counter() - started < 2.0  # never waited for the starved workers
     assert result.exit_code == 0 and result.stats.counters["inspected"] == 12
+    assert result.stats.counters["prepared_inline"] == 12  # counted, for summary.json and /metrics
     assert [item.index for item in collector.items] == list(range(12))
     assert cv2.getNumThreads() != 1 or os.cpu_count() == 1  # restored after the run
