@@ -334,7 +334,8 @@ def diagnose_output(env: Environment, kind: str) -> Finding:
     if env.opencv is not None and writer is None:
         fixes.append("Video files need OpenCV with FFmpeg or GStreamer video I/O: " + (
             "use JetPack's python3-opencv." if env.is_jetson else "pip install opencv-python-headless."))
-    detail = f"OpenCV {env.opencv or '-'} VideoWriter through {writer or 'neither FFmpeg nor GStreamer'} (.mp4 .mkv .mov .avi)"
+    detail = (f"OpenCV {env.opencv} VideoWriter through {writer or 'neither FFmpeg nor GStreamer'} (.mp4 .mkv .mov .avi)"
+              if env.opencv else "OpenCV not installed")
     return Finding(kind, not fixes, detail, tuple(fixes))
 
 

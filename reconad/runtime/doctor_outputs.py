@@ -101,6 +101,8 @@ def diagnose_rtsp(env: Any) -> tuple[str, bool, str, tuple[str, ...]]:
     kind = "hardware" if encoder == "nvv4l2h264enc" else "software"
     detail = (f"GStreamer {env.gst}, H.264 encoder {f'{encoder} ({kind})' if encoder else 'none'}, "
               f"RTSP server {'yes' if env.gst_rtsp_server else 'no'}")
+    if env.is_jetson and encoder not in (None, "nvv4l2h264enc"):
+        detail += " (no nvv4l2h264enc with nvvidconv, JetPack's nvidia-l4t-gstreamer: the CPU encodes)"
     return name, not fixes, detail, tuple(fixes)
 
 

@@ -158,6 +158,9 @@ def test_a_jetson_streams_rtsp_on_its_hardware_encoder():
     assert "H.264 encoder nvv4l2h264enc (hardware)" in findings["out:rtsp"].detail
     assert "GStreamer" in findings["out:file"].detail  # JetPack's OpenCV has no FFmpeg
     assert "desktop: $DISPLAY" in findings["out:display"].detail
+    software = dataclasses.replace(recorded("jetson-orin-jp6"), gst_elements={**X86_GST, "nvvidconv": True})
+    rtsp = by_name(doctor.diagnose(software))["out:rtsp"]
+    assert rtsp.works and "x264enc (software)" in rtsp.detail and "the CPU encodes" in rtsp.detail
 
 
 def test_a_jetson_venv_without_jetpacks_python3_gi_is_told_how_to_see_it():
@@ -180,6 +183,10 @@ def test_x86_without_pygobject_gets_the_packages_outputs_names():
         assert not findings[name].works and any(GST_PACKAGES in fix for fix in findings[name].fixes)
     assert "pip install 'reconad[gst]'" in GST_PACKAGES and "gstreamer1.0-plugins-ugly" in GST_PACKAGES
     assert "not importable" in findings["out:rtsp"].detail
+    no_opencv = by_name(doctor.diagnose(dataclasses.replace(env, opencv=None, opencv_video={})))["out:file"]
+    assert not no_opencv.works and no_opencv.detail == "OpenCV not installed" and "reconad[runtime]" in no_opencv.fixes[0]
+    no_backend = by_name(doctor.diagnose(dataclasses.replace(env, opencv_video={"V4L2": True})))["out:file"]
+    assert not no_backend.works and "FFmpeg or GStreamer" in no_backend.fixes[0]
 
 
 def test_x86_rtsp_without_x264_falls_back_to_openh264_or_names_x264():
