@@ -334,7 +334,7 @@ def doctor(
         Optional[Path], typer.Option(help="Diagnose a recorded environment (a --json report) instead of this machine.")
     ] = None,
 ) -> None:
-    """Say which backends and source kinds work on this device, and what to install for the others (torch-free)."""
+    """Say which backends, source kinds and video outputs work on this device, and what to install for the others (torch-free)."""
     import json
 
     from reconad.runtime import doctor as checks

@@ -2,8 +2,9 @@
 
 Two steps, so the advice can be tested on devices we do not have: ``probe_environment`` reads this
 machine into an ``Environment`` record (Python, numpy, OpenCV's build, ONNX Runtime and its providers,
-TensorRT, the CUDA binding, the driver and GPU, JetPack/L4T); ``diagnose`` is a pure function from that
-record to one ``Finding`` per backend and source kind. Recorded environments (``Environment.from_dict``)
+TensorRT, the CUDA binding, the driver and GPU, JetPack/L4T, GStreamer for the video outputs, the desktop);
+``diagnose`` is a pure function from that record to one ``Finding`` per backend, source kind and output
+kind (``doctor_outputs.py`` judges RTSP and display). Recorded environments (``Environment.from_dict``)
 stand in for a Jetson and an x86 GPU server in the tests. Torch-free; nothing is installed or changed.
 """
 
@@ -17,10 +18,12 @@ import platform
 import re
 from typing import Any
 
+from reconad.runtime import doctor_outputs
 from reconad.runtime.config import decode, encode
 
 TARGETS = ("ort-cpu", "ort-cuda", "trt")
 SOURCE_KINDS = ("images", "video", "csi", "v4l2", "rtsp")
+OUTPUT_KINDS = ("out:file", "out:rtsp", "out:display")  # --output line.mp4, rtsp://@:8554/inspect, display://0
 OLDEST_TENSORRT = (8, 5)
 NEWEST_TENSORRT_MAJOR = 11
 # JetPack release by L4T major.minor (the L4T version is what a Jetson itself reports).
@@ -51,6 +54,12 @@ class Environment:
         pillow: Pillow's version.
         v4l2_devices: the ``/dev/video*`` device nodes, e.g. ``("/dev/video0",)``; None where not read (a
             recording made before this field existed).
+        gst: GStreamer's version as PyGObject imports it (``outputs.import_gst``), e.g. ``"1.22.0"``;
+            ``gst_error`` says why it did not import. Both None: not read (an older recording).
+        gst_rtsp_server: whether the GstRtspServer typelib loads; None where not read.
+        gst_elements: whether each of ``doctor_outputs.GST_ELEMENTS`` exists, e.g. ``{"x264enc": True, ...}``;
+            None where not read.
+        desktop: which of DISPLAY and WAYLAND_DISPLAY are set, e.g. ``("DISPLAY",)``; None where not read.
     """
 
     python: str
@@ -76,6 +85,11 @@ class Environment:
     jetpack: str | None = None
     pillow: str | None = None
     v4l2_devices: tuple[str, ...] | None = None
+    gst: str | None = None
+    gst_error: str | None = None
+    gst_rtsp_server: bool | None = None
+    gst_elements: dict[str, bool] | None = None
+    desktop: tuple[str, ...] | None = None
 
     @property
     def is_jetson(self) -> bool:
@@ -95,7 +109,8 @@ class Finding:
     """One backend or source kind: whether it works here, why not, and what to install.
 
     Attributes:
-        name: ``"ort-cpu"``, ``"ort-cuda"``, ``"trt"``, or a source kind such as ``"rtsp"``.
+        name: ``"ort-cpu"``, ``"ort-cuda"``, ``"trt"``, a source kind such as ``"rtsp"``, or an output kind
+            such as ``"out:rtsp"``.
         works: True when everything it needs is present.
         detail: one line on what was found (versions, devices).
         fixes: one sentence per missing or wrong piece, each naming what to install or change.
@@ -137,7 +152,7 @@ def parse_video_io(build_information: str) -> dict[str, bool]:
 
 
 def probe_environment() -> Environment:
-    """Read this machine (imports each component; starts no session, opens no device)."""
+    """Read this machine (imports each component, GStreamer too; starts no session, opens no device)."""
     from reconad.runtime.backends.device import probe_gpu, read_jetson_release
     from reconad.runtime.errors import ReconadError
 
@@ -170,6 +185,7 @@ def probe_environment() -> Environment:
         values["gpu_error"] = str(error)
     values["jetpack"], values["l4t"] = read_jetson_release()
     values["v4l2_devices"] = tuple(sorted(glob.glob("/dev/video*")))
+    values.update(doctor_outputs.probe_gstreamer())
     return Environment(**values)
 
 
@@ -304,11 +320,32 @@ def diagnose_source(env: Environment, kind: str) -> Finding:
     return Finding(kind, not fixes, detail, tuple(fixes))
 
 
+def diagnose_output(env: Environment, kind: str) -> Finding:
+    """Whether ``--output`` of ``kind`` (one of ``OUTPUT_KINDS``) can work here."""
+    if kind == "out:rtsp":
+        return Finding(*doctor_outputs.diagnose_rtsp(env))
+    if kind == "out:display":
+        return Finding(*doctor_outputs.diagnose_display(env))
+    if kind != "out:file":
+        raise ValueError(f"unknown output kind {kind!r}")
+    # OpenCV's VideoWriter: mp4v in .mp4/.m4v/.mov/.mkv, MJPG in .avi (line/outputs.py FILE_FOURCCS).
+    fixes = _opencv_fixes(env)
+    writer = "FFmpeg" if env.opencv_video.get("FFMPEG") else "GStreamer" if env.opencv_video.get("GStreamer") else None
+    if env.opencv is not None and writer is None:
+        fixes.append("Video files need OpenCV with FFmpeg or GStreamer video I/O: " + (
+            "use JetPack's python3-opencv." if env.is_jetson else "pip install opencv-python-headless."))
+    detail = (f"OpenCV {env.opencv} VideoWriter through {writer or 'neither FFmpeg nor GStreamer'} (.mp4 .mkv .mov .avi)"
+              if env.opencv else "OpenCV not installed")
+    return Finding(kind, not fixes, detail, tuple(fixes))
+
+
 def diagnose(env: Environment) -> list[Finding]:
-    """One finding per backend (``TARGETS``), then per source kind (``SOURCE_KINDS``), plus the platform."""
+    """One finding per backend (``TARGETS``), source kind (``SOURCE_KINDS``) and output kind
+    (``OUTPUT_KINDS``), after the platform's."""
     findings = [diagnose_platform(env)]
     findings += [diagnose_backend(env, target) for target in TARGETS]
     findings += [diagnose_source(env, kind) for kind in SOURCE_KINDS]
+    findings += [diagnose_output(env, kind) for kind in OUTPUT_KINDS]
     return findings
 
 
@@ -366,6 +403,6 @@ def render(findings: list[Finding]) -> str:
     """The report: one line per finding (``ok`` / ``missing``), then its fixes indented."""
     lines = []
     for finding in findings:
-        lines.append(f"{'ok     ' if finding.works else 'missing'}  {finding.name:<9} {finding.detail}")
+        lines.append(f"{'ok     ' if finding.works else 'missing'}  {finding.name:<11} {finding.detail}")
         lines += [f"           - {fix}" for fix in finding.fixes]
     return "\n".join(lines)

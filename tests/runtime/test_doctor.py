@@ -1,5 +1,6 @@
 """recon-inspect doctor: this machine as it is, and recorded Jetson and x86 GPU-server environments."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -137,3 +138,160 @@ def test_what_is_absent_is_named_not_installed():
     assert findings["trt"].detail.startswith("TensorRT not installed, ")
     assert findings["ort-cuda"].detail == "ONNX Runtime not installed"
     assert not any("None" in finding.detail for finding in findings.values())
+
+
+# The video outputs (--output): files through OpenCV, RTSP and display through GStreamer for Python.
+
+X86_GST = {"nvv4l2h264enc": False, "nvvidconv": False, "x264enc": True, "openh264enc": False, "rtph264pay": True,
+           "autovideosink": True, "ximagesink": True, "videoconvert": True, "appsrc": True}
+
+
+def x86_with_gstreamer(**changes):
+    values = dict(gst="1.22.0", gst_error=None, gst_rtsp_server=True, gst_elements=X86_GST, desktop=("DISPLAY",))
+    return dataclasses.replace(recorded("x86-gpu-server"), **{**values, **changes})
+
+
+def test_a_jetson_streams_rtsp_on_its_hardware_encoder():
+    findings = by_name(doctor.diagnose(recorded("jetson-orin-jp6")))
+    for name in doctor.OUTPUT_KINDS:
+        assert findings[name].works, (name, findings[name].fixes)
+    assert "H.264 encoder nvv4l2h264enc (hardware)" in findings["out:rtsp"].detail
+    assert "GStreamer" in findings["out:file"].detail  # JetPack's OpenCV has no FFmpeg
+    assert "desktop: $DISPLAY" in findings["out:display"].detail
+    software = dataclasses.replace(recorded("jetson-orin-jp6"), gst_elements={**X86_GST, "nvvidconv": True})
+    rtsp = by_name(doctor.diagnose(software))["out:rtsp"]
+    assert rtsp.works and "x264enc (software)" in rtsp.detail and "the CPU encodes" in rtsp.detail
+
+
+def test_a_jetson_venv_without_jetpacks_python3_gi_is_told_how_to_see_it():
+    findings = by_name(doctor.diagnose(recorded("jetson-orin-jp6-pip-shadowed")))
+    (fix,) = findings["out:rtsp"].fixes
+    assert not findings["out:rtsp"].works and "(No module named 'gi')" in fix
+    assert "python3-gi" in fix and "--system-site-packages" in fix and "gir1.2-gst-rtsp-server-1.0" in fix
+    assert "pip install 'reconad[gst]'" not in fix  # a PyPI PyGObject would shadow JetPack's
+    display = findings["out:display"]
+    assert not display.works and "rtsp://0.0.0.0:8554/inspect" in display.fixes[0] and "python3-gi" in display.fixes[1]
+    assert findings["out:file"].works  # the pip OpenCV has FFmpeg
+
+
+def test_x86_without_pygobject_gets_the_packages_outputs_names():
+    from reconad.runtime.line.outputs import GST_PACKAGES
+
+    env = x86_with_gstreamer(gst=None, gst_error="No module named 'gi'", gst_rtsp_server=None, gst_elements=None)
+    findings = by_name(doctor.diagnose(env))
+    for name in ("out:rtsp", "out:display"):
+        assert not findings[name].works and any(GST_PACKAGES in fix for fix in findings[name].fixes)
+    assert "pip install 'reconad[gst]'" in GST_PACKAGES and "gstreamer1.0-plugins-ugly" in GST_PACKAGES
+    assert "not importable" in findings["out:rtsp"].detail
+    no_opencv = by_name(doctor.diagnose(dataclasses.replace(env, opencv=None, opencv_video={})))["out:file"]
+    assert not no_opencv.works and no_opencv.detail == "OpenCV not installed" and "reconad[runtime]" in no_opencv.fixes[0]
+    no_backend = by_name(doctor.diagnose(dataclasses.replace(env, opencv_video={"V4L2": True})))["out:file"]
+    assert not no_backend.works and "FFmpeg or GStreamer" in no_backend.fixes[0]
+
+
+def test_x86_rtsp_without_x264_falls_back_to_openh264_or_names_x264():
+    openh264 = by_name(doctor.diagnose(x86_with_gstreamer(gst_elements={**X86_GST, "x264enc": False, "openh264enc": True})))
+    assert openh264["out:rtsp"].works and "openh264enc (software)" in openh264["out:rtsp"].detail
+    none = by_name(doctor.diagnose(x86_with_gstreamer(gst_elements={**X86_GST, "x264enc": False})))["out:rtsp"]
+    assert not none.works and "encoder none" in none.detail
+    assert none.fixes == ("No H.264 encoder in GStreamer: apt install gstreamer1.0-plugins-ugly (x264enc).",)
+    no_server = by_name(doctor.diagnose(x86_with_gstreamer(gst_rtsp_server=False, gst_elements={**X86_GST, "rtph264pay": False})))
+    assert [fix.split(":")[0] for fix in no_server["out:rtsp"].fixes] == [
+        "The GstRtspServer typelib does not load", "GStreamer lacks rtph264pay"]
+    assert "apt install gstreamer1.0-plugins-good" in no_server["out:rtsp"].fixes[1]
+
+
+def test_a_display_needs_a_desktop_and_a_window_sink():
+    headless = by_name(doctor.diagnose(x86_with_gstreamer(desktop=())))["out:display"]
+    assert not headless.works and "neither DISPLAY nor WAYLAND_DISPLAY" in headless.fixes[0]
+    assert "--output rtsp://0.0.0.0:8554/inspect" in headless.fixes[0] and "desktop: none" in headless.detail
+    x11_plain = x86_with_gstreamer(gst_elements={**X86_GST, "autovideosink": False})
+    assert by_name(doctor.diagnose(x11_plain))["out:display"].works  # DisplayOutput falls back to ximagesink
+    wayland = by_name(doctor.diagnose(dataclasses.replace(x11_plain, desktop=("WAYLAND_DISPLAY",))))["out:display"]
+    assert not wayland.works and wayland.fixes == ("GStreamer lacks autovideosink: apt install gstreamer1.0-plugins-good.",)
+
+
+def test_a_recording_from_before_the_output_checks_still_loads():
+    env = recorded("x86-gpu-server")  # no gst_* or desktop keys
+    assert env.gst is None and env.gst_elements is None and env.desktop is None
+    findings = by_name(doctor.diagnose(env))
+    assert findings["out:file"].works
+    for name in ("out:rtsp", "out:display"):
+        assert not findings[name].works and "record it again" in findings[name].fixes[0]
+    assert doctor.Environment.from_dict(env.to_dict()) == env
+    jetson = recorded("jetson-orin-jp6")
+    assert doctor.Environment.from_dict(json.loads(json.dumps(jetson.to_dict()))) == jetson
+
+
+def test_the_report_keeps_its_columns():
+    lines = doctor.render(doctor.diagnose(recorded("jetson-orin-jp6-pip-shadowed"))).splitlines()
+    heads = [line for line in lines if not line.startswith(" ")]
+    assert {len(line[:21]) for line in heads} == {21} and all(line[20] == " " and line[21] != " " for line in heads)
+    assert [line.split()[1] for line in heads][-3:] == ["out:file", "out:rtsp", "out:display"]
+    assert all(line.startswith("           - ") for line in lines if line.startswith(" "))
+
+
+def test_the_probe_agrees_with_what_the_outputs_open(tmp_path, monkeypatch):
+    """This machine has GStreamer for Python: each output finding works iff outputs.py opens that output."""
+    import numpy as np
+
+    from reconad.runtime.line.outputs import open_output
+    from tests.runtime.line.services import free_port, require_display
+
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    findings = by_name(doctor.diagnose(doctor.probe_environment()))
+    frame = np.zeros((48, 64, 3), np.uint8)
+
+    def opens(uri, frames=1):
+        try:
+            output = open_output(uri, fps=10)
+            try:
+                for _ in range(frames):
+                    output.write(frame)
+            finally:
+                output.close()
+        except ReconadError:
+            return False
+        return True
+
+    assert findings["out:file"].works == opens(str(tmp_path / "line.mp4"), 3) == opens(str(tmp_path / "line.avi"), 3)
+    assert findings["out:rtsp"].works == opens(f"rtsp://@:{free_port()}/inspect")
+    assert not findings["out:display"].works and not opens("display://0")  # no desktop
+    screen = require_display(tmp_path / "x")
+    try:
+        monkeypatch.setenv("DISPLAY", screen.display)
+        env = doctor.probe_environment()
+        assert env.desktop == ("DISPLAY",)
+        assert by_name(doctor.diagnose(env))["out:display"].works == opens("display://0", 3)
+    finally:
+        screen.stop()
+
+
+def test_without_pygobject_the_probe_reports_it_and_does_not_crash(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gi", None)  # as a Python without PyGObject: import gi raises ImportError
+    env = doctor.probe_environment()
+    assert env.gst is None and "gi" in env.gst_error and env.gst_elements is None and env.gst_rtsp_server is None
+    rtsp = by_name(doctor.diagnose(env))["out:rtsp"]
+    assert not rtsp.works and "GStreamer for Python does not import" in rtsp.fixes[0]
+
+
+def test_the_report_and_its_json_carry_the_outputs():
+    from reconad.runtime.line.outputs import import_gst
+    from tests.runtime.line.services import require_gst_outputs
+
+    require_gst_outputs()
+    Gst, _, _ = import_gst("this test")
+
+    report = runner.invoke(app, ["doctor"])
+    assert report.exit_code == 0 and "out:rtsp" in report.stdout and "out:display" in report.stdout
+    payload = json.loads(runner.invoke(app, ["doctor", "--json"]).stdout)
+    environment = payload["environment"]
+    assert environment["gst"] == ".".join(str(n) for n in tuple(Gst.version())[:3])
+    assert environment["gst_rtsp_server"] is True and environment["gst_elements"]["appsrc"] is True
+    assert set(environment["gst_elements"]) == set(doctor.doctor_outputs.GST_ELEMENTS)
+    assert [f["name"] for f in payload["findings"]][-3:] == list(doctor.OUTPUT_KINDS)
+    old = runner.invoke(app, ["doctor", "--environment", str(ENVIRONMENTS / "x86-gpu-server.json"), "--for", "trt"])
+    assert old.exit_code == 0 and "missing  out:rtsp" in old.stdout  # outputs do not decide --for

@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,6 +37,8 @@ GST_PACKAGES = (
     "pip install 'reconad[gst]' (PyGObject; on Jetson use JetPack's python3-gi) and the GStreamer packages "
     "gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-plugins-ugly"
 )
+# H.264 encoders, best first, with the elements each needs: Jetson's hardware encoder (JetPack), x264, OpenH264.
+H264_ENCODERS = {"nvv4l2h264enc": ("nvv4l2h264enc", "nvvidconv"), "x264enc": ("x264enc",), "openh264enc": ("openh264enc",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,26 +239,31 @@ def import_gst(feature: str, rtsp_server: bool = False) -> tuple[Any, Any, Any]:
         server = None
         if rtsp_server:
             from gi.repository import GstRtspServer as server
-    except (ImportError, ValueError):
-        raise ReconadError(f"{feature} needs GStreamer for Python: {GST_PACKAGES}.") from None
+    except (ImportError, ValueError) as error:  # kept as the cause: doctor reports it
+        raise ReconadError(f"{feature} needs GStreamer for Python: {GST_PACKAGES}.") from error
     Gst.init(None)
     return Gst, GLib, server
 
 
+def choose_h264_encoder(elements: Collection[str]) -> str | None:
+    """The ``H264_ENCODERS`` key an RTSP output uses given the GStreamer element names present, None if none."""
+    return next((encoder for encoder, needs in H264_ENCODERS.items() if set(needs) <= set(elements)), None)
+
+
 def h264_encoder(Gst: Any, fps: int, bitrate_kbps: int) -> str:
-    """The pipeline section RGB frames -> H.264: Jetson's hardware encoder, else x264, else OpenH264."""
-    if Gst.ElementFactory.find("nvv4l2h264enc") and Gst.ElementFactory.find("nvvidconv"):
+    """The pipeline section RGB frames -> H.264, by ``choose_h264_encoder`` of this GStreamer's elements."""
+    encoder = choose_h264_encoder([name for needs in H264_ENCODERS.values() for name in needs if Gst.ElementFactory.find(name)])
+    if encoder == "nvv4l2h264enc":
         return (
             "nvvidconv ! video/x-raw(memory:NVMM),format=NV12 ! "
             f"nvv4l2h264enc bitrate={bitrate_kbps * 1000} iframeinterval={fps} idrinterval={fps} insert-sps-pps=true"
         )
-    if Gst.ElementFactory.find("x264enc"):
-        # zerolatency: no B-frames, no lookahead, so a frame leaves the encoder as soon as it is encoded.
+    if encoder == "x264enc":  # zerolatency: no B-frames, no lookahead: a frame leaves as soon as it is encoded
         return (
             "videoconvert ! video/x-raw,format=I420 ! "
             f"x264enc tune=zerolatency speed-preset=ultrafast bitrate={bitrate_kbps} key-int-max={fps}"
         )
-    if Gst.ElementFactory.find("openh264enc"):
+    if encoder == "openh264enc":
         return f"videoconvert ! video/x-raw,format=I420 ! openh264enc bitrate={bitrate_kbps * 1000} gop-size={fps}"
     raise ReconadError("An RTSP output needs an H.264 encoder in GStreamer: install gstreamer1.0-plugins-ugly (x264enc).")
 

@@ -18,6 +18,9 @@ from reconad.runtime.inspector import Verdict
 from reconad.runtime.line.outputs import (
     FileOutput,
     OutputTarget,
+    choose_h264_encoder,
+    h264_encoder,
+    import_gst,
     open_output,
     open_outputs,
     parse_output_uri,
@@ -114,6 +117,33 @@ def test_display_without_a_desktop_is_a_one_sentence_error(monkeypatch):
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     with pytest.raises(ReconadError, match="neither DISPLAY nor WAYLAND_DISPLAY"):
         open_output("display://0")
+
+
+@pytest.mark.parametrize(
+    ("elements", "encoder"),
+    [
+        ({"nvv4l2h264enc", "nvvidconv", "x264enc", "openh264enc"}, "nvv4l2h264enc"),
+        ({"nvv4l2h264enc", "x264enc"}, "x264enc"),  # no nvvidconv: the hardware encoder cannot be fed
+        ({"openh264enc", "x264enc"}, "x264enc"),
+        ({"openh264enc", "rtph264pay"}, "openh264enc"),
+        ({"rtph264pay", "videoconvert"}, None),
+    ],
+)
+def test_the_h264_encoder_is_chosen_from_the_elements_present(elements, encoder):
+    assert choose_h264_encoder(elements) == encoder
+
+
+def test_the_pipeline_section_follows_the_encoder_chosen():
+    require_gst_outputs()
+    Gst, _, _ = import_gst("this test")
+    present = [name for name in ("nvv4l2h264enc", "nvvidconv", "x264enc", "openh264enc") if Gst.ElementFactory.find(name)]
+    encoder = choose_h264_encoder(present)
+    if encoder is None:
+        with pytest.raises(ReconadError, match="needs an H.264 encoder"):
+            h264_encoder(Gst, 30, 4000)
+    else:
+        section = h264_encoder(Gst, 30, 4000)
+        assert f"! {encoder} " in section and section.startswith("nvvidconv" if encoder == "nvv4l2h264enc" else "videoconvert")
 
 
 class Feeder:
