@@ -35,7 +35,8 @@ import numpy as np
 
 import reconad.runtime.line.loop as loop_module
 from reconad.runtime.inspector import Inspector
-from reconad.runtime.line.loop import RENDER_MODES, InspectConfig, run_inspection
+from reconad.runtime.line.config import RENDER_MODES, InspectConfig
+from reconad.runtime.line.loop import run_inspection
 from reconad.runtime.line.preprocess import FramePreparer
 from reconad.runtime.line.session import build_sinks
 from reconad.runtime.frames import prepare_image

@@ -108,7 +108,7 @@ def test_the_defaults_written_in_help_are_the_records_defaults(command):
     """The options default to None ("not given", so a file can set them); the help states the record's default."""
     from reconad.runtime.calibration import CalibrationConfig
     from reconad.runtime.line.blind import BlindConfig
-    from reconad.runtime.line.loop import InspectConfig
+    from reconad.runtime.line.config import InspectConfig
     from reconad.runtime.line.mqtt import MqttConfig
     from reconad.runtime.line.sources import SourceConfig
     from reconad.runtime.serve import ServeConfig

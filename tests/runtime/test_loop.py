@@ -13,7 +13,8 @@ import pytest
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.frames import check_frame
-from reconad.runtime.line.loop import EXIT_INFERENCE_FAILED, InspectConfig, run_inspection
+from reconad.runtime.line.config import EXIT_INFERENCE_FAILED, InspectConfig
+from reconad.runtime.line.loop import run_inspection
 from reconad.runtime.line.queues import DropOldestQueue
 from reconad.runtime.line.session import build_sinks
 from reconad.runtime.thresholds import Calibration, Threshold

@@ -270,7 +270,7 @@ def verdict_lines(out: Path) -> dict[str, dict]:
 
 
 def local_run(folder: Path, artifact: Path, out: Path) -> dict[str, dict]:
-    from reconad.runtime.line.loop import InspectConfig
+    from reconad.runtime.line.config import InspectConfig
     from reconad.runtime.line.session import inspect_stream
 
     inspect_stream(str(folder), artifact, InspectConfig(out=out, overlays="none", stats_interval_s=0), report=lambda _: None)

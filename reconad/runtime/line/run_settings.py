@@ -17,7 +17,7 @@ from typing import Any
 from reconad.runtime.config import load_toml, resolve
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.frames import parse_roi
-from reconad.runtime.line.loop import InspectConfig
+from reconad.runtime.line.config import InspectConfig
 from reconad.runtime.line.sources import SourceConfig
 
 _MQTT_DETAILS = ("qos", "events", "retain", "client_id", "password_file", "ca_file", "cert_file", "key_file")

@@ -18,7 +18,8 @@ from reconad.runtime.atomic import write_text_atomic
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Inspector
 from reconad.runtime.thresholds import OperatingPoint
-from reconad.runtime.line.loop import InspectConfig, LoopResult, run_inspection
+from reconad.runtime.line.config import InspectConfig, LoopResult
+from reconad.runtime.line.loop import run_inspection
 from reconad.runtime.line.stats import StatsSnapshot
 from reconad.runtime.line.report import report_stderr
 from reconad.runtime.line.secrets import secret_from

@@ -7,7 +7,8 @@ import pytest
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.line.blind import BlindConfig, BlindDetector, gray_sample
-from reconad.runtime.line.loop import InspectConfig, run_inspection
+from reconad.runtime.line.config import InspectConfig
+from reconad.runtime.line.loop import run_inspection
 from reconad.runtime.line.session import build_sinks
 from reconad.runtime.line.sinks import CameraBlind, InspectionResult
 from tests.runtime.fakes import Collector, FakeInspector, ScriptedSource

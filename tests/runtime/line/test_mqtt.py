@@ -246,7 +246,8 @@ def test_username_password_and_tls(tmp_path):
 
 
 def test_the_loop_publishes_one_message_per_frame(mqtt_broker, tmp_path):
-    from reconad.runtime.line.loop import InspectConfig, run_inspection
+    from reconad.runtime.line.config import InspectConfig
+    from reconad.runtime.line.loop import run_inspection
     from tests.runtime.fakes import FakeInspector, ScriptedSource, gray_frame
 
     subscriber = Subscriber(mqtt_broker.port, TOPIC)

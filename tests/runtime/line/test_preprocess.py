@@ -12,7 +12,8 @@ import pytest
 
 import reconad.runtime.line.preprocess as preprocess_module
 from reconad.runtime.frames import prepare_image
-from reconad.runtime.line.loop import InspectConfig, run_inspection
+from reconad.runtime.line.config import InspectConfig
+from reconad.runtime.line.loop import run_inspection
 from reconad.runtime.line.preprocess import LATE_S, FramePreparer
 from tests.runtime.fakes import Collector, FakeInspector, ScriptedSource, gray_frame
 

@@ -95,7 +95,8 @@ def test_counters_latencies_and_verdicts_per_product(metrics_server):
 
 
 def test_a_loop_run_feeds_the_endpoint(metrics_server):
-    from reconad.runtime.line.loop import InspectConfig, run_inspection
+    from reconad.runtime.line.config import InspectConfig
+    from reconad.runtime.line.loop import run_inspection
 
     metrics, server = metrics_server
     script = [gray_frame(60 + n) for n in range(4)] + [SourceLostError("fake://camera stopped delivering frames.")]

@@ -19,7 +19,7 @@ from tests.runtime.line.services import require_ffmpeg_rtsp_client, require_rtsp
 from tests.runtime.onnx_graphs import write_artifact
 
 SESSION_MODULE = "reconad.runtime.line.session"  # inspect_stream
-CONFIG_MODULE = "reconad.runtime.line.loop"  # InspectConfig
+CONFIG_MODULE = "reconad.runtime.line.config"  # InspectConfig
 SOURCES_MODULE = "reconad.runtime.line.sources"  # SourceConfig
 
 DRIVER = f"""

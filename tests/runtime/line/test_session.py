@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from reconad.runtime.errors import ReconadError
-from reconad.runtime.line.loop import InspectConfig, run_inspection
+from reconad.runtime.line.config import InspectConfig
+from reconad.runtime.line.loop import run_inspection
 from reconad.runtime.line.mqtt import MqttConfig
 from reconad.runtime.line.session import build_sinks, inspect_stream
 from reconad.runtime.thresholds import Calibration, Threshold
