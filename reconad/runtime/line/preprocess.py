@@ -14,13 +14,14 @@ Two things make the workers background work:
 
 A background thread can be starved by another process's load, so the inference thread never waits on
 one for long: a frame whose preparation has not started when inference takes it is prepared on the
-inference thread itself; one that started but is not done within ``LATE_S`` is prepared again there
-(the worker's copy is discarded). Frames a live source drops are cancelled before anyone prepares them.
+inference thread itself; one that started is waited for about three times as long as a preparation
+usually takes (``late_after_s``), then prepared again there (the worker's copy is discarded). Frames a live source drops are cancelled before anyone prepares them.
 Written on ``concurrent.futures``; no library schedules work by CPU priority.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import threading
 import time
@@ -31,7 +32,9 @@ import numpy as np
 from reconad.runtime.frames import Roi, import_cv2, prepare_image
 from reconad.runtime.line.priority import background_thread
 
-LATE_S = 0.05  # a started preparation not done after this long is redone on the inference thread
+LATE_FACTOR = 3.0  # a started preparation is waited for this many times a typical one's duration...
+LATE_BOUNDS_S = (0.002, 0.05)  # ...within these bounds, then redone on the inference thread
+TIMED = 32  # recent preparations whose durations give the typical one
 
 _opencv_lock = threading.Lock()
 _opencv_users = 0
@@ -79,6 +82,7 @@ class FramePreparer:
         self.priority: str | None = None  # what the workers got: "idle", "nice 19" or None (set by the first one)
         self.inline = 0  # frames the inference thread prepared itself (their worker had not started them)
         self.late = 0  # frames prepared again because their worker was late
+        self._durations: collections.deque[float] = collections.deque(maxlen=TIMED)  # s, workers and inline
         if background:
             _single_threaded_opencv(True)
         self._closed = False
@@ -96,9 +100,20 @@ class FramePreparer:
         """
         started = time.perf_counter()
         prepared = prepare_image(image, self.input_hw, colour=colour, roi=self.roi)
+        elapsed_s = time.perf_counter() - started
+        self._durations.append(elapsed_s)
         if self.on_latency is not None:
-            self.on_latency((time.perf_counter() - started) * 1e3)
+            self.on_latency(elapsed_s * 1e3)
         return prepared
+
+    def late_after_s(self) -> float:
+        """How long ``result`` waits for a preparation a worker has started: ``LATE_FACTOR`` times a typical
+        one (the lower quartile of the last ``TIMED``, which a starved worker's stretched ones do not move),
+        within ``LATE_BOUNDS_S``; the upper bound until one has been timed. Seconds."""
+        durations = sorted(self._durations)
+        if not durations:
+            return LATE_BOUNDS_S[1]
+        return min(LATE_BOUNDS_S[1], max(LATE_BOUNDS_S[0], LATE_FACTOR * durations[len(durations) // 4]))
 
     def submit(self, image: np.ndarray, colour: str) -> concurrent.futures.Future:
         """Start preparing ``image`` on a worker; cancel the future to drop it unprepared."""
@@ -113,7 +128,7 @@ class FramePreparer:
             self.inline += 1
         else:
             try:
-                return future.result(timeout=LATE_S)
+                return future.result(timeout=self.late_after_s())
             except concurrent.futures.TimeoutError:
                 self.late += 1
         if self.on_inline is not None:

@@ -14,7 +14,7 @@ import reconad.runtime.line.preprocess as preprocess_module
 from reconad.runtime.frames import prepare_image
 from reconad.runtime.line.config import InspectConfig
 from reconad.runtime.line.loop import run_inspection
-from reconad.runtime.line.preprocess import LATE_S, FramePreparer
+from reconad.runtime.line.preprocess import LATE_BOUNDS_S, LATE_FACTOR, FramePreparer
 from tests.runtime.fakes import Collector, FakeInspector, ScriptedSource, gray_frame
 
 FRAME = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
@@ -53,7 +53,7 @@ def test_a_frame_no_worker_has_started_is_prepared_on_the_calling_thread():
             future = preparer.submit(FRAME, "BGR")
             started = time.perf_counter()
             image = preparer.result(future, FRAME, "BGR")
-            assert time.perf_counter() - started < LATE_S  # no waiting on the worker
+            assert time.perf_counter() - started < LATE_BOUNDS_S[0] + 0.01  # no waiting on the worker
             np.testing.assert_array_equal(image, prepare_image(FRAME, (16, 16), colour="BGR"))
             assert preparer.inline == 1 and future.cancelled()
     finally:
@@ -77,11 +77,25 @@ def test_a_worker_that_started_but_is_late_is_not_waited_for(monkeypatch):
                 time.sleep(0.001)
             started = time.perf_counter()
             image = preparer.result(future, FRAME, "RGB")
-            assert LATE_S <= time.perf_counter() - started < 1.0
+            assert LATE_BOUNDS_S[1] <= time.perf_counter() - started < 1.0  # nothing timed yet: the upper bound
             np.testing.assert_array_equal(image, prepare_image(FRAME, (16, 16), roi=(8, 8, 32, 24)))
             assert preparer.late == 1 and preparer.inline == 0
     finally:
         release.set()
+
+
+def test_a_started_preparation_is_waited_for_about_three_typical_durations():
+    with FramePreparer((16, 16), None, 1) as preparer:
+        assert preparer.late_after_s() == LATE_BOUNDS_S[1]  # nothing timed yet
+        preparer._durations.extend([0.004] * 24 + [0.9] * 8)  # a quarter stretched by starvation: not typical
+        assert preparer.late_after_s() == pytest.approx(LATE_FACTOR * 0.004)
+        preparer._durations.extend([0.0001] * 32)
+        assert preparer.late_after_s() == LATE_BOUNDS_S[0]
+        preparer._durations.extend([0.2] * 32)  # a large frame on a slow CPU: waited for, up to the bound
+        assert preparer.late_after_s() == LATE_BOUNDS_S[1]
+        for _ in range(4):
+            preparer.prepare(FRAME, "BGR")  # real preparations are timed
+        assert preparer.late_after_s() == LATE_BOUNDS_S[1] and len(preparer._durations) == 32
 
 
 def test_the_loop_inspects_every_frame_when_its_workers_never_run(monkeypatch):
