@@ -31,6 +31,7 @@ from reconad.runtime.frames import import_cv2, rgb_to_bgr
 
 FILE_FOURCCS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 DEFAULT_RTSP_PORT = 8554
+DISK_FULL_MB = 16  # less free than this when a video file is finished: the writer may have been cut short
 DEFAULT_RTSP_PATH = "/inspect"
 LOOPBACK = "127.0.0.1"
 GST_PACKAGES = (
@@ -165,8 +166,7 @@ class FileOutput(VideoOutput):
         self.uri = target.uri
         self.path = Path(target.path)
         self.fps = fps
-        if not self.path.parent.is_dir():
-            raise ReconadError(f"Cannot write {self.path}: the folder {self.path.parent} does not exist.")
+        _check_writable(self.path)
         self.partial = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix}")
         self._writer: Any = None
         self._shape: tuple[int, ...] | None = None
@@ -189,11 +189,12 @@ class FileOutput(VideoOutput):
             return
         self._writer.release()
         self._writer = None
-        # OpenCV's writer reports no write errors (a full disk included): read the file back before it
-        # gets the name asked for, so an unreadable video is never passed off as finished.
-        if self.frames_written and not _reads_back(self.partial):
-            free_mb = shutil.disk_usage(self.partial.parent).free / 1e6
-            why = " (the disk is full)" if free_mb < 16 else ""
+        # OpenCV's writer reports no write errors, a full disk included: an mp4 then lacks its index and
+        # does not open, an mkv or avi opens but ends early. The file is read back before it gets the
+        # name asked for (on a full disk, to its last frame), so a short video is never passed off as done.
+        full = shutil.disk_usage(self.partial.parent).free / 1e6 < DISK_FULL_MB
+        if self.frames_written and not _reads_back(self.partial, self.frames_written if full else None):
+            why = " (the disk is full)" if full else ""
             raise ReconadError(f"The video {self.partial} did not come out readable{why}; it keeps its partial name.")
         try:
             os.replace(self.partial, self.path)
@@ -201,11 +202,17 @@ class FileOutput(VideoOutput):
             raise ReconadError(f"Cannot finish {self.path}: {error.strerror}.") from None
 
 
-def _reads_back(path: Path) -> bool:
-    """Whether OpenCV's reader opens a finished video and decodes its first frame."""
+def _reads_back(path: Path, frames: int | None = None) -> bool:
+    """Whether OpenCV's reader opens a finished video and decodes its first frame; with ``frames``, also
+    that it holds that many (read to the end: only asked for on a full disk, about 2 ms a 720p frame)."""
     capture = import_cv2().VideoCapture(str(path))
     try:
-        return bool(capture.isOpened() and capture.read()[0])
+        if not (capture.isOpened() and capture.read()[0]):
+            return False
+        count = 1
+        while frames is not None and count < frames and capture.grab():
+            count += 1
+        return frames is None or count >= frames
     finally:
         capture.release()
 
@@ -462,20 +469,32 @@ def open_output(uri: str, fps: float = 30.0) -> VideoOutput:
 
 
 def check_output_files(uris: Sequence[str], source: str | None = None) -> None:
-    """Refuse, in one sentence, a video file named twice or the same file as the source (it would be
-    overwritten by the run that reads it)."""
+    """Refuse, in one sentence, a video file that cannot be written (its folder missing or read-only, a
+    folder of that name), named twice, or the same file as the source (it would be overwritten by the run
+    that reads it): before any model loads, not frame by frame once the run is going."""
     seen: dict[Path, str] = {}
     source_path = _resolved(source) if source else None
     for uri in uris:
         target = parse_output_uri(uri)
         if target.kind != "file":
             continue
+        _check_writable(Path(target.path))
         path = _resolved(str(target.path))
         if source_path is not None and path == source_path:
             raise ReconadError(f"The output {uri!r} is the source itself; write the video to another file.")
         if path in seen:
             raise ReconadError(f"The output file {uri!r} is named twice (also as {seen[path]!r}).")
         seen[path] = uri
+
+
+def _check_writable(path: Path) -> None:
+    folder = path.parent
+    if not folder.is_dir():
+        raise ReconadError(f"Cannot write {path}: the folder {folder} does not exist.")
+    if path.is_dir():
+        raise ReconadError(f"Cannot write {path}: it is a folder; name a video file.")
+    if not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only file system, for root too
+        raise ReconadError(f"Cannot write {path}: the folder {folder} is not writable here.")
 
 
 def _resolved(path: str) -> Path | None:

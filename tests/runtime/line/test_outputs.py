@@ -383,6 +383,62 @@ def test_a_video_that_did_not_come_out_readable_keeps_its_partial_name(tmp_path)
     assert output.partial.exists() and not (tmp_path / "line.mp4").exists()
 
 
+@pytest.mark.parametrize("suffix", [".mkv", ".avi"])
+def test_a_video_cut_short_by_a_full_disk_keeps_its_partial_name(tmp_path, monkeypatch, suffix):
+    """A newcomer's mkv/avi on a full 300 kB file system opened and held 18 of 80 frames, yet got its final
+    name with 0 errors (only the first frame was read back). On a full disk the file is read to its end."""
+    import shutil
+    from collections import namedtuple
+
+    import reconad.runtime.line.outputs as outputs_module
+
+    output = FileOutput(parse_output_uri(str(tmp_path / f"line{suffix}")), fps=10)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        output.write(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))  # noise: every frame is large
+    writer = output._writer
+
+    class CutShort:  # what a full disk leaves: the writer's last bytes never reached the file
+        def release(self):
+            writer.release()
+            os.truncate(output.partial, output.partial.stat().st_size // 3)
+
+    output._writer = CutShort()
+    usage = namedtuple("usage", "total used free")
+    real_disk_usage = shutil.disk_usage
+    monkeypatch.setattr(outputs_module.shutil, "disk_usage", lambda path: usage(1 << 20, 1 << 20, 0))
+    with pytest.raises(ReconadError, match=r"did not come out readable \(the disk is full\); it keeps its partial name\.$"):
+        output.close()
+    assert output.partial.exists() and not (tmp_path / f"line{suffix}").exists()
+    capture = cv2.VideoCapture(str(output.partial))
+    assert capture.read()[0]  # it opens and shows its first frame: the old check passed it
+    capture.release()
+
+    monkeypatch.setattr(outputs_module.shutil, "disk_usage", real_disk_usage)
+    whole = FileOutput(parse_output_uri(str(tmp_path / f"whole{suffix}")), fps=10)
+    for _ in range(30):
+        whole.write(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    monkeypatch.setattr(outputs_module.shutil, "disk_usage", lambda path: usage(1 << 20, 1 << 20, 0))
+    whole.close()  # complete, on a disk that is full now: read to its end, and named
+    assert (tmp_path / f"whole{suffix}").exists() and not whole.partial.exists()
+
+
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_run(tmp_path):
+    from reconad.runtime.line.outputs import check_output_files
+
+    with pytest.raises(ReconadError, match=r"the folder .*nowhere does not exist\.$"):
+        check_output_files([str(tmp_path / "nowhere" / "line.mp4")])
+    (tmp_path / "isdir.mp4").mkdir()
+    with pytest.raises(ReconadError, match=r"isdir\.mp4: it is a folder; name a video file\.$"):
+        check_output_files([str(tmp_path / "isdir.mp4")])
+    if os.geteuid() != 0:  # root writes through permission bits (a read-only mount refuses it too)
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(ReconadError, match="is not writable here"):
+            check_output_files([str(locked / "line.mp4")])
+    check_output_files([str(tmp_path / "line.mp4"), "rtsp://@:8554/x", "display://0"])
+
+
 def test_an_output_that_is_the_source_or_named_twice_is_refused(tmp_path):
     from reconad.runtime.line.outputs import check_output_files
 
