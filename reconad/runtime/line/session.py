@@ -225,6 +225,9 @@ def inspect_stream(
                                     num_threads=num_threads)  # fmt: skip
         with opened as inspector:
             summary["backend"] = inspector.backend.name
+            threads = getattr(inspector.backend, "num_threads", None)
+            if threads is not None or inspector.backend.name == "ort-cpu":  # what --num-threads applied
+                summary["num_threads"] = threads or "all cores"
             if server is not None:
                 if not inspector.calibrated:  # a serve server sends its threshold with every answer
                     report("No image threshold: is_anomalous is null; run recon-inspect calibrate or pass --threshold.")

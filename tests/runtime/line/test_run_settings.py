@@ -1,6 +1,8 @@
 """recon-inspect run --config FILE: every run option can come from a TOML file, flags win, unknown keys and
 wrong types are refused in one sentence naming the key."""
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,25 @@ def test_run_from_a_config_file_with_flags_on_top(tmp_path):
     verdicts = read_verdicts(out)  # --out and --threshold from the flags, the rest from the file
     assert verdicts["good/dark.png"]["threshold"] == 0.5 and not (tmp_path / "elsewhere").exists()
     assert verdicts["bad/bright.jpg"]["is_anomalous"] is True and verdicts["bad/bright.jpg"]["overlay"] is None
+
+
+@pytest.mark.parametrize("threads", [0, -1, 100000])
+def test_num_threads_from_a_config_file_is_checked_like_the_flag(tmp_path, threads):
+    """--num-threads 0 was refused, num_threads = 0 (or 1000) in a TOML file ran anyway (1000 threads on two
+    cores: 2.1 fps)."""
+    folder, artifact = image_folder(tmp_path), artifact_with_threshold(tmp_path)
+    config = tmp_path / "line.toml"
+    config.write_text(f'[run]\nsource = "{folder}"\nmodel = "{artifact}"\nnum_threads = {threads}\n')
+    result = runner.invoke(app, ["run", "--config", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"num_threads must be between 1 and the {len(os.sched_getaffinity(0))} cores this process can use, got {threads}." in result.output
+    assert "Traceback" not in result.output
+
+
+def test_summary_records_the_threads_inference_ran_with(tmp_path):
+    folder, artifact = image_folder(tmp_path), artifact_with_threshold(tmp_path)
+    for flags, expected in ((["--num-threads", "1"], 1), ([], "all cores")):
+        out = tmp_path / f"out{expected}"
+        result = runner.invoke(app, ["run", str(folder), "--model", str(artifact), "--out", str(out), "--overlays", "none", *flags])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "summary.json").read_text())["num_threads"] == expected
