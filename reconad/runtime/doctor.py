@@ -54,7 +54,7 @@ class Environment:
         pillow: Pillow's version.
         v4l2_devices: the ``/dev/video*`` device nodes, e.g. ``("/dev/video0",)``; None where not read (a
             recording made before this field existed).
-        gst: GStreamer's version as PyGObject imports it (``outputs.import_gst``), e.g. ``"1.22.0"``;
+        gst: GStreamer's version as PyGObject imports it (``line/gst.py``'s ``import_gst``), e.g. ``"1.22.0"``;
             ``gst_error`` says why it did not import. Both None: not read (an older recording).
         gst_rtsp_server: whether the GstRtspServer typelib loads; None where not read.
         gst_elements: whether each of ``doctor_outputs.GST_ELEMENTS`` exists, e.g. ``{"x264enc": True, ...}``;

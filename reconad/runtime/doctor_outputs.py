@@ -3,7 +3,7 @@
 ``probe_gstreamer`` reads GStreamer for Python (PyGObject), the GstRtspServer typelib, the elements the
 outputs' pipelines use and the desktop variables into the values of ``doctor.Environment``'s fields;
 ``diagnose_rtsp`` and ``diagnose_display`` judge them (pure, as ``doctor.diagnose``). The rules are
-``line/outputs.py``'s own: ``import_gst``, ``choose_h264_encoder``, ``GST_PACKAGES``. Video files
+``line/gst.py``'s own: ``import_gst``, ``choose_h264_encoder``, ``GST_PACKAGES``. Video files
 (OpenCV) are judged in ``doctor.py`` beside the sources.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from reconad.runtime.line.outputs import GST_PACKAGES, choose_h264_encoder, import_gst
+from reconad.runtime.line.gst import GST_PACKAGES, choose_h264_encoder, import_gst
 
 # What the outputs' pipelines use: the H.264 encoders (and Jetson's converter), the RTSP payloader,
 # the window sinks, and what every pipeline starts with.

@@ -175,7 +175,7 @@ def test_a_jetson_venv_without_jetpacks_python3_gi_is_told_how_to_see_it():
 
 
 def test_x86_without_pygobject_gets_the_packages_outputs_names():
-    from reconad.runtime.line.outputs import GST_PACKAGES
+    from reconad.runtime.line.gst import GST_PACKAGES
 
     env = x86_with_gstreamer(gst=None, gst_error="No module named 'gi'", gst_rtsp_server=None, gst_elements=None)
     findings = by_name(doctor.diagnose(env))
@@ -279,7 +279,7 @@ def test_without_pygobject_the_probe_reports_it_and_does_not_crash(monkeypatch):
 
 
 def test_the_report_and_its_json_carry_the_outputs():
-    from reconad.runtime.line.outputs import import_gst
+    from reconad.runtime.line.gst import import_gst
     from tests.runtime.line.services import require_gst_outputs
 
     require_gst_outputs()

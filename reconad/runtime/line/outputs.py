@@ -12,14 +12,12 @@ interface), encodes only while a client watches, and on Jetson uses the hardware
 from __future__ import annotations
 
 import abc
-import ctypes
 import dataclasses
 import ipaddress
 import os
 import shutil
-import sys
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,17 +26,13 @@ import numpy as np
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.frames import import_cv2, rgb_to_bgr
+from reconad.runtime.line.gst import appsrc_section, h264_encoder, import_gst
 
 FILE_FOURCCS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 DEFAULT_RTSP_PORT = 8554
 DEFAULT_RTSP_PATH = "/inspect"
 LOOPBACK = "127.0.0.1"
-GST_PACKAGES = (
-    "pip install 'reconad[gst]' (PyGObject; on Jetson use JetPack's python3-gi) and the GStreamer packages "
-    "gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-plugins-ugly"
-)
-# H.264 encoders, best first, with the elements each needs: Jetson's hardware encoder (JetPack), x264, OpenH264.
-H264_ENCODERS = {"nvv4l2h264enc": ("nvv4l2h264enc", "nvvidconv"), "x264enc": ("x264enc",), "openh264enc": ("openh264enc",)}
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,73 +204,6 @@ def _reads_back(path: Path) -> bool:
         capture.release()
 
 
-def _keep_gcc_unwinder() -> None:
-    """Put GCC's unwinder into the global symbol scope before GStreamer is loaded.
-
-    libgstreamer links libunwind, which also exports the ``_Unwind_*`` functions C++ exceptions are
-    thrown with; PyGObject loads libgstreamer globally, so without this a C++ exception raised later
-    by another library (ONNX Runtime refusing a corrupt model, once the onnx package is loaded) goes
-    through libunwind's copy and the process aborts.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libgcc_s.so.1", mode=ctypes.RTLD_GLOBAL)
-        except OSError:
-            pass  # not glibc/GCC (musl): nothing to protect
-
-
-def import_gst(feature: str, rtsp_server: bool = False) -> tuple[Any, Any, Any]:
-    """(Gst, GLib, GstRtspServer or None), initialised; a ``ReconadError`` naming what to install."""
-    _keep_gcc_unwinder()
-    try:
-        import gi
-
-        gi.require_version("Gst", "1.0")
-        if rtsp_server:
-            gi.require_version("GstRtspServer", "1.0")
-        from gi.repository import GLib, Gst
-
-        server = None
-        if rtsp_server:
-            from gi.repository import GstRtspServer as server
-    except (ImportError, ValueError) as error:  # kept as the cause: doctor reports it
-        raise ReconadError(f"{feature} needs GStreamer for Python: {GST_PACKAGES}.") from error
-    Gst.init(None)
-    return Gst, GLib, server
-
-
-def choose_h264_encoder(elements: Collection[str]) -> str | None:
-    """The ``H264_ENCODERS`` key an RTSP output uses given the GStreamer element names present, None if none."""
-    return next((encoder for encoder, needs in H264_ENCODERS.items() if set(needs) <= set(elements)), None)
-
-
-def h264_encoder(Gst: Any, fps: int, bitrate_kbps: int) -> str:
-    """The pipeline section RGB frames -> H.264, by ``choose_h264_encoder`` of this GStreamer's elements."""
-    encoder = choose_h264_encoder([name for needs in H264_ENCODERS.values() for name in needs if Gst.ElementFactory.find(name)])
-    if encoder == "nvv4l2h264enc":
-        return (
-            "nvvidconv ! video/x-raw(memory:NVMM),format=NV12 ! "
-            f"nvv4l2h264enc bitrate={bitrate_kbps * 1000} iframeinterval={fps} idrinterval={fps} insert-sps-pps=true"
-        )
-    if encoder == "x264enc":  # zerolatency: no B-frames, no lookahead: a frame leaves as soon as it is encoded
-        return (
-            "videoconvert ! video/x-raw,format=I420 ! "
-            f"x264enc tune=zerolatency speed-preset=ultrafast bitrate={bitrate_kbps} key-int-max={fps}"
-        )
-    if encoder == "openh264enc":
-        return f"videoconvert ! video/x-raw,format=I420 ! openh264enc bitrate={bitrate_kbps * 1000} gop-size={fps}"
-    raise ReconadError("An RTSP output needs an H.264 encoder in GStreamer: install gstreamer1.0-plugins-ugly (x264enc).")
-
-
-def _appsrc(width: int, height: int, fps: int) -> str:
-    # Live, timestamped on arrival, never blocking the writer: at most 2 frames wait, the oldest is dropped.
-    caps = f"video/x-raw,format=RGB,width={width},height={height},framerate={fps}/1"
-    return (
-        f'appsrc name=src is-live=true format=time do-timestamp=true block=false max-buffers=2 '
-        f'leaky-type=downstream caps="{caps}"'
-    )
-
-
 class RtspOutput(VideoOutput):
     """An RTSP server of ours (GStreamer rtsp-server, in-process) streaming the rendered frames as H.264.
 
@@ -320,7 +247,7 @@ class RtspOutput(VideoOutput):
     def _mount(self, shape: tuple[int, ...]) -> None:
         height, width = shape[:2]
         factory = self._GstRtspServer.RTSPMediaFactory.new()
-        factory.set_launch(f"( {_appsrc(width, height, self.fps)} ! {self.encoder} ! rtph264pay name=pay0 pt=96 config-interval=1 )")
+        factory.set_launch(f"( {appsrc_section(width, height, self.fps)} ! {self.encoder} ! rtph264pay name=pay0 pt=96 config-interval=1 )")
         factory.set_shared(True)
         factory.connect("media-configure", self._on_media_configure)
         self._server.get_mount_points().add_factory(self.target.mount, factory)
@@ -415,7 +342,7 @@ class DisplayOutput(VideoOutput):
         errors = []
         for sink in self.SINKS if os.environ.get("DISPLAY") else self.SINKS[:1]:
             try:
-                pipeline = Gst.parse_launch(f"{_appsrc(width, height, self.fps)} ! videoconvert ! {sink}")
+                pipeline = Gst.parse_launch(f"{appsrc_section(width, height, self.fps)} ! videoconvert ! {sink}")
             except Exception as error:  # GLib.Error: the element is not installed
                 errors.append(str(error))
                 continue

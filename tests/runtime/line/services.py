@@ -398,7 +398,7 @@ def require_display(workdir: Path) -> XvfbDisplay:
 def require_gst_outputs() -> None:
     """Our process must import GStreamer (PyGObject) for RTSP and display outputs."""
     from reconad.runtime.errors import ReconadError
-    from reconad.runtime.line.outputs import import_gst
+    from reconad.runtime.line.gst import import_gst
 
     try:
         import_gst("this test", rtsp_server=True)
