@@ -26,6 +26,7 @@ import numpy as np
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.frames import import_cv2, rgb_to_bgr
+from reconad.runtime.line.desktop import check_desktop, no_desktop_sentence
 from reconad.runtime.line.gst import appsrc_section, h264_encoder, import_gst
 
 FILE_FOURCCS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
@@ -315,19 +316,25 @@ class RtspOutput(VideoOutput):
 class DisplayOutput(VideoOutput):
     """A window on this machine's desktop (GStreamer autovideosink: X11, Wayland, or Jetson's EGL sink).
 
-    When the sink autovideosink picks cannot start (xvimagesink on an X server without the XVideo
-    extension: Xvfb, VNC, SSH-forwarded X, "Could not initialise X output"), plain ximagesink is tried.
-    Closing the window (or losing the display) makes the next ``write`` raise; the loop goes on.
+    The desktop must answer first (``line/desktop.py``): a ``DISPLAY`` with no X server behind it is
+    refused here, in one sentence, because autovideosink would otherwise try every sink it knows and
+    reach one that crashes the process (DirectFB's dfbvideosink). When the sink autovideosink picks
+    cannot start (xvimagesink on an X server without the XVideo extension: Xvfb, VNC, SSH-forwarded X,
+    "Could not initialise X output"), plain ximagesink is tried. Closing the window makes the next
+    ``write`` raise; the loop goes on (losing the X server ends the process: Xlib exits on it).
+
+    Raises:
+        ReconadError: no desktop answers, or GStreamer for Python does not import.
     """
 
     SINKS = ("autovideosink sync=false", "ximagesink sync=false")
 
     def __init__(self, target: OutputTarget, fps: float = 30.0) -> None:
-        if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-            raise ReconadError(
-                f"{target.uri} needs a desktop, but neither DISPLAY nor WAYLAND_DISPLAY is set "
-                "(watch from another machine with --output rtsp://0.0.0.0:8554/inspect)."
-            )
+        checks = check_desktop()
+        refused = no_desktop_sentence(target.uri, checks)
+        if refused is not None:
+            raise ReconadError(refused)
+        self._x11 = any(check.variable == "DISPLAY" and check.answers is not False for check in checks)
         self._Gst, _, _ = import_gst(f"--output {target.uri}")
         self.uri = target.uri
         self.fps = max(1, round(fps))
@@ -340,7 +347,7 @@ class DisplayOutput(VideoOutput):
         Gst = self._Gst
         height, width = shape[:2]
         errors = []
-        for sink in self.SINKS if os.environ.get("DISPLAY") else self.SINKS[:1]:
+        for sink in self.SINKS if self._x11 else self.SINKS[:1]:
             try:
                 pipeline = Gst.parse_launch(f"{appsrc_section(width, height, self.fps)} ! videoconvert ! {sink}")
             except Exception as error:  # GLib.Error: the element is not installed
