@@ -211,9 +211,35 @@ def test_a_display_needs_a_desktop_and_a_window_sink():
     assert not wayland.works and wayland.fixes == ("GStreamer lacks autovideosink: apt install gstreamer1.0-plugins-good.",)
 
 
+def test_a_desktop_that_does_not_answer_is_missing_with_the_sentence_the_output_refuses_with():
+    from reconad.runtime.line.desktop import DesktopCheck
+
+    dead = x86_with_gstreamer(desktop_checks=(DesktopCheck("DISPLAY", ":42", False, "no X server answers"),))
+    finding = by_name(doctor.diagnose(dead))["out:display"]
+    assert not finding.works and finding.detail == "GStreamer 1.22.0, desktop: DISPLAY=:42 (no X server answers)"
+    assert finding.fixes == ("display://0 needs a desktop, but no X server answers on DISPLAY=:42: start the X server "
+                             "or log in to the desktop, or watch from another machine with --output "
+                             "rtsp://0.0.0.0:8554/inspect.",)
+    alive = x86_with_gstreamer(desktop_checks=(DesktopCheck("DISPLAY", ":99", True, "answers"),))
+    finding = by_name(doctor.diagnose(alive))["out:display"]
+    assert finding.works and finding.detail.endswith("desktop: DISPLAY=:99 (answers)")
+    unknown = x86_with_gstreamer(desktop_checks=(DesktopCheck("DISPLAY", "host:10.0", None, "not checked: libX11 not found"),))
+    assert by_name(doctor.diagnose(unknown))["out:display"].works  # not refused where it could not be checked
+    assert doctor.Environment.from_dict(json.loads(json.dumps(dead.to_dict()))) == dead
+    older = by_name(doctor.diagnose(x86_with_gstreamer()))["out:display"]  # recorded before desktop_checks
+    assert older.works and older.detail.endswith("desktop: $DISPLAY (whether it answers: not recorded)")
+
+
+def test_the_file_output_lists_every_suffix_it_writes():
+    from reconad.runtime.line.outputs import FILE_FOURCCS
+
+    detail = by_name(doctor.diagnose(x86_with_gstreamer()))["out:file"].detail
+    assert detail.endswith("(.mp4 .m4v .mov .mkv .avi)") and set(FILE_FOURCCS) == {".mp4", ".m4v", ".mov", ".mkv", ".avi"}
+
+
 def test_a_recording_from_before_the_output_checks_still_loads():
     env = recorded("x86-gpu-server")  # no gst_* or desktop keys
-    assert env.gst is None and env.gst_elements is None and env.desktop is None
+    assert env.gst is None and env.gst_elements is None and env.desktop is None and env.desktop_checks is None
     findings = by_name(doctor.diagnose(env))
     assert findings["out:file"].works
     for name in ("out:rtsp", "out:display"):
@@ -236,7 +262,7 @@ def test_the_probe_agrees_with_what_the_outputs_open(tmp_path, monkeypatch):
     import numpy as np
 
     from reconad.runtime.line.outputs import open_output
-    from tests.runtime.line.services import free_port, require_display
+    from tests.runtime.line.services import free_port, require_display, unused_display
 
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     monkeypatch.delenv("DISPLAY", raising=False)
@@ -258,12 +284,17 @@ def test_the_probe_agrees_with_what_the_outputs_open(tmp_path, monkeypatch):
     assert findings["out:file"].works == opens(str(tmp_path / "line.mp4"), 3) == opens(str(tmp_path / "line.avi"), 3)
     assert findings["out:rtsp"].works == opens(f"rtsp://@:{free_port()}/inspect")
     assert not findings["out:display"].works and not opens("display://0")  # no desktop
+    monkeypatch.setenv("DISPLAY", unused_display())  # set, but no X server behind it
+    dead = by_name(doctor.diagnose(doctor.probe_environment()))["out:display"]
+    assert not dead.works and "(no X server answers)" in dead.detail and not opens("display://0")
     screen = require_display(tmp_path / "x")
     try:
         monkeypatch.setenv("DISPLAY", screen.display)
         env = doctor.probe_environment()
-        assert env.desktop == ("DISPLAY",)
-        assert by_name(doctor.diagnose(env))["out:display"].works == opens("display://0", 3)
+        assert env.desktop == ("DISPLAY",) and env.desktop_checks[0].answers is True
+        display = by_name(doctor.diagnose(env))["out:display"]
+        assert f"desktop: DISPLAY={screen.display} (answers)" in display.detail
+        assert display.works == opens("display://0", 3)
     finally:
         screen.stop()
 

@@ -18,8 +18,16 @@ from reconad.runtime.errors import ReconadError
 from reconad.runtime.line.render import VERDICT_COLOURS
 from reconad.runtime.line.priority import BACKGROUND_NICENESS as CHILD_NICENESS
 from reconad.runtime.line.render_process import RenderProcessSink
-from tests.runtime.line.services import free_port, require_ffmpeg_rtsp_client, require_gst_outputs, wait_until
+from tests.runtime.fakes import write_video
+from tests.runtime.line.services import (
+    free_port,
+    require_ffmpeg_rtsp_client,
+    require_gst_outputs,
+    unused_display,
+    wait_until,
+)
 from tests.runtime.line.test_outputs import inspection, near, read_frames
+from tests.runtime.onnx_graphs import write_artifact
 
 
 def decoded(path):
@@ -58,6 +66,34 @@ def test_the_child_renders_every_frame_into_every_file(tmp_path):
 def test_an_output_the_child_cannot_open_is_one_sentence(tmp_path):
     with pytest.raises(ReconadError, match=r"^Cannot write .*nope/a\.mp4: the folder .* does not exist\.$"):
         RenderProcessSink([str(tmp_path / "a.avi"), str(tmp_path / "nope" / "a.mp4")])
+
+
+def test_a_display_no_x_server_answers_is_refused_at_start_in_one_sentence(monkeypatch):
+    display = unused_display()
+    monkeypatch.setenv("DISPLAY", display)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    with pytest.raises(ReconadError, match=rf"^display://0 needs a desktop, but no X server answers on DISPLAY={display}: "
+                                           r"start the X server .* --output rtsp://0\.0\.0\.0:8554/inspect\.$"):
+        RenderProcessSink(["display://0"])  # the child opens it, refuses, and ends cleanly (no SIGSEGV)
+
+
+def test_a_run_whose_display_does_not_answer_exits_2_before_inspecting(tmp_path):
+    """Before: the render child crashed (SIGSEGV in autovideosink's dfbvideosink), every frame counted a
+    sink error and the run exited 0."""
+    display = unused_display()
+    artifact = write_artifact(tmp_path / "model")
+    video = write_video(tmp_path / "clip.avi", [np.full((48, 64, 3), 40 * n, np.uint8) for n in range(4)])
+    environment = {**{k: v for k, v in os.environ.items() if k != "WAYLAND_DISPLAY"}, "DISPLAY": display}
+    command = [sys.executable, "-c", "from reconad.runtime.cli import app; app()", "run", str(video),
+               "--model", str(artifact), "--no-threshold", "--backend", "ort-cpu", "--out", str(tmp_path / "out"),
+               "--output", "display://0", "--max-frames", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"display://0 needs a desktop, but no X server answers on DISPLAY={display}: start the X server or log in to "
+        "the desktop, or watch from another machine with --output rtsp://0.0.0.0:8554/inspect.")
+    assert "warning" not in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "out" / "verdicts.jsonl").read_text() == ""  # nothing was inspected
 
 
 def test_without_idle_the_child_runs_at_nice_19_under_the_normal_policy(tmp_path):
