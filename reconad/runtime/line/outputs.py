@@ -26,6 +26,7 @@ import numpy as np
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.frames import import_cv2, rgb_to_bgr
+from reconad.runtime.line.addresses import client_url
 from reconad.runtime.line.desktop import check_desktop, no_desktop_sentence
 from reconad.runtime.line.gst import appsrc_section, h264_encoder, import_gst
 
@@ -213,7 +214,9 @@ class RtspOutput(VideoOutput):
     client shares one encoder. Key frames each second let a new client start within a second.
 
     Attributes:
-        url: what clients open, e.g. ``rtsp://127.0.0.1:8554/inspect``.
+        url: what clients open (``client_url``), e.g. ``rtsp://127.0.0.1:8554/inspect``, or for a server
+            bound to every interface ``rtsp://HOSTNAME:8554/inspect``.
+        note: who can reach it and how to watch, for the run's ``streaming to`` line.
         frames_unwatched: frames that arrived while no client was connected.
     """
 
@@ -235,8 +238,7 @@ class RtspOutput(VideoOutput):
                 f"Cannot serve {target.uri}: {target.host}:{target.port} is in use or not an address of this machine."
             )
         self._server = server
-        host = f"[{target.host}]" if ":" in target.host else target.host
-        self.url = f"rtsp://{host}:{server.get_bound_port()}{target.mount}"
+        self.url, self.note = client_url(target.host, server.get_bound_port(), target.mount)
         self._lock = threading.Lock()
         self._appsrcs: list[Any] = []
         self._shape: tuple[int, ...] | None = None
