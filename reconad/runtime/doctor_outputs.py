@@ -15,14 +15,15 @@ from typing import Any
 
 from reconad.runtime.line.desktop import DESKTOP_VARIABLES, check_desktop, no_desktop_sentence
 from reconad.runtime.line.gst import GST_PACKAGES, choose_h264_encoder, import_gst
+from reconad.runtime.line.outputs import WAYLAND_SINKS, X11_SINKS, display_sinks
 
 # What the outputs' pipelines use: the H.264 encoders (and Jetson's converter), the RTSP payloader,
 # the window sinks, and what every pipeline starts with.
 GST_ELEMENTS = ("nvv4l2h264enc", "nvvidconv", "x264enc", "openh264enc", "rtph264pay", "autovideosink",
-                "ximagesink", "videoconvert", "appsrc")
+                "ximagesink", "waylandsink", "videoconvert", "appsrc")
 # The Debian/Ubuntu package of each element a fix may name (nvv4l2h264enc and nvvidconv come with JetPack).
 ELEMENT_PACKAGES = {"rtph264pay": "gstreamer1.0-plugins-good", "autovideosink": "gstreamer1.0-plugins-good",
-                    "ximagesink": "gstreamer1.0-x", "videoconvert": "gstreamer1.0-plugins-base",
+                    "ximagesink": "gstreamer1.0-x", "waylandsink": "gstreamer1.0-plugins-bad", "videoconvert": "gstreamer1.0-plugins-base",
                     "appsrc": "gstreamer1.0-plugins-base"}
 JETSON_GST = ("JetPack's python3-gi (apt install python3-gi) in a venv made with --system-site-packages, and "
               "apt install gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp")
@@ -109,7 +110,8 @@ def diagnose_rtsp(env: Any) -> tuple[str, bool, str, tuple[str, ...]]:
 
 
 def diagnose_display(env: Any) -> tuple[str, bool, str, tuple[str, ...]]:
-    """``--output display://0`` (autovideosink, ximagesink on X11): (name, works, detail, fixes).
+    """``--output display://0`` (``outputs.display_sinks``: autovideosink or ximagesink on X11,
+    waylandsink on Wayland alone): (name, works, detail, fixes).
 
     A desktop that does not answer (``env.desktop_checks``) gets the sentence ``DisplayOutput`` refuses
     the output with; a recording without those checks is judged by the variables alone.
@@ -125,7 +127,8 @@ def diagnose_display(env: Any) -> tuple[str, bool, str, tuple[str, ...]]:
         fixes.append(_gst_fix(env))
     else:
         present = _present(env)
-        sinks = ["autovideosink"] + (["ximagesink"] if "DISPLAY" in env.desktop else [])
+        sinks = list(display_sinks(env.desktop_checks) if env.desktop_checks is not None
+                     else X11_SINKS if "DISPLAY" in env.desktop else WAYLAND_SINKS)
         if not any(sink in present for sink in sinks):
             fixes += _missing_elements(present, sinks)
         fixes += _missing_elements(present, ["appsrc", "videoconvert"])

@@ -207,8 +207,12 @@ def test_a_display_needs_a_desktop_and_a_window_sink():
     assert "--output rtsp://0.0.0.0:8554/inspect" in headless.fixes[0] and "desktop: none" in headless.detail
     x11_plain = x86_with_gstreamer(gst_elements={**X86_GST, "autovideosink": False})
     assert by_name(doctor.diagnose(x11_plain))["out:display"].works  # DisplayOutput falls back to ximagesink
-    wayland = by_name(doctor.diagnose(dataclasses.replace(x11_plain, desktop=("WAYLAND_DISPLAY",))))["out:display"]
-    assert not wayland.works and wayland.fixes == ("GStreamer lacks autovideosink: apt install gstreamer1.0-plugins-good.",)
+    wayland_only = dataclasses.replace(x11_plain, desktop=("WAYLAND_DISPLAY",))
+    wayland = by_name(doctor.diagnose(wayland_only))["out:display"]
+    assert not wayland.works and wayland.fixes == (
+        "GStreamer lacks waylandsink, autovideosink: apt install gstreamer1.0-plugins-bad gstreamer1.0-plugins-good.",)
+    with_waylandsink = dataclasses.replace(wayland_only, gst_elements={**wayland_only.gst_elements, "waylandsink": True})
+    assert by_name(doctor.diagnose(with_waylandsink))["out:display"].works  # DisplayOutput uses waylandsink itself
 
 
 def test_a_desktop_that_does_not_answer_is_missing_with_the_sentence_the_output_refuses_with():

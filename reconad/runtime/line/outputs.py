@@ -27,7 +27,7 @@ import numpy as np
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.frames import import_cv2, rgb_to_bgr
 from reconad.runtime.line.addresses import client_url
-from reconad.runtime.line.desktop import check_desktop, no_desktop_sentence
+from reconad.runtime.line.desktop import DesktopCheck, check_desktop, no_desktop_sentence
 from reconad.runtime.line.gst import appsrc_section, h264_encoder, import_gst
 
 FILE_FOURCCS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
@@ -315,8 +315,25 @@ class RtspOutput(VideoOutput):
         self._source_id = 0
 
 
+X11_SINKS = ("autovideosink", "ximagesink")
+WAYLAND_SINKS = ("waylandsink", "autovideosink")
+
+
+def display_sinks(checks: Sequence[DesktopCheck]) -> tuple[str, ...]:
+    """The GStreamer sinks ``display://0`` tries, in order, for the desktop of ``checks`` that answers.
+
+    X11 (its X server answers, or could not be checked): ``X11_SINKS``. Wayland alone: waylandsink
+    itself, as autovideosink would try DirectFB's dfbvideosink first (same rank, sorted before it by
+    name), which crashes the process where it cannot start; autovideosink only where waylandsink is not
+    installed.
+    """
+    x11 = any(check.variable == "DISPLAY" and check.answers is not False for check in checks)
+    return X11_SINKS if x11 else WAYLAND_SINKS
+
+
 class DisplayOutput(VideoOutput):
-    """A window on this machine's desktop (GStreamer autovideosink: X11, Wayland, or Jetson's EGL sink).
+    """A window on this machine's desktop (GStreamer: autovideosink on X11, which finds Jetson's EGL sink
+    too; waylandsink on Wayland alone, ``display_sinks``).
 
     The desktop must answer first (``line/desktop.py``): a ``DISPLAY`` with no X server behind it is
     refused here, in one sentence, because autovideosink would otherwise try every sink it knows and
@@ -329,14 +346,12 @@ class DisplayOutput(VideoOutput):
         ReconadError: no desktop answers, or GStreamer for Python does not import.
     """
 
-    SINKS = ("autovideosink sync=false", "ximagesink sync=false")
-
     def __init__(self, target: OutputTarget, fps: float = 30.0) -> None:
         checks = check_desktop()
         refused = no_desktop_sentence(target.uri, checks)
         if refused is not None:
             raise ReconadError(refused)
-        self._x11 = any(check.variable == "DISPLAY" and check.answers is not False for check in checks)
+        self.sinks = display_sinks(checks)
         self._Gst, _, _ = import_gst(f"--output {target.uri}")
         self.uri = target.uri
         self.fps = max(1, round(fps))
@@ -349,9 +364,10 @@ class DisplayOutput(VideoOutput):
         Gst = self._Gst
         height, width = shape[:2]
         errors = []
-        for sink in self.SINKS if self._x11 else self.SINKS[:1]:
+        for sink in self.sinks:
             try:
-                pipeline = Gst.parse_launch(f"{appsrc_section(width, height, self.fps)} ! videoconvert ! {sink}")
+                launch = f"{appsrc_section(width, height, self.fps)} ! videoconvert ! {sink} sync=false"
+                pipeline = Gst.parse_launch(launch)
             except Exception as error:  # GLib.Error: the element is not installed
                 errors.append(str(error))
                 continue
@@ -360,6 +376,8 @@ class DisplayOutput(VideoOutput):
                 return
             errors.append(self._bus_error(pipeline) or "GStreamer refused")
             pipeline.set_state(Gst.State.NULL)
+            if self.sinks is WAYLAND_SINKS:
+                break  # waylandsink is there but cannot start: autovideosink would reach dfbvideosink
         raise ReconadError(f"Cannot open a window for {self.uri}: {errors[0]}.")
 
     def _bus_error(self, pipeline: Any) -> str | None:

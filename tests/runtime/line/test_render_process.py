@@ -23,6 +23,7 @@ from tests.runtime.line.services import (
     free_port,
     require_ffmpeg_rtsp_client,
     require_gst_outputs,
+    require_xvfb,
     unused_display,
     wait_until,
 )
@@ -94,6 +95,68 @@ def test_a_run_whose_display_does_not_answer_exits_2_before_inspecting(tmp_path)
         "the desktop, or watch from another machine with --output rtsp://0.0.0.0:8554/inspect.")
     assert "warning" not in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "out" / "verdicts.jsonl").read_text() == ""  # nothing was inspected
+
+
+def test_a_wayland_desktop_that_hangs_up_fails_in_one_sentence_without_a_crash(tmp_path, monkeypatch):
+    """On Wayland alone the window is waylandsink's: autovideosink would try DirectFB's dfbvideosink
+    first, which crashes (SIGSEGV) where it cannot start. The socket here accepts and hangs up at once,
+    as a compositor that is going away."""
+    import socket
+
+    from reconad.runtime.line.gst import import_gst
+
+    require_gst_outputs()
+    Gst, _, _ = import_gst("this test")
+    if Gst.ElementFactory.find("waylandsink") is None:
+        pytest.skip("needs GStreamer's waylandsink: apt install gstreamer1.0-plugins-bad")
+    compositor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    compositor.bind(str(tmp_path / "wayland-0"))
+    compositor.listen(8)
+
+    def hang_up():
+        while True:
+            try:
+                connection, _ = compositor.accept()
+            except OSError:  # closed: the test is over
+                return
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.setenv("WAYLAND_DISPLAY", str(tmp_path / "wayland-0"))
+    try:
+        sink = RenderProcessSink(["display://0"], fps=10)  # the socket accepts: the desktop answers
+        try:
+            with pytest.raises(ReconadError, match=r"^Cannot open a window for display://0: "):
+                sink.write(inspection(0, 0.9))
+            assert sink._process.is_alive()  # refused in a sentence, not crashed
+        finally:
+            sink.close()
+    finally:
+        compositor.close()
+
+
+def test_an_x_server_that_goes_away_mid_run_stops_the_window_with_one_failure(tmp_path, monkeypatch):
+    """Xlib ends the process that loses its X server (its fatal I/O error handler exits): the outputs
+    stop as for any child that dies, the parent goes on."""
+    require_gst_outputs()
+    screen = require_xvfb(tmp_path / "x")
+    monkeypatch.setenv("DISPLAY", screen.display)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    try:
+        sink = RenderProcessSink(["display://0"], fps=10)
+        for index in range(3):
+            assert sink.write(inspection(index, 0.9)) is True
+    finally:
+        screen.stop()
+    try:
+        assert wait_until(lambda: not sink._process.is_alive(), timeout_s=10)
+        with pytest.raises(ReconadError, match=r"^The video output process ended unexpectedly \(exit code "):
+            sink.write(inspection(3, 0.9))
+        assert sink.outputs[0].failed.startswith("the video output process ended unexpectedly")
+    finally:
+        with pytest.raises(ReconadError, match="ended early"):
+            sink.close()
 
 
 def test_without_idle_the_child_runs_at_nice_19_under_the_normal_policy(tmp_path):
