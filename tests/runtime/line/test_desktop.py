@@ -49,6 +49,8 @@ def test_without_libx11_a_remote_display_is_not_claimed_to_work():
     remote = check_x11("otherhost:10.0", library=NO_LIBX11)
     assert remote.answers is None and remote.detail.startswith("not checked: libX11 not found")
     assert desktop_problem([remote]) is None  # unknown: the output is tried, not refused
+    slow = check_x11(unused_display(), timeout_s=0.001)  # no answer in time (a starved probe): not claimed either way
+    assert slow == DesktopCheck("DISPLAY", slow.value, None, "not checked: no answer within 0.001 s")
 
 
 def test_wayland_needs_its_compositors_socket(tmp_path):
