@@ -20,6 +20,8 @@ from typing import Any
 
 from reconad.runtime import doctor_outputs
 from reconad.runtime.config import decode, encode
+from reconad.runtime.line.desktop import DesktopCheck
+from reconad.runtime.line.outputs import FILE_FOURCCS
 
 TARGETS = ("ort-cpu", "ort-cuda", "trt")
 SOURCE_KINDS = ("images", "video", "csi", "v4l2", "rtsp")
@@ -54,12 +56,15 @@ class Environment:
         pillow: Pillow's version.
         v4l2_devices: the ``/dev/video*`` device nodes, e.g. ``("/dev/video0",)``; None where not read (a
             recording made before this field existed).
-        gst: GStreamer's version as PyGObject imports it (``outputs.import_gst``), e.g. ``"1.22.0"``;
+        gst: GStreamer's version as PyGObject imports it (``line/gst.py``'s ``import_gst``), e.g. ``"1.22.0"``;
             ``gst_error`` says why it did not import. Both None: not read (an older recording).
         gst_rtsp_server: whether the GstRtspServer typelib loads; None where not read.
         gst_elements: whether each of ``doctor_outputs.GST_ELEMENTS`` exists, e.g. ``{"x264enc": True, ...}``;
             None where not read.
         desktop: which of DISPLAY and WAYLAND_DISPLAY are set, e.g. ``("DISPLAY",)``; None where not read.
+        desktop_checks: for each of them, its value and whether its X server or Wayland compositor
+            answers (``line/desktop.py``'s ``DesktopCheck``: variable, value, answers, detail); None where
+            not read (a recording made before this field existed).
     """
 
     python: str
@@ -90,6 +95,7 @@ class Environment:
     gst_rtsp_server: bool | None = None
     gst_elements: dict[str, bool] | None = None
     desktop: tuple[str, ...] | None = None
+    desktop_checks: tuple[DesktopCheck, ...] | None = None
 
     @property
     def is_jetson(self) -> bool:
@@ -334,8 +340,8 @@ def diagnose_output(env: Environment, kind: str) -> Finding:
     if env.opencv is not None and writer is None:
         fixes.append("Video files need OpenCV with FFmpeg or GStreamer video I/O: " + (
             "use JetPack's python3-opencv." if env.is_jetson else "pip install opencv-python-headless."))
-    detail = (f"OpenCV {env.opencv} VideoWriter through {writer or 'neither FFmpeg nor GStreamer'} (.mp4 .mkv .mov .avi)"
-              if env.opencv else "OpenCV not installed")
+    detail = (f"OpenCV {env.opencv} VideoWriter through {writer or 'neither FFmpeg nor GStreamer'} "
+              f"({' '.join(FILE_FOURCCS)})" if env.opencv else "OpenCV not installed")
     return Finding(kind, not fixes, detail, tuple(fixes))
 
 

@@ -1,9 +1,10 @@
 """``recon-inspect doctor`` for the GStreamer video outputs of ``recon-inspect run --output``.
 
 ``probe_gstreamer`` reads GStreamer for Python (PyGObject), the GstRtspServer typelib, the elements the
-outputs' pipelines use and the desktop variables into the values of ``doctor.Environment``'s fields;
+outputs' pipelines use, the desktop variables and whether their desktop answers
+(``line/desktop.py``, as ``DisplayOutput`` asks it) into the values of ``doctor.Environment``'s fields;
 ``diagnose_rtsp`` and ``diagnose_display`` judge them (pure, as ``doctor.diagnose``). The rules are
-``line/outputs.py``'s own: ``import_gst``, ``choose_h264_encoder``, ``GST_PACKAGES``. Video files
+``line/gst.py``'s own: ``import_gst``, ``choose_h264_encoder``, ``GST_PACKAGES``. Video files
 (OpenCV) are judged in ``doctor.py`` beside the sources.
 """
 
@@ -12,20 +13,20 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from reconad.runtime.line.outputs import GST_PACKAGES, choose_h264_encoder, import_gst
+from reconad.runtime.line.desktop import DESKTOP_VARIABLES, check_desktop, no_desktop_sentence
+from reconad.runtime.line.gst import GST_PACKAGES, choose_h264_encoder, import_gst
+from reconad.runtime.line.outputs import WAYLAND_SINKS, X11_SINKS, display_sinks
 
 # What the outputs' pipelines use: the H.264 encoders (and Jetson's converter), the RTSP payloader,
 # the window sinks, and what every pipeline starts with.
 GST_ELEMENTS = ("nvv4l2h264enc", "nvvidconv", "x264enc", "openh264enc", "rtph264pay", "autovideosink",
-                "ximagesink", "videoconvert", "appsrc")
-DESKTOP_VARIABLES = ("DISPLAY", "WAYLAND_DISPLAY")
+                "ximagesink", "waylandsink", "videoconvert", "appsrc")
 # The Debian/Ubuntu package of each element a fix may name (nvv4l2h264enc and nvvidconv come with JetPack).
 ELEMENT_PACKAGES = {"rtph264pay": "gstreamer1.0-plugins-good", "autovideosink": "gstreamer1.0-plugins-good",
-                    "ximagesink": "gstreamer1.0-x", "videoconvert": "gstreamer1.0-plugins-base",
+                    "ximagesink": "gstreamer1.0-x", "waylandsink": "gstreamer1.0-plugins-bad", "videoconvert": "gstreamer1.0-plugins-base",
                     "appsrc": "gstreamer1.0-plugins-base"}
 JETSON_GST = ("JetPack's python3-gi (apt install python3-gi) in a venv made with --system-site-packages, and "
               "apt install gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp")
-RTSP_INSTEAD = "watch from another machine with --output rtsp://0.0.0.0:8554/inspect instead"
 
 
 def _reason(error: BaseException) -> str:
@@ -36,12 +37,14 @@ def _reason(error: BaseException) -> str:
 
 
 def probe_gstreamer() -> dict[str, Any]:
-    """``gst``, ``gst_error``, ``gst_rtsp_server``, ``gst_elements`` and ``desktop`` of this process.
+    """``gst``, ``gst_error``, ``gst_rtsp_server``, ``gst_elements``, ``desktop`` and ``desktop_checks``
+    of this process.
 
     Never raises: GStreamer that does not import (no PyGObject, no typelib) is recorded in
     ``gst_error``, with ``gst_rtsp_server`` and ``gst_elements`` left None (not read).
     """
-    values: dict[str, Any] = {"desktop": tuple(name for name in DESKTOP_VARIABLES if os.environ.get(name))}
+    values: dict[str, Any] = {"desktop": tuple(name for name in DESKTOP_VARIABLES if os.environ.get(name)),
+                              "desktop_checks": check_desktop()}
     try:
         Gst, _, _ = import_gst("recon-inspect doctor")
     except Exception as error:  # ReconadError from an ImportError/ValueError, or Gst.init failing
@@ -107,22 +110,32 @@ def diagnose_rtsp(env: Any) -> tuple[str, bool, str, tuple[str, ...]]:
 
 
 def diagnose_display(env: Any) -> tuple[str, bool, str, tuple[str, ...]]:
-    """``--output display://0`` (autovideosink, ximagesink on X11): (name, works, detail, fixes)."""
+    """``--output display://0`` (``outputs.display_sinks``: autovideosink or ximagesink on X11,
+    waylandsink on Wayland alone): (name, works, detail, fixes).
+
+    A desktop that does not answer (``env.desktop_checks``) gets the sentence ``DisplayOutput`` refuses
+    the output with; a recording without those checks is judged by the variables alone.
+    """
     name = "out:display"
     if env.desktop is None or (env.gst is None and env.gst_error is None):
         return _not_read(name)
     fixes = []
-    if not env.desktop:
-        fixes.append(f"No desktop here (neither DISPLAY nor WAYLAND_DISPLAY is set): run on the machine's desktop, or "
-                     f"{RTSP_INSTEAD}.")
+    if env.desktop_checks is not None or not env.desktop:
+        refused = no_desktop_sentence("display://0", env.desktop_checks or ())
+        fixes += [refused] if refused is not None else []
     if env.gst is None:
         fixes.append(_gst_fix(env))
     else:
         present = _present(env)
-        sinks = ["autovideosink"] + (["ximagesink"] if "DISPLAY" in env.desktop else [])
+        sinks = list(display_sinks(env.desktop_checks) if env.desktop_checks is not None
+                     else X11_SINKS if "DISPLAY" in env.desktop else WAYLAND_SINKS)
         if not any(sink in present for sink in sinks):
             fixes += _missing_elements(present, sinks)
         fixes += _missing_elements(present, ["appsrc", "videoconvert"])
-    desktop = ", ".join(f"${variable}" for variable in env.desktop) or "none"
+    if env.desktop_checks is not None:
+        desktop = ", ".join(check.describe() for check in env.desktop_checks) or "none"
+    else:  # an older recording: which variables were set, not whether they answered
+        desktop = ", ".join(f"${variable}" for variable in env.desktop) + " (whether it answers: not recorded)" \
+            if env.desktop else "none"
     detail = f"GStreamer {env.gst or 'not importable'}, desktop: {desktop}"
     return name, not fixes, detail, tuple(fixes)

@@ -175,7 +175,7 @@ def test_a_jetson_venv_without_jetpacks_python3_gi_is_told_how_to_see_it():
 
 
 def test_x86_without_pygobject_gets_the_packages_outputs_names():
-    from reconad.runtime.line.outputs import GST_PACKAGES
+    from reconad.runtime.line.gst import GST_PACKAGES
 
     env = x86_with_gstreamer(gst=None, gst_error="No module named 'gi'", gst_rtsp_server=None, gst_elements=None)
     findings = by_name(doctor.diagnose(env))
@@ -207,13 +207,43 @@ def test_a_display_needs_a_desktop_and_a_window_sink():
     assert "--output rtsp://0.0.0.0:8554/inspect" in headless.fixes[0] and "desktop: none" in headless.detail
     x11_plain = x86_with_gstreamer(gst_elements={**X86_GST, "autovideosink": False})
     assert by_name(doctor.diagnose(x11_plain))["out:display"].works  # DisplayOutput falls back to ximagesink
-    wayland = by_name(doctor.diagnose(dataclasses.replace(x11_plain, desktop=("WAYLAND_DISPLAY",))))["out:display"]
-    assert not wayland.works and wayland.fixes == ("GStreamer lacks autovideosink: apt install gstreamer1.0-plugins-good.",)
+    wayland_only = dataclasses.replace(x11_plain, desktop=("WAYLAND_DISPLAY",))
+    wayland = by_name(doctor.diagnose(wayland_only))["out:display"]
+    assert not wayland.works and wayland.fixes == (
+        "GStreamer lacks waylandsink, autovideosink: apt install gstreamer1.0-plugins-bad gstreamer1.0-plugins-good.",)
+    with_waylandsink = dataclasses.replace(wayland_only, gst_elements={**wayland_only.gst_elements, "waylandsink": True})
+    assert by_name(doctor.diagnose(with_waylandsink))["out:display"].works  # DisplayOutput uses waylandsink itself
+
+
+def test_a_desktop_that_does_not_answer_is_missing_with_the_sentence_the_output_refuses_with():
+    from reconad.runtime.line.desktop import DesktopCheck
+
+    dead = x86_with_gstreamer(desktop_checks=(DesktopCheck("DISPLAY", ":42", False, "no X server answers"),))
+    finding = by_name(doctor.diagnose(dead))["out:display"]
+    assert not finding.works and finding.detail == "GStreamer 1.22.0, desktop: DISPLAY=:42 (no X server answers)"
+    assert finding.fixes == ("display://0 needs a desktop, but no X server answers on DISPLAY=:42: start the X server "
+                             "or log in to the desktop, or watch from another machine with --output "
+                             "rtsp://0.0.0.0:8554/inspect.",)
+    alive = x86_with_gstreamer(desktop_checks=(DesktopCheck("DISPLAY", ":99", True, "answers"),))
+    finding = by_name(doctor.diagnose(alive))["out:display"]
+    assert finding.works and finding.detail.endswith("desktop: DISPLAY=:99 (answers)")
+    unknown = x86_with_gstreamer(desktop_checks=(DesktopCheck("DISPLAY", "host:10.0", None, "not checked: libX11 not found"),))
+    assert by_name(doctor.diagnose(unknown))["out:display"].works  # not refused where it could not be checked
+    assert doctor.Environment.from_dict(json.loads(json.dumps(dead.to_dict()))) == dead
+    older = by_name(doctor.diagnose(x86_with_gstreamer()))["out:display"]  # recorded before desktop_checks
+    assert older.works and older.detail.endswith("desktop: $DISPLAY (whether it answers: not recorded)")
+
+
+def test_the_file_output_lists_every_suffix_it_writes():
+    from reconad.runtime.line.outputs import FILE_FOURCCS
+
+    detail = by_name(doctor.diagnose(x86_with_gstreamer()))["out:file"].detail
+    assert detail.endswith("(.mp4 .m4v .mov .mkv .avi)") and set(FILE_FOURCCS) == {".mp4", ".m4v", ".mov", ".mkv", ".avi"}
 
 
 def test_a_recording_from_before_the_output_checks_still_loads():
     env = recorded("x86-gpu-server")  # no gst_* or desktop keys
-    assert env.gst is None and env.gst_elements is None and env.desktop is None
+    assert env.gst is None and env.gst_elements is None and env.desktop is None and env.desktop_checks is None
     findings = by_name(doctor.diagnose(env))
     assert findings["out:file"].works
     for name in ("out:rtsp", "out:display"):
@@ -236,7 +266,7 @@ def test_the_probe_agrees_with_what_the_outputs_open(tmp_path, monkeypatch):
     import numpy as np
 
     from reconad.runtime.line.outputs import open_output
-    from tests.runtime.line.services import free_port, require_display
+    from tests.runtime.line.services import free_port, require_display, unused_display
 
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     monkeypatch.delenv("DISPLAY", raising=False)
@@ -258,12 +288,17 @@ def test_the_probe_agrees_with_what_the_outputs_open(tmp_path, monkeypatch):
     assert findings["out:file"].works == opens(str(tmp_path / "line.mp4"), 3) == opens(str(tmp_path / "line.avi"), 3)
     assert findings["out:rtsp"].works == opens(f"rtsp://@:{free_port()}/inspect")
     assert not findings["out:display"].works and not opens("display://0")  # no desktop
+    monkeypatch.setenv("DISPLAY", unused_display())  # set, but no X server behind it
+    dead = by_name(doctor.diagnose(doctor.probe_environment()))["out:display"]
+    assert not dead.works and "(no X server answers)" in dead.detail and not opens("display://0")
     screen = require_display(tmp_path / "x")
     try:
         monkeypatch.setenv("DISPLAY", screen.display)
         env = doctor.probe_environment()
-        assert env.desktop == ("DISPLAY",)
-        assert by_name(doctor.diagnose(env))["out:display"].works == opens("display://0", 3)
+        assert env.desktop == ("DISPLAY",) and env.desktop_checks[0].answers is True
+        display = by_name(doctor.diagnose(env))["out:display"]
+        assert f"desktop: DISPLAY={screen.display} (answers)" in display.detail
+        assert display.works == opens("display://0", 3)
     finally:
         screen.stop()
 
@@ -279,7 +314,7 @@ def test_without_pygobject_the_probe_reports_it_and_does_not_crash(monkeypatch):
 
 
 def test_the_report_and_its_json_carry_the_outputs():
-    from reconad.runtime.line.outputs import import_gst
+    from reconad.runtime.line.gst import import_gst
     from tests.runtime.line.services import require_gst_outputs
 
     require_gst_outputs()

@@ -107,6 +107,33 @@ def test_jsonl_on_a_full_disk_raises_enospc_and_the_loop_goes_on(tmp_path):
     assert "jsonl: 30 errors" in loop_result.stats.status_line()
 
 
+class StoppedSink:
+    """A sink whose every write fails with a sentence that ends in a period (as ReconadError's do)."""
+
+    name, queue_size = "stopped", 100
+
+    def accepts(self, result):
+        return True
+
+    def write(self, result):
+        raise ReconadError("The output process ended (exit code -11); the outputs stopped.")
+
+    def close(self):
+        pass
+
+
+def test_a_failing_sinks_warning_is_one_sentence_whatever_its_reason_ends_with(tmp_path):
+    config = InspectConfig(out=tmp_path, overlays="none", stats_interval_s=0, queue_size=100, blind_checks="never")
+    messages = []
+    loop_result = run_inspection(ScriptedSource([gray_frame(n) for n in range(5)]), FakeInspector(), config,
+                                 [StoppedSink()], report=messages.append, handle_signals=False)
+    assert loop_result.exit_code == 0 and loop_result.stats.sinks["stopped"].errors == 5
+    assert [line for line in messages if "sink stopped" in line] == [
+        "warning: sink stopped failed: The output process ended (exit code -11); the outputs stopped; the loop goes on."
+    ]
+    assert not any(".;" in line or ".." in line for line in messages)
+
+
 def test_overlay_plan_names_rate_limit_and_modes(tmp_path):
     by_index = OverlaySink(tmp_path, min_interval_s=3600)
     assert by_index.plan(7, "cam#7", False) is None

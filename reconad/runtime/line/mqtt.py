@@ -421,4 +421,4 @@ class MqttSink:
     def _record_error(self, message: str) -> None:
         with self._condition:
             self._last_error = message
-        self._warn(f"warning: {message}.")
+        self._warn(f"warning: {message.removesuffix('.')}.")

@@ -12,14 +12,12 @@ interface), encodes only while a client watches, and on Jetson uses the hardware
 from __future__ import annotations
 
 import abc
-import ctypes
 import dataclasses
 import ipaddress
 import os
 import shutil
-import sys
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,18 +26,16 @@ import numpy as np
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.frames import import_cv2, rgb_to_bgr
+from reconad.runtime.line.addresses import client_url
+from reconad.runtime.line.desktop import DesktopCheck, check_desktop, no_desktop_sentence
+from reconad.runtime.line.gst import appsrc_section, h264_encoder, import_gst
 
 FILE_FOURCCS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 DEFAULT_RTSP_PORT = 8554
 DISK_FULL_MB = 16  # less free than this when a video file is finished: the writer may have been cut short
 DEFAULT_RTSP_PATH = "/inspect"
 LOOPBACK = "127.0.0.1"
-GST_PACKAGES = (
-    "pip install 'reconad[gst]' (PyGObject; on Jetson use JetPack's python3-gi) and the GStreamer packages "
-    "gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-plugins-ugly"
-)
-# H.264 encoders, best first, with the elements each needs: Jetson's hardware encoder (JetPack), x264, OpenH264.
-H264_ENCODERS = {"nvv4l2h264enc": ("nvv4l2h264enc", "nvvidconv"), "x264enc": ("x264enc",), "openh264enc": ("openh264enc",)}
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,73 +213,6 @@ def _reads_back(path: Path, frames: int | None = None) -> bool:
         capture.release()
 
 
-def _keep_gcc_unwinder() -> None:
-    """Put GCC's unwinder into the global symbol scope before GStreamer is loaded.
-
-    libgstreamer links libunwind, which also exports the ``_Unwind_*`` functions C++ exceptions are
-    thrown with; PyGObject loads libgstreamer globally, so without this a C++ exception raised later
-    by another library (ONNX Runtime refusing a corrupt model, once the onnx package is loaded) goes
-    through libunwind's copy and the process aborts.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libgcc_s.so.1", mode=ctypes.RTLD_GLOBAL)
-        except OSError:
-            pass  # not glibc/GCC (musl): nothing to protect
-
-
-def import_gst(feature: str, rtsp_server: bool = False) -> tuple[Any, Any, Any]:
-    """(Gst, GLib, GstRtspServer or None), initialised; a ``ReconadError`` naming what to install."""
-    _keep_gcc_unwinder()
-    try:
-        import gi
-
-        gi.require_version("Gst", "1.0")
-        if rtsp_server:
-            gi.require_version("GstRtspServer", "1.0")
-        from gi.repository import GLib, Gst
-
-        server = None
-        if rtsp_server:
-            from gi.repository import GstRtspServer as server
-    except (ImportError, ValueError) as error:  # kept as the cause: doctor reports it
-        raise ReconadError(f"{feature} needs GStreamer for Python: {GST_PACKAGES}.") from error
-    Gst.init(None)
-    return Gst, GLib, server
-
-
-def choose_h264_encoder(elements: Collection[str]) -> str | None:
-    """The ``H264_ENCODERS`` key an RTSP output uses given the GStreamer element names present, None if none."""
-    return next((encoder for encoder, needs in H264_ENCODERS.items() if set(needs) <= set(elements)), None)
-
-
-def h264_encoder(Gst: Any, fps: int, bitrate_kbps: int) -> str:
-    """The pipeline section RGB frames -> H.264, by ``choose_h264_encoder`` of this GStreamer's elements."""
-    encoder = choose_h264_encoder([name for needs in H264_ENCODERS.values() for name in needs if Gst.ElementFactory.find(name)])
-    if encoder == "nvv4l2h264enc":
-        return (
-            "nvvidconv ! video/x-raw(memory:NVMM),format=NV12 ! "
-            f"nvv4l2h264enc bitrate={bitrate_kbps * 1000} iframeinterval={fps} idrinterval={fps} insert-sps-pps=true"
-        )
-    if encoder == "x264enc":  # zerolatency: no B-frames, no lookahead: a frame leaves as soon as it is encoded
-        return (
-            "videoconvert ! video/x-raw,format=I420 ! "
-            f"x264enc tune=zerolatency speed-preset=ultrafast bitrate={bitrate_kbps} key-int-max={fps}"
-        )
-    if encoder == "openh264enc":
-        return f"videoconvert ! video/x-raw,format=I420 ! openh264enc bitrate={bitrate_kbps * 1000} gop-size={fps}"
-    raise ReconadError("An RTSP output needs an H.264 encoder in GStreamer: install gstreamer1.0-plugins-ugly (x264enc).")
-
-
-def _appsrc(width: int, height: int, fps: int) -> str:
-    # Live, timestamped on arrival, never blocking the writer: at most 2 frames wait, the oldest is dropped.
-    caps = f"video/x-raw,format=RGB,width={width},height={height},framerate={fps}/1"
-    return (
-        f'appsrc name=src is-live=true format=time do-timestamp=true block=false max-buffers=2 '
-        f'leaky-type=downstream caps="{caps}"'
-    )
-
-
 class RtspOutput(VideoOutput):
     """An RTSP server of ours (GStreamer rtsp-server, in-process) streaming the rendered frames as H.264.
 
@@ -292,7 +221,9 @@ class RtspOutput(VideoOutput):
     client shares one encoder. Key frames each second let a new client start within a second.
 
     Attributes:
-        url: what clients open, e.g. ``rtsp://127.0.0.1:8554/inspect``.
+        url: what clients open (``client_url``), e.g. ``rtsp://127.0.0.1:8554/inspect``, or for a server
+            bound to every interface ``rtsp://HOSTNAME:8554/inspect``.
+        note: who can reach it and how to watch, for the run's ``streaming to`` line.
         frames_unwatched: frames that arrived while no client was connected.
     """
 
@@ -314,8 +245,7 @@ class RtspOutput(VideoOutput):
                 f"Cannot serve {target.uri}: {target.host}:{target.port} is in use or not an address of this machine."
             )
         self._server = server
-        host = f"[{target.host}]" if ":" in target.host else target.host
-        self.url = f"rtsp://{host}:{server.get_bound_port()}{target.mount}"
+        self.url, self.note = client_url(target.host, server.get_bound_port(), target.mount)
         self._lock = threading.Lock()
         self._appsrcs: list[Any] = []
         self._shape: tuple[int, ...] | None = None
@@ -327,7 +257,7 @@ class RtspOutput(VideoOutput):
     def _mount(self, shape: tuple[int, ...]) -> None:
         height, width = shape[:2]
         factory = self._GstRtspServer.RTSPMediaFactory.new()
-        factory.set_launch(f"( {_appsrc(width, height, self.fps)} ! {self.encoder} ! rtph264pay name=pay0 pt=96 config-interval=1 )")
+        factory.set_launch(f"( {appsrc_section(width, height, self.fps)} ! {self.encoder} ! rtph264pay name=pay0 pt=96 config-interval=1 )")
         factory.set_shared(True)
         factory.connect("media-configure", self._on_media_configure)
         self._server.get_mount_points().add_factory(self.target.mount, factory)
@@ -392,22 +322,43 @@ class RtspOutput(VideoOutput):
         self._source_id = 0
 
 
-class DisplayOutput(VideoOutput):
-    """A window on this machine's desktop (GStreamer autovideosink: X11, Wayland, or Jetson's EGL sink).
+X11_SINKS = ("autovideosink", "ximagesink")
+WAYLAND_SINKS = ("waylandsink", "autovideosink")
 
-    When the sink autovideosink picks cannot start (xvimagesink on an X server without the XVideo
-    extension: Xvfb, VNC, SSH-forwarded X, "Could not initialise X output"), plain ximagesink is tried.
-    Closing the window (or losing the display) makes the next ``write`` raise; the loop goes on.
+
+def display_sinks(checks: Sequence[DesktopCheck]) -> tuple[str, ...]:
+    """The GStreamer sinks ``display://0`` tries, in order, for the desktop of ``checks`` that answers.
+
+    X11 (its X server answers, or could not be checked): ``X11_SINKS``. Wayland alone: waylandsink
+    itself, as autovideosink would try DirectFB's dfbvideosink first (same rank, sorted before it by
+    name), which crashes the process where it cannot start; autovideosink only where waylandsink is not
+    installed.
+    """
+    x11 = any(check.variable == "DISPLAY" and check.answers is not False for check in checks)
+    return X11_SINKS if x11 else WAYLAND_SINKS
+
+
+class DisplayOutput(VideoOutput):
+    """A window on this machine's desktop (GStreamer: autovideosink on X11, which finds Jetson's EGL sink
+    too; waylandsink on Wayland alone, ``display_sinks``).
+
+    The desktop must answer first (``line/desktop.py``): a ``DISPLAY`` with no X server behind it is
+    refused here, in one sentence, because autovideosink would otherwise try every sink it knows and
+    reach one that crashes the process (DirectFB's dfbvideosink). When the sink autovideosink picks
+    cannot start (xvimagesink on an X server without the XVideo extension: Xvfb, VNC, SSH-forwarded X,
+    "Could not initialise X output"), plain ximagesink is tried. Closing the window makes the next
+    ``write`` raise; the loop goes on (losing the X server ends the process: Xlib exits on it).
+
+    Raises:
+        ReconadError: no desktop answers, or GStreamer for Python does not import.
     """
 
-    SINKS = ("autovideosink sync=false", "ximagesink sync=false")
-
     def __init__(self, target: OutputTarget, fps: float = 30.0) -> None:
-        if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-            raise ReconadError(
-                f"{target.uri} needs a desktop, but neither DISPLAY nor WAYLAND_DISPLAY is set "
-                "(watch from another machine with --output rtsp://0.0.0.0:8554/inspect)."
-            )
+        checks = check_desktop()
+        refused = no_desktop_sentence(target.uri, checks)
+        if refused is not None:
+            raise ReconadError(refused)
+        self.sinks = display_sinks(checks)
         self._Gst, _, _ = import_gst(f"--output {target.uri}")
         self.uri = target.uri
         self.fps = max(1, round(fps))
@@ -420,9 +371,10 @@ class DisplayOutput(VideoOutput):
         Gst = self._Gst
         height, width = shape[:2]
         errors = []
-        for sink in self.SINKS if os.environ.get("DISPLAY") else self.SINKS[:1]:
+        for sink in self.sinks:
             try:
-                pipeline = Gst.parse_launch(f"{_appsrc(width, height, self.fps)} ! videoconvert ! {sink}")
+                launch = f"{appsrc_section(width, height, self.fps)} ! videoconvert ! {sink} sync=false"
+                pipeline = Gst.parse_launch(launch)
             except Exception as error:  # GLib.Error: the element is not installed
                 errors.append(str(error))
                 continue
@@ -431,6 +383,8 @@ class DisplayOutput(VideoOutput):
                 return
             errors.append(self._bus_error(pipeline) or "GStreamer refused")
             pipeline.set_state(Gst.State.NULL)
+            if self.sinks is WAYLAND_SINKS:
+                break  # waylandsink is there but cannot start: autovideosink would reach dfbvideosink
         raise ReconadError(f"Cannot open a window for {self.uri}: {errors[0]}.")
 
     def _bus_error(self, pipeline: Any) -> str | None:

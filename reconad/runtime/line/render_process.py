@@ -44,20 +44,21 @@ CLOSE_TIMEOUT_S = 30.0  # finishing a file or an RTSP server
 @dataclasses.dataclass(frozen=True)
 class OutputState:
     """What the parent knows of one output in the child: ``uri``, ``frames_written``, for an RTSP output
-    the ``url`` clients open, and ``failed`` once the render process is gone (what ``summary.json``
-    reports)."""
+    the ``url`` clients open and the ``note`` on who can reach it, and ``failed`` once the render process
+    is gone (what ``summary.json`` reports)."""
 
     uri: str
     frames_written: int = 0
     url: str | None = None
+    note: str | None = None
     failed: str | None = None  # why the output stopped (the render process ended), else None
 
 
 def _state(sink: Any) -> dict[str, Any]:
     return {
         "wants_frames": any(getattr(output, "wants_frames", True) for output in sink.outputs),
-        "outputs": [OutputState(output.uri, output.frames_written, getattr(output, "url", None))
-                    for output in sink.outputs],
+        "outputs": [OutputState(output.uri, output.frames_written, getattr(output, "url", None),
+                                getattr(output, "note", None)) for output in sink.outputs],
         "render_ms": sink.render_ms,
     }
 

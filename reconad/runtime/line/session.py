@@ -264,8 +264,9 @@ def inspect_stream(
                 raise
             for sink in sinks:
                 for output in getattr(sink, "outputs", ()):
-                    if getattr(output, "url", None):
-                        report(f"streaming to {output.url}")
+                    if getattr(output, "url", None):  # e.g. "rtsp://HOST:8554/inspect (listening on all ...)"
+                        note = getattr(output, "note", None)
+                        report(f"streaming to {output.url}" + (f" ({note})" if note else ""))
 
             def progress(snapshot: StatsSnapshot) -> None:
                 _write_summary(config.out, _progress(summary, sinks, snapshot, running=True), report)

@@ -393,7 +393,8 @@ class SinkWorker:
                     except Exception as error:  # a sink must never take the loop down
                         reason = describe_error(error)
                         self._stats.update_sink(name, errors=1, last_error=reason)
-                        self._warn(f"sink:{name}", f"warning: sink {name} failed: {reason}; the loop goes on.")
+                        self._warn(f"sink:{name}",
+                                   f"warning: sink {name} failed: {reason.removesuffix('.')}; the loop goes on.")
                         continue
                     self._stats.update_sink(name, **({"written": 1} if written else {"skipped": 1}))
                     self._stats.add_latency(f"sink:{name}", (time.perf_counter() - started) * 1e3)

@@ -387,18 +387,32 @@ class XvfbDisplay(ChildService):
         return cv2.imread(str(path))[:, :, ::-1]
 
 
-def require_display(workdir: Path) -> XvfbDisplay:
+def require_xvfb(workdir: Path) -> XvfbDisplay:
+    """A real X server (Xvfb) on a display number it picks free itself; skips where Xvfb is absent."""
     if shutil.which("Xvfb") is None:
         pytest.skip("needs a virtual X server: apt-get install xvfb gstreamer1.0-x")
+    return XvfbDisplay(workdir).start()
+
+
+def require_display(workdir: Path) -> XvfbDisplay:
+    """``require_xvfb`` whose screen can be read back (ffmpeg's x11grab)."""
     if shutil.which("ffmpeg") is None:
         pytest.skip("needs ffmpeg (x11grab) to read the screen back: apt-get install ffmpeg")
-    return XvfbDisplay(workdir).start()
+    return require_xvfb(workdir)
+
+
+def unused_display() -> str:
+    """A ``DISPLAY`` value no X server answers on: a number with neither a socket nor a lock file."""
+    for number in range(420, 1000):
+        if not Path(f"/tmp/.X11-unix/X{number}").exists() and not Path(f"/tmp/.X{number}-lock").exists():
+            return f":{number}"
+    pytest.skip("every display number from 420 to 999 is taken")
 
 
 def require_gst_outputs() -> None:
     """Our process must import GStreamer (PyGObject) for RTSP and display outputs."""
     from reconad.runtime.errors import ReconadError
-    from reconad.runtime.line.outputs import import_gst
+    from reconad.runtime.line.gst import import_gst
 
     try:
         import_gst("this test", rtsp_server=True)

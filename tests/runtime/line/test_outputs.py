@@ -15,16 +15,8 @@ import pytest
 
 from reconad.runtime.errors import ReconadError
 from reconad.runtime.inspector import Verdict
-from reconad.runtime.line.outputs import (
-    FileOutput,
-    OutputTarget,
-    choose_h264_encoder,
-    h264_encoder,
-    import_gst,
-    open_output,
-    open_outputs,
-    parse_output_uri,
-)
+from reconad.runtime.line.gst import choose_h264_encoder, h264_encoder, import_gst
+from reconad.runtime.line.outputs import FileOutput, OutputTarget, open_output, open_outputs, parse_output_uri
 from reconad.runtime.line.render import VERDICT_COLOURS
 from reconad.runtime.line.video_sink import VideoOutputSink
 from reconad.runtime.line.sinks import InspectionResult

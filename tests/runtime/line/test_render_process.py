@@ -18,8 +18,17 @@ from reconad.runtime.errors import ReconadError
 from reconad.runtime.line.render import VERDICT_COLOURS
 from reconad.runtime.line.priority import BACKGROUND_NICENESS as CHILD_NICENESS
 from reconad.runtime.line.render_process import RenderProcessSink
-from tests.runtime.line.services import free_port, require_ffmpeg_rtsp_client, require_gst_outputs, wait_until
+from tests.runtime.fakes import write_video
+from tests.runtime.line.services import (
+    free_port,
+    require_ffmpeg_rtsp_client,
+    require_gst_outputs,
+    require_xvfb,
+    unused_display,
+    wait_until,
+)
 from tests.runtime.line.test_outputs import inspection, near, read_frames
+from tests.runtime.onnx_graphs import write_artifact
 
 
 def decoded(path):
@@ -58,6 +67,96 @@ def test_the_child_renders_every_frame_into_every_file(tmp_path):
 def test_an_output_the_child_cannot_open_is_one_sentence(tmp_path):
     with pytest.raises(ReconadError, match=r"^Cannot write .*nope/a\.mp4: the folder .* does not exist\.$"):
         RenderProcessSink([str(tmp_path / "a.avi"), str(tmp_path / "nope" / "a.mp4")])
+
+
+def test_a_display_no_x_server_answers_is_refused_at_start_in_one_sentence(monkeypatch):
+    display = unused_display()
+    monkeypatch.setenv("DISPLAY", display)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    with pytest.raises(ReconadError, match=rf"^display://0 needs a desktop, but no X server answers on DISPLAY={display}: "
+                                           r"start the X server .* --output rtsp://0\.0\.0\.0:8554/inspect\.$"):
+        RenderProcessSink(["display://0"])  # the child opens it, refuses, and ends cleanly (no SIGSEGV)
+
+
+def test_a_run_whose_display_does_not_answer_exits_2_before_inspecting(tmp_path):
+    """Before: the render child crashed (SIGSEGV in autovideosink's dfbvideosink), every frame counted a
+    sink error and the run exited 0."""
+    display = unused_display()
+    artifact = write_artifact(tmp_path / "model")
+    video = write_video(tmp_path / "clip.avi", [np.full((48, 64, 3), 40 * n, np.uint8) for n in range(4)])
+    environment = {**{k: v for k, v in os.environ.items() if k != "WAYLAND_DISPLAY"}, "DISPLAY": display}
+    command = [sys.executable, "-c", "from reconad.runtime.cli import app; app()", "run", str(video),
+               "--model", str(artifact), "--no-threshold", "--backend", "ort-cpu", "--out", str(tmp_path / "out"),
+               "--output", "display://0", "--max-frames", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"display://0 needs a desktop, but no X server answers on DISPLAY={display}: start the X server or log in to "
+        "the desktop, or watch from another machine with --output rtsp://0.0.0.0:8554/inspect.")
+    assert "warning" not in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "out" / "verdicts.jsonl").read_text() == ""  # nothing was inspected
+
+
+def test_a_wayland_desktop_that_hangs_up_fails_in_one_sentence_without_a_crash(tmp_path, monkeypatch):
+    """On Wayland alone the window is waylandsink's: autovideosink would try DirectFB's dfbvideosink
+    first, which crashes (SIGSEGV) where it cannot start. The socket here accepts and hangs up at once,
+    as a compositor that is going away."""
+    import socket
+
+    from reconad.runtime.line.gst import import_gst
+
+    require_gst_outputs()
+    Gst, _, _ = import_gst("this test")
+    if Gst.ElementFactory.find("waylandsink") is None:
+        pytest.skip("needs GStreamer's waylandsink: apt install gstreamer1.0-plugins-bad")
+    compositor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    compositor.bind(str(tmp_path / "wayland-0"))
+    compositor.listen(8)
+
+    def hang_up():
+        while True:
+            try:
+                connection, _ = compositor.accept()
+            except OSError:  # closed: the test is over
+                return
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.setenv("WAYLAND_DISPLAY", str(tmp_path / "wayland-0"))
+    try:
+        sink = RenderProcessSink(["display://0"], fps=10)  # the socket accepts: the desktop answers
+        try:
+            with pytest.raises(ReconadError, match=r"^Cannot open a window for display://0: "):
+                sink.write(inspection(0, 0.9))
+            assert sink._process.is_alive()  # refused in a sentence, not crashed
+        finally:
+            sink.close()
+    finally:
+        compositor.close()
+
+
+def test_an_x_server_that_goes_away_mid_run_stops_the_window_with_one_failure(tmp_path, monkeypatch):
+    """Xlib ends the process that loses its X server (its fatal I/O error handler exits): the outputs
+    stop as for any child that dies, the parent goes on."""
+    require_gst_outputs()
+    screen = require_xvfb(tmp_path / "x")
+    monkeypatch.setenv("DISPLAY", screen.display)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    try:
+        sink = RenderProcessSink(["display://0"], fps=10)
+        for index in range(3):
+            assert sink.write(inspection(index, 0.9)) is True
+    finally:
+        screen.stop()
+    try:
+        assert wait_until(lambda: not sink._process.is_alive(), timeout_s=10)
+        with pytest.raises(ReconadError, match=r"^The video output process ended unexpectedly \(exit code "):
+            sink.write(inspection(3, 0.9))
+        assert sink.outputs[0].failed.startswith("the video output process ended unexpectedly")
+    finally:
+        with pytest.raises(ReconadError, match="ended early"):
+            sink.close()
 
 
 def test_without_idle_the_child_runs_at_nice_19_under_the_normal_policy(tmp_path):

@@ -89,7 +89,8 @@ def test_run_with_every_output_on_a_live_rtsp_stream(tmp_path):
         broker.stop()
     assert process.returncode == 0, stderr[-3000:]
     assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in stderr
-    assert f"streaming to rtsp://127.0.0.1:{output_port}/inspect" in stderr
+    assert (f"streaming to rtsp://127.0.0.1:{output_port}/inspect (reachable from this machine only; watch with "
+            "ffplay or VLC)") in stderr
     summary = _json(out / "summary.json")
     assert summary["running"] is False and summary["stop_reason"] == "SIGINT"
     inspected = summary["counters"]["inspected"]
@@ -100,6 +101,8 @@ def test_run_with_every_output_on_a_live_rtsp_stream(tmp_path):
     assert len(logged) == inspected
     assert [m["frame"] for m in messages] == logged  # every verdict, in order (frames dropped unseen have none)
     assert all(m["event"] == "verdict" and m["is_anomalous"] for m in messages)
+    rtsp_output = next(o for o in summary["outputs"] if o["uri"].startswith("rtsp://"))
+    assert rtsp_output["url"] == f"rtsp://127.0.0.1:{output_port}/inspect"  # what a client opens
     file_output = next(o for o in summary["outputs"] if o["uri"].endswith("line.mp4"))
     video = cv2.VideoCapture(str(tmp_path / "line.mp4"))
     decoded = 0
