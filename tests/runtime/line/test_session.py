@@ -68,21 +68,23 @@ def test_summary_json_says_running_then_how_it_ended(tmp_path):
     assert True in seen  # refreshed while running
 
 
-def test_sinks_are_made_all_or_nothing(tmp_path):
+def test_sinks_are_made_all_or_nothing(tmp_path, monkeypatch):
     import gc
     import os
 
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     with pytest.raises(ReconadError, match="Unknown output"):
         InspectConfig(outputs=("webrtc://nowhere",))
     with pytest.raises(ReconadError, match=r"render must be one of \['idle-process', 'low-priority-process', 'thread'\]"):
         InspectConfig(render="gpu")
     config = InspectConfig(out=tmp_path / "out", mqtt=MqttConfig(uri=f"mqtt://127.0.0.1:{free_port()}/t"),
-                           outputs=(str(tmp_path / "missing" / "line.mp4"),))
+                           outputs=("display://0",))  # no desktop: it fails in the render child, after the others
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()  # the video outputs' child is spawned; its tracker is once per process
     descriptors = len(os.listdir("/proc/self/fd"))
-    with pytest.raises(ReconadError, match="does not exist"):
+    with pytest.raises(ReconadError, match="needs a desktop"):
         build_sinks(config, None, warn=lambda line: None)
     gc.collect()  # paho closes its wake-up socket pair when the client is collected
     assert len(os.listdir("/proc/self/fd")) <= descriptors  # the JSONL log and the MQTT client were closed
