@@ -372,7 +372,7 @@ class InspectionLoop:
             metrics.bind(self.stats)
         self.workers = [SinkWorker(sink, self.stats, self.warn, self.abort) for sink in self.sinks]
         previous = self._install_signal_handlers() if handle_signals else {}
-        # background workers (line/preprocess.py): preparing the next frames never slows the inference now
+        # background workers (line/preprocess.py): preparing the next frames gets the CPU inference leaves
         self.preparer = FramePreparer(self.inspector.input_hw, config.roi, config.preprocess_threads,
                                       on_latency=lambda ms: self.stats.add_latency("preprocess", ms),
                                       on_inline=lambda: self.stats.count("prepared_inline"))

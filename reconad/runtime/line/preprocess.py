@@ -2,10 +2,12 @@
 preparing the next frames never takes a core from the inference running now.
 
 Where inference runs on the CPU (ONNX Runtime on every core), any other runnable thread holds back one of
-its intra-op threads, and the whole parallel operator waits at its barrier for it. Measured with
-``benchmarks/bench_loop.py`` on a 2-core machine, a live 720p camera at 1.5x the model's rate: the loop
-ran at 0.90-0.93 of bare inference with the workers at normal priority and 0.95-0.96 with them here.
-Two things make the workers background work:
+its intra-op threads, and the whole parallel operator waits at its barrier for it. On a 2-core machine, a
+live 720p camera at 1.5x the model's rate, the gain is small beside that machine's noise: interleaved
+A/B runs gave 0.90 -> 0.95 and 0.93 -> 0.96 of bare inference (normal priority -> here), two
+``benchmarks/bench_loop.py --compare-preprocess`` runs a paired median of +0.01 over 12 rounds (rounds
+swing by +-0.08 there). Where a core is left free it makes no difference. Two things make the workers
+background work:
 
 - they run under SCHED_IDLE (``priority.background_thread``): a core only when no normal thread wants it;
 - OpenCV runs each call on the calling thread alone (``cv2.setNumThreads(1)`` while a loop runs): the
