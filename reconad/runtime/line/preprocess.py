@@ -1,5 +1,5 @@
 """The inspection loop's frame preparation (crop, resize, colour order) on background workers, so that
-preparing the next frames never takes a core from the inference running now.
+preparing the next frames takes only the CPU the inference running now leaves.
 
 Where inference runs on the CPU (ONNX Runtime on every core), any other runnable thread holds back one of
 its intra-op threads, and the whole parallel operator waits at its barrier for it. On a 2-core machine, a
@@ -17,8 +17,8 @@ background work:
 A background thread can be starved by another process's load, so the inference thread never waits on
 one for long: a frame whose preparation has not started when inference takes it is prepared on the
 inference thread itself; one that started is waited for about three times as long as a preparation
-usually takes (``late_after_s``), then prepared again there (the worker's copy is discarded). Frames a live source drops are cancelled before anyone prepares them.
-Written on ``concurrent.futures``; no library schedules work by CPU priority.
+usually takes (``late_after_s``), then prepared again there (the worker's copy is discarded). Frames a
+live source drops are cancelled before anyone prepares them. Written on ``concurrent.futures``; no library schedules work by CPU priority.
 """
 
 from __future__ import annotations
