@@ -155,7 +155,7 @@ def test_the_choices_are_the_spellings_the_library_accepts():
     from reconad.runtime.line.blind import BLIND_CHECKS
     from reconad.runtime.line.mqtt import EVENTS
     from reconad.runtime.line.sinks import OVERLAY_MODES
-    from reconad.runtime.line.sources import FLIP_METHODS, V4L2_CODECS
+    from reconad.runtime.line.pipelines import FLIP_METHODS, V4L2_CODECS
     from reconad.runtime.manifest import GRAPH_TARGETS
     from reconad.train.config import VAL_METRICS
 

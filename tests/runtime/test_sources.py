@@ -5,19 +5,15 @@ import numpy as np
 import pytest
 
 from reconad.runtime.errors import ReconadError
+from reconad.runtime.line.pipelines import FLIP_METHODS, csi_pipeline, has_gstreamer, rtsp_pipeline, v4l2_pipeline
 from reconad.runtime.line.sources import (
-    FLIP_METHODS,
     CaptureSource,
     FrameReadError,
     ImageFolderSource,
     SourceConfig,
     apply_flip,
-    csi_pipeline,
-    has_gstreamer,
     open_source,
     parse_source_uri,
-    rtsp_pipeline,
-    v4l2_pipeline,
 )
 from tests.runtime.fakes import gray_frame, write_image_folder, write_video
 
